@@ -1,0 +1,1 @@
+"""Result cache, single-flight and table versions (lands with issue 4)."""

@@ -1,0 +1,1 @@
+"""gRPC protocol sources and generated stubs (land with issue 6)."""
