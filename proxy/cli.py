@@ -1,0 +1,103 @@
+"""The `pgsluice` command: serve, config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import fields
+from typing import Any
+
+from . import __version__
+from .config import FIELD_KINDS, Config, ConfigError, load, to_toml
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file ([pgsluice] table)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = FIELD_KINDS[f.name]
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper())
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    flags = {f.name: getattr(args, f.name) for f in fields(Config)}
+    return load(flags, file=args.config)
+
+
+def setup_logging(config: Config) -> None:
+    level = getattr(logging, config.log_level.upper(), logging.INFO)
+    if config.log_format == "json":
+        fmt = '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+    elif config.log_format == "logfmt":
+        fmt = 'ts=%(asctime)s level=%(levelname)s logger=%(name)s msg="%(message)s"'
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def install_loop(config: Config) -> None:
+    if config.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            return
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config: Config) -> None:
+    from .server import Server
+
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("pgsluice").info("shutting down")
+    await server.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgsluice", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pgsluice {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the proxy")
+    _add_config_flags(p_serve)
+    p_config = sub.add_parser("config", help="print the effective config, secrets masked")
+    _add_config_flags(p_config)
+    p_config.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    p_demo = sub.add_parser("demo", help="embedded Postgres + pgsluice + a scripted session")
+    p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
+    p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
+    p_demo.add_argument("--data-dir", default=None, help="keep the demo database here")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+            return run_demo(once=args.once, port=args.port, data_dir=args.data_dir)
+        config = _config_from(args)
+    except ConfigError as exc:
+        print(f"pgsluice: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        masked: dict[str, Any] = config.masked()
+        print(json.dumps(masked, indent=2) if args.json else to_toml(masked), end="")
+        return 0
+    setup_logging(config)
+    install_loop(config)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"pgsluice: cannot listen on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

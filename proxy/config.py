@@ -1,0 +1,233 @@
+"""The one typed configuration object, from CLI flags > PGSLUICE_* environment > TOML file > defaults.
+
+Every setting is a field of Config; its CLI flag is `--name-with-dashes` and its
+environment variable `PGSLUICE_NAME`. Secrets are masked whenever config is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+from urllib.parse import unquote, urlsplit
+
+AuthMode = Literal["passthrough", "auth_file", "trust"]
+LogFormat = Literal["text", "json", "logfmt"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstream: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    listen: str = "127.0.0.1:6543"
+    auth_mode: AuthMode = "passthrough"
+    auth_file: str = ""
+    pool_min_size: int = 0
+    pool_max_size: int = 20
+    pool_acquire_timeout: float = 5.0
+    max_client_conn: int = 1000
+    max_message_size: int = 64 * 1024 * 1024
+    connect_timeout: float = 5.0
+    login_timeout: float = 15.0
+    server_idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0
+    server_check_delay: float = 30.0
+    max_prepared_statements: int = 1000
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    log_format: LogFormat = "text"
+    uvloop: bool = True
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    def masked(self) -> dict[str, Any]:
+        """The config as a dict with every secret replaced by ***."""
+        out = dataclasses.asdict(self)
+        out["upstream"] = mask_url(self.upstream)
+        return out
+
+
+SECRET_FIELDS = frozenset({"upstream"})
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names where it came from (flag, env var or file:line)."""
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamURL:
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str
+
+
+def parse_upstream(url: str) -> UpstreamURL:
+    """Parse postgresql://USER:PASS@HOST:PORT/DB (host may be a unix socket dir via ?host=).
+
+    >>> u = parse_upstream("postgresql://al%40ice:s3cret@db.local:5433/app")
+    >>> (u.user, u.password, u.host, u.port, u.database)
+    ('al@ice', 's3cret', 'db.local', 5433, 'app')
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"upstream must be a postgresql:// URL, got {mask_url(url)!r}")
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    host = unquote(query.get("host", "")) or parts.hostname or "127.0.0.1"
+    try:
+        port = int(query.get("port", "") or parts.port or 5432)
+    except ValueError as exc:
+        raise ConfigError(f"bad port in upstream URL {mask_url(url)!r}") from exc
+    user = unquote(parts.username or "") or os.environ.get("USER", "postgres")
+    password = unquote(parts.password) if parts.password is not None else None
+    database = unquote(parts.path.lstrip("/")) or user
+    return UpstreamURL(host, port, user, password, database)
+
+
+def mask_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
+    try:
+        if kind is bool or kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int or kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float or kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        allowed = get_args(_field_types[name])
+        if allowed:
+            if raw not in allowed:
+                raise ValueError(f"{raw!r} (choose one of {', '.join(allowed)})")
+            return raw
+        if not isinstance(raw, str):
+            raise ValueError(raw)
+        return raw
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: invalid value for {name}: {exc}") from None
+
+
+_field_types: dict[str, Any] = {
+    "auth_mode": AuthMode, "log_format": LogFormat,
+}
+
+
+def _field_kinds() -> dict[str, Any]:
+    kinds: dict[str, Any] = {}
+    for f in fields(Config):
+        kinds[f.name] = f.type if isinstance(f.type, str) else f.type
+        _field_types.setdefault(f.name, str)
+    return kinds
+
+
+FIELD_KINDS = _field_kinds()
+
+
+def _toml_line(text: str, key: str) -> int:
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return lineno
+    return 0
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; errors name the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    section = data.get("pgsluice", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{p}: [pgsluice] must be a table")
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        name = key.replace("-", "_")
+        where = f"{p}:{_toml_line(text, key)}"
+        if name not in FIELD_KINDS:
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+        out[name] = _coerce(name, value, FIELD_KINDS[name], where)
+    return out
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         file: str | Path | None = None) -> Config:
+    """Merge the layers; `flags` holds only the flags the user actually gave."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    file = file or env.get("PGSLUICE_CONFIG") or None
+    if file:
+        values.update(load_toml(file))
+    for name, kind in FIELD_KINDS.items():
+        var = "PGSLUICE_" + name.upper()
+        if var in env:
+            values[name] = _coerce(name, env[var], kind, f"environment {var}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, FIELD_KINDS[name], "--" + name.replace("_", "-"))
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    split_host_port(config.listen)
+    parse_upstream(config.upstream)
+    if config.pool_max_size < 1:
+        raise ConfigError("pool_max_size must be at least 1")
+    if not 0 <= config.pool_min_size <= config.pool_max_size:
+        raise ConfigError("pool_min_size must be between 0 and pool_max_size")
+    if config.auth_mode == "auth_file" and not config.auth_file:
+        raise ConfigError("auth_mode = auth_file needs auth_file = PATH")
+    if config.max_message_size < 1024:
+        raise ConfigError("max_message_size must be at least 1024")
+    for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+
+
+def to_toml(values: Mapping[str, Any]) -> str:
+    lines = ["[pgsluice]"]
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

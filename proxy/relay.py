@@ -1,0 +1,449 @@
+"""Byte relay between a client and the backend it holds, with per-message response tracking.
+
+Every message sent to the backend that produces a response gets an Entry, in
+order. A backend message ends the head Entry when it is that Entry's terminal
+response (ParseComplete for Parse, ReadyForQuery for Sync or Query...). This is
+what lets pgsluice (a) answer ParseComplete/CloseComplete itself for prepared
+statements it keeps on the backend, in the right place, and (b) swallow the
+responses to messages it injected. An ErrorResponse to an extended-protocol
+message voids the Entries up to the next Sync, as Postgres skips those messages.
+
+Everything else is passed through as ranges of the original bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import TYPE_CHECKING
+
+from . import sqlscan
+from .pgwire import codes, encode
+from .pgwire.decode import parse_bind_names, parse_parameter_status, parse_parse, parse_target
+from .pgwire.errors import ProtocolError
+from .settings import apply_changes
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .session import ClientSession
+
+_I = struct.Struct("!I")
+
+# Entry kinds.
+QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
+FAKE_PARSE, FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE = range(8, 12)
+_ENDS_AT_READY = (QUERY, SYNC, FUNC)
+_FAKE_BYTES = {FAKE_PARSE: encode.PARSE_COMPLETE, FAKE_CLOSE: encode.CLOSE_COMPLETE}
+
+# backend message code -> the entry kinds it terminates
+_TERMINAL: dict[int, tuple[int, ...]] = {
+    codes.B_PARSE_COMPLETE: (PARSE, SWALLOW_PARSE),
+    codes.B_BIND_COMPLETE: (BIND,),
+    codes.B_CLOSE_COMPLETE: (CLOSE, SWALLOW_CLOSE),
+    codes.B_ROW_DESCRIPTION: (DESCRIBE,),
+    codes.B_NO_DATA: (DESCRIBE,),
+    codes.B_COMMAND_COMPLETE: (EXECUTE,),
+    codes.B_EMPTY_QUERY_RESPONSE: (EXECUTE,),
+    codes.B_PORTAL_SUSPENDED: (EXECUTE,),
+}
+_STREAM_MIN = 256 * 1024  # pass a partial DataRow/CopyData through once this much is buffered
+
+
+class QueryInfo:
+    """What a simple Query will change in session state if it succeeds."""
+
+    __slots__ = ("changes", "discard_seen", "discards", "failed")
+
+    def __init__(self, changes: tuple[tuple[str, str | None], ...], discards: bool) -> None:
+        self.changes = changes
+        self.discards = discards
+        self.discard_seen = False
+        self.failed = False
+
+
+Entry = tuple[int, object]
+
+
+class Statement:
+    """A client's named prepared statement, kept on backends under `server_name`."""
+
+    __slots__ = ("parse_msg", "server_name")
+
+    def __init__(self, server_name: bytes, parse_msg: bytes) -> None:
+        self.server_name = server_name
+        self.parse_msg = parse_msg
+
+
+def server_name(sql: bytes, types: bytes) -> bytes:
+    """Backend-side name: equal text and parameter types share one server statement."""
+    return b"sluice_" + hashlib.blake2b(sql + b"\x00" + types, digest_size=12).hexdigest().encode()
+
+
+def has_message(buf: bytearray) -> bool:
+    if len(buf) < 5:
+        return False
+    length = _I.unpack_from(buf, 1)[0]
+    if length < 4:
+        raise ProtocolError(f"invalid message length {length}")
+    return len(buf) >= length + 1
+
+
+# ---- client -> backend -------------------------------------------------------------------------
+
+def forward(s: ClientSession) -> None:
+    """Send every complete client message in s.inbuf to s.backend, rewriting as needed."""
+    backend = s.backend
+    assert backend is not None
+    buf = s.inbuf
+    n = len(buf)
+    limit = s.server.config.max_message_size
+    entries = s.entries
+    out: list[bytes] = []
+    start = pos = 0
+    terminate = False
+    while n - pos >= 5:
+        code = buf[pos]
+        length = _I.unpack_from(buf, pos + 1)[0]
+        if length < 4 or length > limit:
+            raise ProtocolError(f"invalid message length {length} for message type {code}")
+        end = pos + 1 + length
+        if end > n:
+            break
+        if code == codes.F_EXECUTE:
+            if not s.skipping:
+                entries.append((EXECUTE, None))
+        elif code == codes.F_SYNC:
+            entries.append((SYNC, None))
+            s.skipping = False
+        elif code == codes.F_QUERY:
+            if not s.skipping:
+                entries.append((QUERY, _query(s, backend, bytes(buf[pos + 5:end - 1]))))
+        elif code == codes.F_BIND or code == codes.F_DESCRIBE:
+            if not s.skipping:
+                out.append(buf[start:pos])
+                out.extend(_bind_or_describe(s, backend, code, bytes(buf[pos:end])))
+                start = end
+        elif code == codes.F_PARSE:
+            if not s.skipping:
+                out.append(buf[start:pos])
+                out.extend(_parse(s, backend, bytes(buf[pos:end])))
+                start = end
+        elif code == codes.F_CLOSE:
+            if not s.skipping:
+                out.append(buf[start:pos])
+                out.extend(_close(s, bytes(buf[pos:end])))
+                start = end
+        elif code in (codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH):
+            pass
+        elif code == codes.F_FUNCTION_CALL:
+            if not s.skipping:
+                entries.append((FUNC, None))
+        elif code == codes.F_TERMINATE:
+            terminate = True
+            break
+        else:
+            raise ProtocolError(f"invalid frontend message type {code}")
+        pos = end
+    out.append(buf[start:pos])
+    del buf[:pos]
+    data = b"".join(out)
+    if data:
+        backend.write(data)
+    if terminate:
+        s.close()
+
+
+def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
+    s.unnamed = None  # a simple Query destroys the unnamed statement
+    backend.unnamed_owner = None
+    s.queries += 1
+    effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
+    if effect is sqlscan.PLAIN:
+        return None
+    if effect.pin_reason is not None:
+        s.pin(effect.pin_reason)
+        return None
+    if effect.settings and not s.pinned:
+        if s.entries or backend.status != codes.TXN_IDLE or effect.statements != 1:
+            s.pin("SET inside a transaction or a multi-statement query")
+            return None
+    if effect.settings or effect.discards:
+        return QueryInfo(effect.settings, effect.discards)
+    return None
+
+
+def _scan_parse(s: ClientSession, sql: bytes) -> None:
+    effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
+    if effect is sqlscan.PLAIN:
+        return
+    if effect.pin_reason is not None:
+        s.pin(effect.pin_reason)
+    elif effect.settings or effect.discards:
+        s.pin("session state through the extended protocol")
+
+
+def _fake(s: ClientSession, kind: int) -> None:
+    if s.entries:
+        s.entries.append((kind, None))
+    else:
+        s.write(_FAKE_BYTES[kind])
+
+
+def _make_room(s: ClientSession, backend: Backend, out: list[bytes]) -> None:
+    prepared = backend.prepared
+    while len(prepared) >= s.server.config.max_prepared_statements:
+        oldest = next(iter(prepared))
+        del prepared[oldest]
+        out.append(encode.close_statement(oldest))
+        s.entries.append((SWALLOW_CLOSE, None))
+
+
+def _parse(s: ClientSession, backend: Backend, msg: bytes) -> list[bytes]:
+    name, sql, types = parse_parse(msg[5:])
+    _scan_parse(s, sql)
+    if not name:
+        s.unnamed = msg
+        s.unnamed_gen += 1
+        backend.unnamed_owner = (s.token, s.unnamed_gen)
+        s.entries.append((PARSE, None))
+        return [msg]
+    srv = server_name(sql, types)
+    stmt = Statement(srv, encode.parse(srv, sql, types))
+    s.statements[name] = stmt
+    prepared = backend.prepared
+    if srv in prepared:
+        del prepared[srv]
+        prepared[srv] = None
+        _fake(s, FAKE_PARSE)
+        return []
+    out: list[bytes] = []
+    _make_room(s, backend, out)
+    prepared[srv] = None
+    out.append(stmt.parse_msg)
+    s.entries.append((PARSE, (srv, name)))
+    return out
+
+
+def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: list[bytes]) -> bytes:
+    """Make the client's statement exist on this backend; returns the name to use there."""
+    if not stmt_name:
+        if s.unnamed is not None and backend.unnamed_owner != (s.token, s.unnamed_gen):
+            out.append(s.unnamed)
+            s.entries.append((SWALLOW_PARSE, None))
+            backend.unnamed_owner = (s.token, s.unnamed_gen)
+        return stmt_name
+    stmt = s.statements.get(stmt_name)
+    if stmt is None:
+        return stmt_name  # unknown to us: maybe SQL-level PREPARE; Postgres decides
+    prepared = backend.prepared
+    srv = stmt.server_name
+    if srv in prepared:
+        del prepared[srv]
+        prepared[srv] = None
+    else:
+        _make_room(s, backend, out)
+        prepared[srv] = None
+        out.append(stmt.parse_msg)
+        s.entries.append((SWALLOW_PARSE, (srv, None)))
+    return srv
+
+
+def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    if code == codes.F_BIND:
+        portal, stmt_name, rest = parse_bind_names(msg[5:])
+        name = _ensure(s, backend, stmt_name, out)
+        s.entries.append((BIND, None))
+        if name == stmt_name:
+            out.append(msg)
+        else:
+            out.append(encode.message(code, portal + b"\x00" + name + b"\x00" + msg[5 + rest:]))
+        return out
+    target, stmt_name = parse_target(msg[5:])
+    s.entries.append((DESCRIBE, None))
+    if target != ord("S"):
+        return [msg]
+    name = _ensure(s, backend, stmt_name, out)
+    s.entries.pop()
+    s.entries.append((DESCRIBE, None))
+    out.append(msg if name == stmt_name else encode.message(code, b"S" + name + b"\x00"))
+    return out
+
+
+def _close(s: ClientSession, msg: bytes) -> list[bytes]:
+    target, name = parse_target(msg[5:])
+    if target == ord("S") and name in s.statements:
+        # the server statement stays on its backends for the next client that needs it
+        del s.statements[name]
+        _fake(s, FAKE_CLOSE)
+        return []
+    if target == ord("S") and not name:
+        s.unnamed = None
+    s.entries.append((CLOSE, None))
+    return [msg]
+
+
+# ---- backend -> client -------------------------------------------------------------------------
+
+def backward(s: ClientSession, backend: Backend) -> None:
+    """Forward backend bytes to the client, ending entries, and release at transaction end."""
+    buf = backend.buf
+    n = len(buf)
+    entries = s.entries
+    out: list[bytes] = []
+    start = pos = 0
+    if s.stream_left:
+        pos = min(s.stream_left, n)
+        s.stream_left -= pos
+    ready = False
+    while n - pos >= 5:
+        code = buf[pos]
+        length = _I.unpack_from(buf, pos + 1)[0]
+        if length < 4:
+            raise ProtocolError(f"invalid message length {length} from server")
+        end = pos + 1 + length
+        if end > n:
+            if (code == codes.B_DATA_ROW or code == codes.B_COPY_DATA) and n - pos >= _STREAM_MIN:
+                s.stream_left = end - n
+                pos = n
+            break
+        if code == codes.B_DATA_ROW:
+            pass
+        elif code == codes.B_READY_FOR_QUERY:
+            backend.status = buf[pos + 5]
+            _end_at_ready(s, backend)
+            if entries and entries[0][0] in _FAKE_BYTES:
+                out.append(buf[start:end])
+                start = end
+                _drain_fakes(entries, out)
+            ready = not entries
+        elif code in _TERMINAL:
+            if entries and entries[0][0] in _TERMINAL[code]:
+                kind, arg = entries.popleft()
+                if kind == SWALLOW_PARSE or kind == SWALLOW_CLOSE:
+                    out.append(buf[start:pos])
+                    start = end
+                elif code == codes.B_COMMAND_COMPLETE:
+                    pass
+                if entries and entries[0][0] in _FAKE_BYTES:
+                    out.append(buf[start:end])
+                    start = end
+                    _drain_fakes(entries, out)
+            elif code == codes.B_COMMAND_COMPLETE and entries and entries[0][0] == QUERY:
+                info = entries[0][1]
+                if isinstance(info, QueryInfo) and info.discards:
+                    tag = bytes(buf[pos + 5:end - 1])
+                    info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
+        elif code == codes.B_ERROR_RESPONSE:
+            _on_error(s, backend)
+            if entries and entries[0][0] in _FAKE_BYTES:
+                out.append(buf[start:end])
+                start = end
+                _drain_fakes(entries, out)
+        elif code == codes.B_PARAMETER_STATUS:
+            name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
+            backend.params[name] = value
+            s.reported[name] = value
+        pos = end
+    if start == 0 and not out:
+        s.write(bytes(buf[:pos]))
+    else:
+        out.append(buf[start:pos])
+        s.write(b"".join(out))
+    del buf[:pos]
+    if ready and not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
+        s.release()
+
+
+def _drain_fakes(entries: object, out: list[bytes]) -> None:
+    from collections import deque
+    assert isinstance(entries, deque)
+    while entries and entries[0][0] in _FAKE_BYTES:
+        out.append(_FAKE_BYTES[entries.popleft()[0]])
+
+
+def _end_at_ready(s: ClientSession, backend: Backend) -> None:
+    """ReadyForQuery ends the oldest Sync/Query/FunctionCall; anything before it was skipped."""
+    entries = s.entries
+    while entries:
+        kind, arg = entries.popleft()
+        if kind in _ENDS_AT_READY:
+            if isinstance(arg, QueryInfo):
+                _apply_query(s, backend, arg)
+            return
+        _void(s, backend, kind, arg)
+
+
+def _apply_query(s: ClientSession, backend: Backend, info: QueryInfo) -> None:
+    if info.failed:
+        return
+    if info.discard_seen:
+        backend.prepared.clear()
+        backend.unnamed_owner = None
+        s.statements.clear()
+        s.unnamed = None
+    if info.changes and backend.status == codes.TXN_IDLE:
+        s.settings = apply_changes(s.settings, s.startup_settings, info.changes)
+        resets = any(value is None for _, value in info.changes)
+        backend.applied = None if resets else s.settings
+
+
+def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
+    """An entry whose message Postgres skipped (or failed): undo what we assumed."""
+    if (kind == PARSE or kind == SWALLOW_PARSE) and isinstance(arg, tuple):
+        srv, name = arg
+        backend.prepared.pop(srv, None)
+        stmt = s.statements.get(name) if name else None
+        if stmt is not None and stmt.server_name == srv and kind == PARSE:
+            del s.statements[name]
+    elif (kind == PARSE or kind == SWALLOW_PARSE) and arg is None:
+        backend.unnamed_owner = None
+
+
+def _on_error(s: ClientSession, backend: Backend) -> None:
+    entries = s.entries
+    if not entries:
+        return
+    kind, arg = entries[0]
+    if kind in _ENDS_AT_READY:
+        if isinstance(arg, QueryInfo):
+            arg.failed = True
+        return
+    # an extended-protocol message failed: Postgres skips everything up to the next Sync
+    entries.popleft()
+    _void(s, backend, kind, arg)
+    while entries and entries[0][0] != SYNC:
+        k, a = entries.popleft()
+        _void(s, backend, k, a)
+    if not entries:
+        s.skipping = True
+
+
+def fail_pending(s: ClientSession, err: Exception) -> None:
+    """No backend could be had: answer each buffered request with the error, as Postgres would."""
+    from .pgwire.errors import PgError
+    assert isinstance(err, PgError)
+    buf = s.inbuf
+    n = len(buf)
+    pos = 0
+    out: list[bytes] = []
+    failed = False
+    while n - pos >= 5:
+        code = buf[pos]
+        end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
+        if end > n:
+            break
+        if code == codes.F_TERMINATE:
+            s.close()
+            return
+        if not failed:
+            out.append(encode.error_response(err.sqlstate, err.message, detail=err.detail,
+                                             hint=err.hint))
+            failed = True
+        if code in (codes.F_QUERY, codes.F_SYNC, codes.F_FUNCTION_CALL):
+            out.append(encode.ready_for_query())
+            failed = False
+        pos = end
+    del buf[:pos]
+    s.skipping = failed
+    s.write(b"".join(out))

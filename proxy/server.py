@@ -1,0 +1,161 @@
+"""The wire door's server: listener, pools, cancel keys, janitor and graceful shutdown.
+
+Shutdown (uvicorn's order): stop listening, let clients finish their transactions
+up to `shutdown_timeout`, then close the rest with 57P01.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import Credentials, Upstream, send_cancel
+from .config import Config, parse_upstream
+from .pgwire.errors import ADMIN_SHUTDOWN
+from .pgwire.scram import ScramSecret, make_scram_secret
+from .pool import Pool, PoolSettings
+from .session import ClientSession
+from .userlist import Credential, load_userlist
+
+log = logging.getLogger("pgsluice.server")
+_I = struct.Struct("!I")
+
+
+@dataclass(slots=True)
+class ServerStats:
+    clients_total: int = 0
+    pinned: int = 0
+    cancels: int = 0
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        url = parse_upstream(config.upstream)
+        self.upstream = Upstream(url.host, url.port)
+        self.upstream_user = url.user
+        self.upstream_password = url.password
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: set[ClientSession] = set()
+        self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
+        self.userlist: dict[str, Credential] = (
+            load_userlist(config.auth_file) if config.auth_mode == "auth_file" else {})
+        self._scram_secrets: dict[tuple[str, str], ScramSecret] = {}
+        self.stats = ServerStats()
+        self.shutting_down = False
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._janitor: asyncio.Task[None] | None = None
+        self._next_pid = secrets.randbelow(1 << 20) + 1000
+
+    # ---- pools and credentials -----------------------------------------------------------------
+
+    def pool_settings(self) -> PoolSettings:
+        c = self.config
+        return PoolSettings(min_size=c.pool_min_size, max_size=c.pool_max_size,
+                            acquire_timeout=c.pool_acquire_timeout, connect_timeout=c.connect_timeout,
+                            idle_timeout=c.server_idle_timeout, lifetime=c.server_lifetime,
+                            check_delay=c.server_check_delay)
+
+    def pool(self, database: str, user: str) -> Pool:
+        pool = self.pools.get((database, user))
+        if pool is None:
+            pool = Pool(self.upstream, database, user, self.default_creds(user), self.pool_settings())
+            self.pools[(database, user)] = pool
+        return pool
+
+    def default_creds(self, user: str) -> Credentials:
+        if user == self.upstream_user and self.upstream_password is not None:
+            return Credentials(password=self.upstream_password)
+        return Credentials()
+
+    def scram_secret_for(self, user: str, password: str) -> ScramSecret:
+        key = (user, password)
+        secret = self._scram_secrets.get(key)
+        if secret is None:
+            secret = self._scram_secrets[key] = make_scram_secret(password)
+        return secret
+
+    # ---- cancel --------------------------------------------------------------------------------
+
+    def new_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
+        while True:
+            self._next_pid = (self._next_pid % 0x7FFFFFFF) + 1
+            key = (self._next_pid, secrets.token_bytes(4))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = session
+                return key
+
+    async def cancel(self, pid: int, secret: bytes) -> None:
+        session = self.cancel_keys.get((pid, secret))
+        if session is None:
+            return  # like Postgres: no answer either way
+        self.stats.cancels += 1
+        backend = session.backend
+        if backend is not None and session.entries:
+            await send_cancel(self.upstream, backend.pid, backend.secret)
+
+    # ---- tasks ---------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for pool in list(self.pools.values()):
+                try:
+                    await pool.maintain()
+                except Exception:
+                    log.exception("pool janitor failed for %s", pool.key)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.listen_host, self.config.listen_port
+        server = await loop.create_server(lambda: ClientSession(self), host, port,
+                                          reuse_address=True, backlog=1024)
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._servers.append(server)
+        self._janitor = loop.create_task(self._janitor_loop())
+        log.info("pgsluice listening on %s:%d, upstream %s:%d", host, port,
+                 self.upstream.host, self.upstream.port)
+
+    @property
+    def port(self) -> int:
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.backend is not None for c in self.clients) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for pool in self.pools.values():
+            pool.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)

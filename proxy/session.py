@@ -1,0 +1,402 @@
+"""A client connection on the wire door: login, then transaction-pooled relay.
+
+Rules (PgBouncer's): a client holds a backend from its first message until
+ReadyForQuery says 'I' with nothing outstanding; then the backend goes back to the
+pool, unless the client is pinned by session state it created. Responses are
+tracked per message sent (see relay.py) so that pgsluice can answer for prepared
+statements it keeps on its own and swallow what it sent itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from . import relay
+from .backend import Backend, LoginError, send_cancel
+from .login import CancelOnly, LoginResult, login, resync
+from .pgwire import codes, encode
+from .pgwire.decode import StartupReader
+from .pgwire.errors import (
+    ADMIN_SHUTDOWN,
+    CONNECTION_FAILURE,
+    PROTOCOL_VIOLATION,
+    PgError,
+    ProtocolError,
+)
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .server import Server
+
+log = logging.getLogger("pgsluice.session")
+_I = struct.Struct("!I")
+_PAUSE_AT = 1 << 20  # buffered client bytes while waiting for a backend
+_tokens = itertools.count(1)
+
+
+class ClientSession(asyncio.Protocol):
+    """See module docstring. States: login -> ready -> closed."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer: object = None
+        self.inbuf = bytearray()
+        self.startup = StartupReader()
+        self.state = "login"
+        self.closed = False
+        self.user = ""
+        self.database = ""
+        self.pool: Pool | None = None
+        self.backend: Backend | None = None
+        self.key = (0, b"")
+        self.startup_settings: Settings = ()
+        self.settings: Settings = ()
+        self.reported: dict[str, str] = {}
+        self.pinned: str | None = None
+        # relay state
+        self.entries: deque[relay.Entry] = deque()
+        self.statements: dict[bytes, relay.Statement] = {}
+        self.unnamed: bytes | None = None  # the client's last unnamed Parse message
+        self.unnamed_gen = 0
+        self.stream_left = 0  # bytes of a large backend message still to pass through
+        self.skipping = False  # Postgres is discarding messages until Sync after an error
+        self.token = next(_tokens)
+        self.queries = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._paused = False
+        self._writing = True
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
+        self.server.clients.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.state == "login":
+            try:
+                if not self._startup_done:
+                    self.startup.feed(data)
+                else:
+                    self.inbuf += data
+            except ProtocolError as exc:
+                self.fatal(exc.sqlstate, exc.message)
+                return
+            self._wake()
+            return
+        self.inbuf += data
+        self.pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.clients.discard(self)
+        self.server.cancel_keys.pop(self.key, None)
+        self._wake()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            self.server.spawn(self._cleanup(backend))
+
+    def pause_writing(self) -> None:
+        self._writing = False
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing = True
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
+
+    # backend flow control calls these
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+    # ---- output --------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def fatal(self, sqlstate: str, message: str, **kw: str | None) -> None:
+        """Send a FATAL ErrorResponse and close this connection only."""
+        self.write(encode.error_response(sqlstate, message, severity="FATAL", **kw))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    # ---- login ---------------------------------------------------------------------------------
+
+    _startup_done = False
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("client went away")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.closed:
+            raise ConnectionResetError("client went away")
+
+    async def read_packet(self) -> bytes:
+        while (body := self.startup.next()) is None:
+            await self._wait()
+        return body
+
+    async def read_message(self) -> tuple[int, bytes]:
+        if not self._startup_done:
+            self._startup_done = True
+            self.inbuf += self.startup.take_rest()
+        while True:
+            if len(self.inbuf) >= 5:
+                length = _I.unpack_from(self.inbuf, 1)[0]
+                if length < 4 or length > codes.MAX_STARTUP_PACKET:
+                    raise ProtocolError("invalid message length during authentication")
+                if len(self.inbuf) >= length + 1:
+                    code = self.inbuf[0]
+                    body = bytes(self.inbuf[5:length + 1])
+                    del self.inbuf[:length + 1]
+                    return code, body
+            await self._wait()
+
+    async def _login(self) -> None:
+        try:
+            async with asyncio.timeout(self.server.config.login_timeout):
+                result = await login(self, self.server)
+        except CancelOnly:
+            self.close()
+            return
+        except LoginError as err:
+            self.write(err.raw)
+            self.close()
+            return
+        except PgError as err:
+            self.write(encode.error_response(err.sqlstate, err.message, severity="FATAL",
+                                             detail=err.detail, hint=err.hint))
+            self.close()
+            return
+        except ProtocolError as err:
+            self.fatal(err.sqlstate, err.message)
+            return
+        except TimeoutError:
+            self.fatal(PROTOCOL_VIOLATION, "pgsluice: client did not complete login in time")
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            self.close()
+            return
+        self._start(result)
+
+    def _start(self, result: LoginResult) -> None:
+        self.user, self.database, self.pool = result.user, result.database, result.pool
+        self.startup_settings = self.settings = result.settings
+        self.reported = result.welcome
+        self.key = self.server.new_cancel_key(self)
+        self.write(encode.parameter_statuses(result.welcome)
+                   + encode.backend_key_data(self.key[0], _I.unpack(self.key[1])[0])
+                   + encode.ready_for_query())
+        if not self._startup_done:
+            self._startup_done = True
+            self.inbuf += self.startup.take_rest()
+        self.state = "ready"
+        self._task = None
+        self.pump()
+
+    # ---- relay: client -> backend ----------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Move complete client messages to a backend, getting one if needed."""
+        if self.closed or self.state != "ready":
+            return
+        if self.backend is None:
+            if self._task is not None:  # already getting one
+                if len(self.inbuf) > _PAUSE_AT:
+                    self.pause_reading()
+                return
+            if not relay.has_message(self.inbuf):
+                return
+            if self.inbuf[0] == codes.F_TERMINATE:
+                self.close()
+                return
+            assert self.pool is not None
+            backend = self.pool.try_acquire()
+            if backend is not None and backend.applied == self.settings:
+                self._bind(backend)
+            else:
+                self._task = asyncio.get_running_loop().create_task(self._attach(backend))
+                return
+        try:
+            relay.forward(self)
+        except ProtocolError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            backend = self.backend
+            if backend is not None:
+                self.backend = None
+                self.server.spawn(self._cleanup(backend))
+
+    async def _attach(self, backend: Backend | None) -> None:
+        assert self.pool is not None
+        try:
+            if backend is None:
+                backend = await self.pool.acquire()
+            if backend.applied != self.settings:
+                held, backend = backend, None  # owned by the resync until it succeeds
+                try:
+                    changed = await resync(held, self.settings)
+                except BaseException:
+                    self.pool.discard(held)
+                    raise
+                backend = held
+                self._report(changed)
+        except PgError as err:
+            self._task = None
+            relay.fail_pending(self, err)
+            if len(self.inbuf) < _PAUSE_AT:
+                self.resume_reading()
+            return
+        except LoginError as err:
+            self._task = None
+            relay.fail_pending(self, PgError(err.fields.get("C", CONNECTION_FAILURE),
+                                             err.fields.get("M", "login failed")))
+            return
+        except asyncio.CancelledError:
+            if backend is not None and self.closed:
+                self.server.spawn(self._cleanup(backend))
+            raise
+        self._task = None
+        if self.closed:
+            self.server.spawn(self._cleanup(backend))
+            return
+        self._bind(backend)
+        self.resume_reading()
+        self.pump()
+
+    def _report(self, params: dict[str, str]) -> None:
+        """Forward ParameterStatus changes the client has not seen yet."""
+        out = []
+        for name, value in params.items():
+            if self.reported.get(name) != value:
+                self.reported[name] = value
+                out.append(encode.parameter_status(name, value))
+        if out:
+            self.write(b"".join(out))
+
+    def _bind(self, backend: Backend) -> None:
+        self.backend = backend
+        backend.holder = self
+        backend.on_data = self.on_backend_data
+        if not self._writing and backend.transport is not None:
+            backend.transport.pause_reading()
+
+    def release(self) -> None:
+        """Give the backend back: called by relay when the transaction is over."""
+        backend = self.backend
+        assert backend is not None and self.pool is not None
+        self.backend = None
+        backend.on_data = backend._idle_data
+        if backend.transport is not None and not self._writing:
+            backend.transport.resume_reading()
+        self.pool.release(backend)
+
+    def on_backend_data(self) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        if backend.closed and not backend.buf:
+            self._backend_lost(backend)
+            return
+        try:
+            relay.backward(self, backend)
+        except ProtocolError as exc:
+            log.error("protocol error from server: %s", exc.message)
+            backend.abort()
+            self._backend_lost(backend)
+            return
+        if backend.closed and self.backend is backend:
+            self._backend_lost(backend)
+
+    def _backend_lost(self, backend: Backend) -> None:
+        self.backend = None
+        if self.pool is not None:
+            self.pool.discard(backend)
+        if self.server.shutting_down:
+            self.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+        else:
+            self.fatal(CONNECTION_FAILURE, "pgsluice: server connection closed unexpectedly",
+                       hint="The server process may have terminated abnormally.")
+
+    # ---- teardown ------------------------------------------------------------------------------
+
+    async def _cleanup(self, backend: Backend) -> None:
+        """The client left while holding `backend`: leave nothing idle in transaction."""
+        pool = self.pool
+        assert pool is not None
+        backend.on_data = backend._idle_data
+        if backend.closed:
+            pool.discard(backend)
+            return
+        if self.entries or backend.buf:
+            # a query is still running for nobody: cancel it and drop the connection
+            await send_cancel(self.server.upstream, backend.pid, backend.secret)
+            pool.discard(backend)
+            return
+        try:
+            async with asyncio.timeout(self.server.config.connect_timeout):
+                if backend.status != codes.TXN_IDLE:
+                    result = await backend.run("ROLLBACK")
+                    if result.error is not None:
+                        raise PgError(result.error.get("C", ""), "rollback failed")
+                if self.pinned:
+                    result = await backend.run("DISCARD ALL")
+                    if result.error is not None:
+                        raise PgError(result.error.get("C", ""), "discard failed")
+                    backend.prepared.clear()
+                    backend.applied = ()
+                    backend.unnamed_owner = None
+        except (PgError, TimeoutError, OSError):
+            pool.discard(backend)
+            return
+        if backend.status != codes.TXN_IDLE:
+            pool.discard(backend)
+        else:
+            pool.release(backend)
+
+    def pin(self, reason: str) -> None:
+        """Keep this client on its backend for the rest of its session."""
+        if self.pinned is None:
+            self.pinned = reason
+            self.server.stats.pinned += 1
+            log.debug("client %s pinned: %s", self.peer, reason)
+
+    async def cancel(self) -> None:
+        backend = self.backend
+        if backend is not None and self.entries:
+            await send_cancel(self.server.upstream, backend.pid, backend.secret)
