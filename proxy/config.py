@@ -132,6 +132,10 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
             return raw
         if not isinstance(raw, str):
             raise ValueError(raw)
+        if name == "listen":
+            split_host_port(raw)
+        elif name == "upstream":
+            parse_upstream(raw)
         return raw
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: invalid value for {name}: {exc}") from None

