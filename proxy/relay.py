@@ -77,9 +77,17 @@ class Statement:
         self.parse_msg = parse_msg
 
 
-def server_name(sql: bytes, types: bytes) -> bytes:
-    """Backend-side name: equal text and parameter types share one server statement."""
-    return b"sluice_" + hashlib.blake2b(sql + b"\x00" + types, digest_size=12).hexdigest().encode()
+def server_name(sql: bytes, types: bytes, search_path: bytes = b"") -> bytes:
+    """Backend-side name: equal text, parameter types and search_path share one statement."""
+    digest = hashlib.blake2b(sql + b"\x00" + types + b"\x00" + search_path, digest_size=12)
+    return b"sluice_" + digest.hexdigest().encode()
+
+
+def _search_path(s: ClientSession) -> bytes:
+    for name, sql in s.settings:
+        if name == "search_path":
+            return sql.encode()
+    return b""
 
 
 def has_message(buf: bytearray) -> bool:
@@ -213,7 +221,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         backend.unnamed_owner = (s.token, s.unnamed_gen)
         s.entries.append((PARSE, None))
         return [msg]
-    srv = server_name(sql, types)
+    srv = server_name(sql, types, _search_path(s))
     stmt = Statement(srv, encode.parse(srv, sql, types))
     s.statements[name] = stmt
     prepared = backend.prepared
@@ -266,11 +274,10 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
             out.append(encode.message(code, portal + b"\x00" + name + b"\x00" + msg[5 + rest:]))
         return out
     target, stmt_name = parse_target(msg[5:])
-    s.entries.append((DESCRIBE, None))
     if target != ord("S"):
+        s.entries.append((DESCRIBE, None))
         return [msg]
     name = _ensure(s, backend, stmt_name, out)
-    s.entries.pop()
     s.entries.append((DESCRIBE, None))
     out.append(msg if name == stmt_name else encode.message(code, b"S" + name + b"\x00"))
     return out
