@@ -4,8 +4,8 @@
 does to *session* state: settings to track and replay (SET/RESET/DISCARD ALL),
 whether server-side prepared statements were dropped, and whether the client
 must be pinned to its backend (LISTEN, temp tables, session advisory locks, ...).
-It lexes like the server (nested comments, E'' strings, dollar quotes, U&""
-identifiers, string continuation) but does not parse: when unsure, it pins.
+It lexes like the server (nested comments, E'' strings, dollar quotes, string
+continuation) but does not parse: when unsure, it pins.
 Function calls hidden behind user-defined functions are out of its reach.
 """
 
@@ -31,18 +31,19 @@ class SessionEffect:
 PLAIN = SessionEffect(None)
 
 # A token: kind, value, start, end. Kinds: "w" word (value lower-cased), "q" quoted
-# identifier (value unquoted), "u" U&"..." identifier (value still escaped),
+# identifier (value unquoted), "u" U&"..." identifier (value not decoded: ""),
 # "s" string or dollar-quoted literal (value = source text), "n" number or $n, "p" char.
 _Tok = tuple[str, str, int, int]
 _Piece = tuple[list[_Tok], int, int]  # tokens between top-level ';', source span
 
 _SPACE = " \t\n\r\f\v"
-_WS = re.compile(r"(?:[ \t\n\r\f\v]++|--[^\n\r]*+)++")
 _ID0, _IDN = r"A-Za-z_\x80-\U0010ffff", r"A-Za-z0-9_\x80-\U0010ffff"
-_WORD = re.compile(f"[{_ID0}][{_IDN}$]*+")
-_DOLLAR = re.compile(f"\\$(?:[{_ID0}][{_IDN}]*+)?\\$")
-_PARAM = re.compile(r"\$[0-9]+")
-_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_TOKEN = re.compile(
+    r"(?P<ws>(?:[ \t\n\r\f\v]++|--[^\n\r]*+)++)|(?P<cm>/\*)"
+    f"|(?P<w>[{_ID0}][{_IDN}$]*+)|(?P<dol>\\$(?:[{_ID0}][{_IDN}]*+)?\\$)"
+    r"|(?P<n>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|\$[0-9]+)|(?P<p>.)",
+    re.S,
+)
 _STD_STR = re.compile(r"[^']*+(?:''[^']*+)*+'")  # body after the opening quote
 _ESC_STR = re.compile(r"(?:[^'\\]++|''|\\.)*+'", re.S)  # E'...' (backslash escapes)
 _QUOTED = re.compile(r'[^"]*+(?:""[^"]*+)*+"')
@@ -50,20 +51,28 @@ _QUOTED = re.compile(r'[^"]*+(?:""[^"]*+)*+"')
 _CONTINUE = re.compile(r"(?:[ \t\f]|--[^\n\r]*+)*+[\n\r](?:[ \t\n\r\f\v]++|--[^\n\r]*+[\n\r])*+'")
 _COMMENT_MARK = re.compile(r"/\*|\*/")
 
-# Fast pre-check: text without any of these cannot have a session effect.
-# ("reset", "set_config" contain "set"; "pg_temp" contains "temp".)
+# Fast pre-check: lower-cased text containing none of these cannot have a session effect.
+# ("reset", "set_config" contain "set"; "pg_temp", "temporary" contain "temp".)
 _TRIGGERS = ("set", "discard", "deallocate", "listen", "prepare", "declare", "temp", "load",
              "advisory", "authorization", "role", "u&")
-_DO_WORD = re.compile(r"\bdo\b")
+_DO = re.compile(r"do\b")  # literal prefix: fast; the char before is checked by hand
 _ADVISORY = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared",
                        "pg_try_advisory_lock", "pg_try_advisory_lock_shared"})
 _PG_TEMP = re.compile(r"pg_temp(?:_[0-9]+)?")
 _TEMP = ("temp", "temporary")
+_ROUTINE = (["function"], ["procedure"])  # CREATE [OR REPLACE] FUNCTION|PROCEDURE
 _UNPARSED = "unrecognized SET/RESET"
+_AUTH = {"role": "ROLE", "session_authorization": "SESSION AUTHORIZATION"}
 
 
 def _has_trigger(low: str) -> bool:
-    return any(w in low for w in _TRIGGERS) or _DO_WORD.search(low) is not None
+    if any(w in low for w in _TRIGGERS):
+        return True
+    for m in _DO.finditer(low):
+        before = low[m.start() - 1 : m.start()]
+        if not before or not (before.isalnum() or before in "_$"):
+            return True
+    return False
 
 
 def _skip_comment(sql: str, pos: int) -> int:
@@ -95,64 +104,50 @@ def _quoted(sql: str, pos: int) -> tuple[int, str]:
     return end, sql[pos:end].removesuffix('"').replace('""', '"')
 
 
-def _lex(sql: str, scs: bool) -> list[_Tok]:
+def _lex(sql: str, scs: bool) -> list[_Piece]:
+    """Tokens, cut into pieces at top-level ';'. scs: standard_conforming_strings."""
+    pieces: list[_Piece] = []
     toks: list[_Tok] = []
-    n, pos = len(sql), 0
+    n, pos, seg = len(sql), 0, 0
     while pos < n:
-        c, start = sql[pos], pos
-        if c in _SPACE or sql.startswith("--", pos):
-            m = _WS.match(sql, pos)
-            pos = m.end() if m else pos + 1
-            continue
-        if sql.startswith("/*", pos):
-            pos = _skip_comment(sql, pos)
-            continue
+        m = _TOKEN.match(sql, pos)
+        assert m is not None  # the last alternative matches any char
+        group, start, pos = m.lastgroup, pos, m.end()
         kind, val = "s", ""
-        if c == "'":
-            pos = _string(sql, pos + 1, not scs)
-        elif c == '"':
-            kind = "q"
-            pos, val = _quoted(sql, pos + 1)
-        elif c == "$":
-            if (m := _DOLLAR.match(sql, pos)) is not None:
-                close = sql.find(m.group(), m.end())
-                pos = n if close < 0 else close + len(m.group())
-            elif (m := _PARAM.match(sql, pos)) is not None:
-                kind, pos = "n", m.end()
-            else:
-                kind, val, pos = "p", c, pos + 1
-        elif c in "0123456789." and (m := _NUMBER.match(sql, pos)) is not None:
-            kind, pos = "n", m.end()
-        elif (m := _WORD.match(sql, pos)) is not None:
-            pos, low = m.end(), m.group().lower()
-            after = sql[pos : pos + 2]
+        if group == "ws":
+            continue
+        if group == "cm":
+            pos = _skip_comment(sql, start)
+            continue
+        if group == "w":
+            low, after = m.group().lower(), sql[pos : pos + 2]
             if after[:1] == "'" and low in ("e", "b", "x", "n"):  # E'..', B'..', X'..', N'..'
                 pos = _string(sql, pos + 1, low == "e" or (low == "n" and not scs))
             elif low == "u" and after == "&'":
                 pos = _string(sql, pos + 2, False)
             elif low == "u" and after == '&"':
-                kind = "u"
-                pos, val = _quoted(sql, pos + 2)
+                kind, pos = "u", _quoted(sql, pos + 2)[0]
             else:
                 kind, val = "w", low
+        elif group == "n":
+            kind = "n"
+        elif group == "dol":
+            close = sql.find(m.group(), pos)
+            pos = n if close < 0 else close + len(m.group())
+        elif (c := m.group()) == "'":
+            pos = _string(sql, pos, not scs)
+        elif c == '"':
+            kind = "q"
+            pos, val = _quoted(sql, pos)
+        elif c == ";":
+            pieces.append((toks, seg, start))
+            toks, seg = [], pos
+            continue
         else:
-            kind, val, pos = "p", c, pos + 1
+            kind, val = "p", c
         toks.append((kind, sql[start:pos] if kind == "s" else val, start, pos))
-    return toks
-
-
-def _pieces(toks: list[_Tok], n: int) -> list[_Piece]:
-    out: list[_Piece] = []
-    cur: list[_Tok] = []
-    seg = 0
-    for t in toks:
-        if t[0] == "p" and t[1] == ";":
-            out.append((cur, seg, t[2]))
-            cur, seg = [], t[3]
-        else:
-            cur.append(t)
-    out.append((cur, seg, n))
-    return out
+    pieces.append((toks, seg, n))
+    return pieces
 
 
 def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
@@ -171,7 +166,8 @@ def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
             elif kind == "w":
                 if len(head) < 4:
                     head.append(val)
-                if not (opened and paren == 0 and _is_routine(head)):
+                verb = head[3:4] if head[1:3] == ["or", "replace"] else head[1:2]
+                if not (opened and paren == 0 and head[0] == "create" and verb in _ROUTINE):
                     continue
                 if val == "begin" or (val == "case" and depth > 0):
                     depth += 1
@@ -185,48 +181,15 @@ def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
     return groups
 
 
-def _is_routine(head: list[str]) -> bool:  # CREATE [OR REPLACE] FUNCTION|PROCEDURE
-    rest = head[3:4] if head[1:3] == ["or", "replace"] else head[1:2]
-    return head[:1] == ["create"] and rest in (["function"], ["procedure"])
-
-
 def _kw(toks: list[_Tok], i: int) -> str:
     return toks[i][1] if 0 <= i < len(toks) and toks[i][0] == "w" else ""
 
 
-def _udecode(s: str, esc: str) -> str:
-    e = re.escape(esc)
-    rx = re.compile(f"{e}(?:({e})|\\+([0-9A-Fa-f]{{6}})|([0-9A-Fa-f]{{4}}))")
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(1):
-            return esc
-        code = int(m.group(2) or m.group(3), 16)
-        return chr(code) if code <= 0x10FFFF else ""
-
-    return rx.sub(sub, s)
-
-
-def _ident(toks: list[_Tok], i: int) -> tuple[str | None, int]:
-    """Identifier at toks[i] (or None) and the index after it."""
-    kind, val = toks[i][0], toks[i][1]
-    if kind in ("w", "q"):
-        return val, i + 1
-    if kind != "u":
-        return None, i + 1
-    esc = "\\"
-    if _kw(toks, i + 1) == "uescape" and i + 2 < len(toks) and toks[i + 2][0] == "s":
-        esc, i = toks[i + 2][1][1:2], i + 2
-    return _udecode(val, esc), i + 1
-
-
 def _dotted(toks: list[_Tok], i: int) -> tuple[str | None, int]:
     parts: list[str] = []
-    while i < len(toks):
-        name, i = _ident(toks, i)
-        if name is None:
-            return None, i
-        parts.append(name)
+    while i < len(toks) and toks[i][0] in ("w", "q"):
+        parts.append(toks[i][1])
+        i += 1
         if not (i < len(toks) and toks[i][:2] == ("p", ".")):
             break
         i += 1
@@ -263,10 +226,8 @@ def _set(toks: list[_Tok], sql: str) -> tuple[str | None, list[Setting]]:
     name, j = _dotted(toks, i)
     if name is None or j >= len(toks):
         return _UNPARSED, []
-    if name.lower() == "role":
-        return "SET ROLE", []
-    if name.lower() == "session_authorization":
-        return "SET SESSION AUTHORIZATION", []
+    if name.lower() in _AUTH:
+        return "SET " + _AUTH[name.lower()], []
     if _kw(toks, j) == "from" and _kw(toks, j + 1) == "current":
         return "SET FROM CURRENT", []
     if not (_kw(toks, j) == "to" or toks[j][:2] == ("p", "=")) or j + 1 >= len(toks):
@@ -287,8 +248,8 @@ def _reset(toks: list[_Tok]) -> tuple[str | None, list[Setting]]:
     name, j = _dotted(toks, 1)
     if name is None or j != len(toks):
         return _UNPARSED, []
-    if name.lower() in ("role", "session_authorization"):
-        return "RESET " + ("ROLE" if name.lower() == "role" else "SESSION AUTHORIZATION"), []
+    if name.lower() in _AUTH:
+        return "RESET " + _AUTH[name.lower()], []
     return None, [(name, None)]
 
 
@@ -304,17 +265,17 @@ def _anywhere(toks: list[_Tok]) -> str | None:
             insert = val == "into" and _kw(toks, i - 1) in ("insert", "merge")
             if _kw(toks, j) in _TEMP and not insert:
                 return "temporary table"
-        if kind in ("w", "q", "u"):
-            name, j = _ident(toks, i)
-            nxt = toks[j][1] if j < len(toks) and toks[j][0] == "p" else ""
-            if name is None or not nxt:
-                continue
-            if nxt == "(" and name in _ADVISORY:
-                return "session advisory lock"
-            if nxt == "(" and name == "set_config":
-                return "set_config"
-            if nxt == "." and _PG_TEMP.fullmatch(name.lower()):
-                return "temporary table"
+        nxt = toks[i + 1][1] if i + 1 < len(toks) and toks[i + 1][0] == "p" else ""
+        if kind == "u" and (nxt in ("(", ".") or _kw(toks, i + 1) == "uescape"):
+            return "U& identifier"  # an escaped name could spell anything: don't decode
+        if kind not in ("w", "q") or not nxt:
+            continue
+        if nxt == "(" and val in _ADVISORY:
+            return "session advisory lock"
+        if nxt == "(" and val == "set_config":
+            return "set_config"
+        if nxt == "." and _PG_TEMP.fullmatch(val.lower()):
+            return "temporary table"
     return None
 
 
@@ -347,8 +308,7 @@ def _statement(toks: list[_Tok], sql: str) -> tuple[str | None, list[Setting], b
                 break
     elif head == "do":  # anonymous code block: pin if its body could touch the session
         for t in toks:
-            body = t[1].lower()
-            if t[0] == "s" and (_has_trigger(body) or "execute" in body):
+            if t[0] == "s" and (_has_trigger(t[1].lower()) or "execute" in t[1].lower()):
                 pin = "DO block"
     for name, value in settings:
         if name == "search_path" and value is not None and "pg_temp" in value.lower():
@@ -367,9 +327,9 @@ def scan(sql: str, *, standard_conforming_strings: bool = True) -> SessionEffect
         body = sql.strip(_SPACE).removesuffix(";")
         if body and ";" not in body and "--" not in body and "/*" not in body:
             return PLAIN
-        count = _count(_groups(_pieces(_lex(sql, True), len(sql))))
+        count = _count(_groups(_lex(sql, standard_conforming_strings)))
         return PLAIN if count == 1 else SessionEffect(None, statements=count)
-    pieces = _pieces(_lex(sql, standard_conforming_strings), len(sql))
+    pieces = _lex(sql, standard_conforming_strings)
     pin: str | None = None
     settings: list[Setting] = []
     discards = False
@@ -395,6 +355,6 @@ def split_statements(sql: str, *, standard_conforming_strings: bool = True) -> l
 
     Semicolons inside literals, comments and CREATE FUNCTION ... BEGIN ATOMIC bodies
     do not split. Comments inside or leading a statement are kept in its text."""
-    pieces = _pieces(_lex(sql, standard_conforming_strings), len(sql))
+    pieces = _lex(sql, standard_conforming_strings)
     return [sql[g[0][1] : g[-1][2]].strip(_SPACE)
             for g in _groups(pieces) if any(piece[0] for piece in g)]

@@ -137,8 +137,11 @@ CASES: list[tuple[str, str | None, S, bool, int]] = [
     ("SELECT pg_catalog.pg_advisory_lock (1)", "session advisory lock", (), False, 1),
     ("SELECT pg_advisory_lock/* c */(1)", "session advisory lock", (), False, 1),
     ('SELECT "pg_advisory_lock"(1)', "session advisory lock", (), False, 1),
-    ('SELECT U&"pg_advisory\\005flock"(1)', "session advisory lock", (), False, 1),
-    ("SELECT U&\"pg_advisory!005flock\" UESCAPE '!' (1)", "session advisory lock", (), False, 1),
+    ('SELECT U&"pg_advisory\\005flock"(1)', "U& identifier", (), False, 1),
+    ("SELECT U&\"pg_advisory!005flock\" UESCAPE '!' (1)", "U& identifier", (), False, 1),
+    ('SELECT U&"pg\\005ftemp".t', "U& identifier", (), False, 1),
+    ('SELECT U&"col" FROM t', None, (), False, 1),
+    ("SELECT U&'\\0041' AS a", None, (), False, 1),
     ("SELECT x FROM t WHERE pg_try_advisory_lock(t.id)", "session advisory lock", (), False, 1),
     ("SELECT pg_advisory_xact_lock(1)", None, (), False, 1),
     ("SELECT pg_try_advisory_xact_lock_shared(1)", None, (), False, 1),
@@ -213,7 +216,7 @@ def test_fast_path_returns_plain(sql: str) -> None:
 
 
 def test_plain_value() -> None:
-    assert PLAIN == SessionEffect(None, (), False, 1)
+    assert SessionEffect(None, (), False, 1) == PLAIN
     assert scan("SELECT 1") is PLAIN
     assert scan("SELECT '1;2'") is PLAIN  # lexed (contains ';'), still the shared value
     assert scan("SELECT 1; SELECT 2") == SessionEffect(None, (), False, 2)
