@@ -90,12 +90,13 @@ def _search_path(s: ClientSession) -> bytes:
     return b""
 
 
-def has_message(buf: bytearray) -> bool:
+def has_message(buf: bytearray, limit: int = codes.DEFAULT_MAX_MESSAGE) -> bool:
+    """Whether buf starts with a complete message; a bad length raises at the header."""
     if len(buf) < 5:
         return False
     length = _I.unpack_from(buf, 1)[0]
-    if length < 4:
-        raise ProtocolError(f"invalid message length {length}")
+    if length < 4 or length > limit:
+        raise ProtocolError(f"invalid message length {length} for message type {buf[0]}")
     return bool(len(buf) >= length + 1)
 
 
@@ -438,7 +439,7 @@ def fail_pending(s: ClientSession, err: Exception) -> None:
     n = len(buf)
     pos = 0
     out: Chunks = []
-    failed = False
+    failed = s.skipping
     while n - pos >= 5:
         code = buf[pos]
         end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
@@ -458,3 +459,21 @@ def fail_pending(s: ClientSession, err: Exception) -> None:
     del buf[:pos]
     s.skipping = failed
     s.write(b"".join(out))
+
+
+def skip_to_sync(s: ClientSession) -> None:
+    """No backend, and an earlier error left us skipping: drop messages up to Sync, answer it."""
+    buf = s.inbuf
+    n = len(buf)
+    pos = 0
+    while n - pos >= 5:
+        code = buf[pos]
+        end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
+        if end > n:
+            break
+        pos = end
+        if code == codes.F_SYNC:
+            s.skipping = False
+            s.write(encode.ready_for_query())
+            break
+    del buf[:pos]

@@ -170,6 +170,10 @@ class ClientSession(asyncio.Protocol):
     async def read_packet(self) -> bytes:
         while (body := self.startup.next()) is None:
             await self._wait()
+        if len(body) >= 4 and _I.unpack_from(body)[0] >> 16 != 1234:
+            # a StartupMessage: what follows are typed messages, maybe already pipelined
+            self._startup_done = True
+            self.inbuf += self.startup.take_rest()
         return body
 
     async def read_message(self) -> tuple[int, bytes]:
@@ -241,10 +245,21 @@ class ClientSession(asyncio.Protocol):
                 if len(self.inbuf) > _PAUSE_AT:
                     self.pause_reading()
                 return
-            if not relay.has_message(self.inbuf):
+            try:
+                if not relay.has_message(self.inbuf, self.server.config.max_message_size):
+                    return
+                code = self.inbuf[0]
+                if code not in codes.FRONTEND_CODES or code == codes.F_PASSWORD:
+                    raise ProtocolError(f"invalid frontend message type {code}")
+            except ProtocolError as exc:
+                self.fatal(exc.sqlstate, exc.message)
                 return
-            if self.inbuf[0] == codes.F_TERMINATE:
+            if code == codes.F_TERMINATE:
                 self.close()
+                return
+            if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
+                relay.skip_to_sync(self)
+                self.pump()
                 return
             assert self.pool is not None
             backend = self.pool.try_acquire()
