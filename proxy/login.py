@@ -112,7 +112,12 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
         pool, probe = server.pool(database, user), None
         if mode == "auth_file":
             pool.creds = creds
-    welcome = await _welcome(pool, settings, probe)
+    try:
+        welcome = await _welcome(pool, settings, probe)
+    except (LoginError, PgError):
+        if pool.size == 0 and not pool.waiters:
+            server.pools.pop(pool.key, None)  # a mistyped database leaves no pool behind
+        raise
     return LoginResult(user, database, params, pool, settings, welcome)
 
 
