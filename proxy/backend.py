@@ -92,6 +92,8 @@ class Backend(asyncio.Protocol):
         self.status = codes.TXN_IDLE
         # Server-side prepared statements present on this connection, oldest first.
         self.prepared: dict[bytes, None] = {}
+        # Statements that may exist but must not be trusted (stale plan, or a skipped Close).
+        self.maybe_prepared: set[bytes] = set()
         self.unnamed_owner: object = None
         self.applied: Settings | None = ()
         self.created = time.monotonic()

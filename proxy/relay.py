@@ -3,10 +3,11 @@
 Every message sent to the backend that produces a response gets an Entry, in
 order. A backend message ends the head Entry when it is that Entry's terminal
 response (ParseComplete for Parse, ReadyForQuery for Sync or Query...). This is
-what lets pgsluice (a) answer ParseComplete/CloseComplete itself for prepared
-statements it keeps on the backend, in the right place, and (b) swallow the
-responses to messages it injected. An ErrorResponse to an extended-protocol
-message voids the Entries up to the next Sync, as Postgres skips those messages.
+what lets pgsluice (a) answer CloseComplete itself for prepared statements it
+keeps on the backend, in the right place, and (b) swallow the responses to
+messages it injected (re-preparing a client's statement on another backend). An
+ErrorResponse to an extended-protocol message voids the Entries up to the next
+Sync, as Postgres skips those messages.
 
 Everything else is passed through as ranges of the original bytes.
 """
@@ -32,9 +33,11 @@ _I = struct.Struct("!I")
 
 # Entry kinds.
 QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
-FAKE_PARSE, FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE = range(8, 12)
+FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE = range(8, 11)
 _ENDS_AT_READY = (QUERY, SYNC, FUNC)
-_FAKE_BYTES = {FAKE_PARSE: encode.PARSE_COMPLETE, FAKE_CLOSE: encode.CLOSE_COMPLETE}
+_FAKE_BYTES = {FAKE_CLOSE: encode.CLOSE_COMPLETE}
+# "cached plan must not change result type": the statement predates a schema change
+_STALE_PLAN = b"\x00C0A000\x00"
 
 # backend message code -> the entry kinds it terminates
 _TERMINAL: dict[int, tuple[int, ...]] = {
@@ -210,7 +213,15 @@ def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
         oldest = next(iter(prepared))
         del prepared[oldest]
         out.append(encode.close_statement(oldest))
-        s.entries.append((SWALLOW_CLOSE, None))
+        s.entries.append((SWALLOW_CLOSE, oldest))
+
+
+def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -> None:
+    """Drop srv from this backend (swallowing CloseComplete) so that it can be parsed anew."""
+    backend.prepared.pop(srv, None)
+    backend.maybe_prepared.discard(srv)
+    out.append(encode.close_statement(srv))
+    s.entries.append((SWALLOW_CLOSE, srv))
 
 
 def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
@@ -226,12 +237,12 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     stmt = Statement(srv, encode.parse(srv, sql, types))
     s.statements[name] = stmt
     prepared = backend.prepared
-    if srv in prepared:
-        del prepared[srv]
-        prepared[srv] = None
-        _fake(s, FAKE_PARSE)
-        return []
     out: Chunks = []
+    # A client's Parse always reaches Postgres, so it is analysed against today's schema
+    # (a statement kept from before an ALTER would fail with "cached plan must not change
+    # result type"). Re-preparing on another backend at Bind is what sharing saves.
+    if srv in prepared or srv in backend.maybe_prepared:
+        _close_server(s, backend, srv, out)
     _make_room(s, backend, out)
     prepared[srv] = None
     out.append(stmt.parse_msg)
@@ -256,6 +267,8 @@ def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: Chunks) -
         del prepared[srv]
         prepared[srv] = None
     else:
+        if srv in backend.maybe_prepared:
+            _close_server(s, backend, srv, out)
         _make_room(s, backend, out)
         prepared[srv] = None
         out.append(stmt.parse_msg)
@@ -268,7 +281,7 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
     if code == codes.F_BIND:
         portal, stmt_name, rest = parse_bind_names(msg[5:])
         name = _ensure(s, backend, stmt_name, out)
-        s.entries.append((BIND, None))
+        s.entries.append((BIND, name if name != stmt_name else None))
         if name == stmt_name:
             out.append(msg)
         else:
@@ -279,7 +292,7 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
         s.entries.append((DESCRIBE, None))
         return [msg]
     name = _ensure(s, backend, stmt_name, out)
-    s.entries.append((DESCRIBE, None))
+    s.entries.append((DESCRIBE, name if name != stmt_name else None))
     out.append(msg if name == stmt_name else encode.message(code, b"S" + name + b"\x00"))
     return out
 
@@ -347,7 +360,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     tag = bytes(buf[pos + 5:end - 1])
                     info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
         elif code == codes.B_ERROR_RESPONSE:
-            _on_error(s, backend)
+            _on_error(s, backend, buf[pos + 5:end])
             if entries and entries[0][0] in _FAKE_BYTES:
                 out.append(buf[start:end])
                 start = end
@@ -391,6 +404,7 @@ def _apply_query(s: ClientSession, backend: Backend, info: QueryInfo) -> None:
         return
     if info.discard_seen:
         backend.prepared.clear()
+        backend.maybe_prepared.clear()
         backend.unnamed_owner = None
         s.statements.clear()
         s.unnamed = None
@@ -410,13 +424,20 @@ def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
             del s.statements[name]
     elif (kind == PARSE or kind == SWALLOW_PARSE) and arg is None:
         backend.unnamed_owner = None
+    elif kind == SWALLOW_CLOSE and isinstance(arg, bytes):
+        backend.maybe_prepared.add(arg)  # skipped: it may still be there; close before a Parse
 
 
-def _on_error(s: ClientSession, backend: Backend) -> None:
+def _on_error(s: ClientSession, backend: Backend, body: bytes | bytearray) -> None:
     entries = s.entries
     if not entries:
         return
     kind, arg = entries[0]
+    if (kind == BIND or kind == DESCRIBE) and isinstance(arg, bytes) and _STALE_PLAN in body:
+        # The client sees the error, as it would from Postgres; the next Parse or
+        # re-prepare of this text on this backend closes the stale statement first.
+        backend.prepared.pop(arg, None)
+        backend.maybe_prepared.add(arg)
     if kind in _ENDS_AT_READY:
         if isinstance(arg, QueryInfo):
             arg.failed = True

@@ -394,6 +394,7 @@ class ClientSession(asyncio.Protocol):
                     if result.error is not None:
                         raise PgError(result.error.get("C", ""), "discard failed")
                     backend.prepared.clear()
+                    backend.maybe_prepared.clear()
                     backend.applied = ()
                     backend.unnamed_owner = None
         except (PgError, TimeoutError, OSError):

@@ -54,7 +54,7 @@ def wait_until(
 
 async def wait_until_async(
     predicate: Callable[[], T | Awaitable[T]],
-    timeout: float = 10,  # noqa: ASYNC109  (a polling deadline, mirroring wait_until)
+    timeout: float = 10,
     interval: float = 0.02,
     *,
     message: str = "",
