@@ -132,7 +132,14 @@ def forward(s: ClientSession) -> None:
             s.skipping = False
         elif code == codes.F_QUERY:
             if not s.skipping:
-                entries.append((QUERY, _query(s, backend, bytes(buf[pos + 5:end - 1]))))
+                sql = bytes(buf[pos + 5:end - 1])
+                swap = _deallocate(s, backend, sql) if sql[:10].lower() == b"deallocate" else None
+                if swap is not None:
+                    out.append(buf[start:pos])
+                    out.extend(swap)
+                    start = end
+                else:
+                    entries.append((QUERY, _query(s, backend, sql)))
         elif code == codes.F_BIND or code == codes.F_DESCRIBE:
             if not s.skipping:
                 out.append(buf[start:pos])
@@ -188,6 +195,32 @@ def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
     if effect.settings or effect.discards:
         return QueryInfo(effect.settings, effect.discards)
     return None
+
+
+_DEALLOCATE = re.compile(rb'(?is)deallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)\s*;?\s*')
+
+
+def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+    """`DEALLOCATE name` of a protocol-level statement (psycopg evicting from its cache
+    with libpq < 17): runs on the backend under the server-side name, no pinning."""
+    m = _DEALLOCATE.fullmatch(sql)
+    if m is None:
+        return None
+    raw = m.group(1)
+    name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
+    if name not in s.statements:
+        return None
+    s.unnamed = None
+    backend.unnamed_owner = None
+    s.queries += 1
+    out: Chunks = []
+    srv = _ensure(s, backend, name, out)
+    del s.statements[name]
+    backend.prepared.pop(srv, None)
+    backend.maybe_prepared.add(srv)  # gone if it succeeds; if not, closed before reuse
+    s.entries.append((QUERY, None))
+    out.append(encode.query(b"DEALLOCATE " + srv))
+    return out
 
 
 def _scan_parse(s: ClientSession, sql: bytes) -> None:

@@ -293,7 +293,8 @@ def _statement(toks: list[_Tok], sql: str) -> tuple[str | None, list[Setting], b
     elif head == "deallocate":
         j = 2 if _kw(toks, 1) == "prepare" and len(toks) > 2 else 1
         discards = _kw(toks, j) == "all" and len(toks) == j + 1
-        pin = None if discards else "DEALLOCATE"
+        # DEALLOCATE name removes state: an SQL-level PREPARE already pinned its client, and
+        # protocol-level names are mapped by the relay; anything else is Postgres's 26000.
     elif head in ("listen", "load"):
         pin = head.upper()
     elif head == "prepare":  # PREPARE TRANSACTION 'gid' ends the transaction: nothing

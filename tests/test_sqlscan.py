@@ -81,10 +81,10 @@ CASES: list[tuple[str, str | None, S, bool, int]] = [
     ("DISCARD SEQUENCES", None, (), False, 1),
     ("DEALLOCATE ALL", None, (), True, 1),
     ("DEALLOCATE PREPARE ALL", None, (), True, 1),
-    ("DEALLOCATE stmt1", "DEALLOCATE", (), False, 1),
-    ("DEALLOCATE PREPARE stmt1", "DEALLOCATE", (), False, 1),
-    ('DEALLOCATE "all"', "DEALLOCATE", (), False, 1),
-    ("DEALLOCATE prepare", "DEALLOCATE", (), False, 1),
+    ("DEALLOCATE stmt1", None, (), False, 1),  # removes state: no pin
+    ("DEALLOCATE PREPARE stmt1", None, (), False, 1),
+    ('DEALLOCATE "all"', None, (), False, 1),
+    ("DEALLOCATE prepare", None, (), False, 1),
     # --- LISTEN / NOTIFY / LOAD --------------------------------------------------------
     ("LISTEN chan", "LISTEN", (), False, 1),
     ('listen "Chan"', "LISTEN", (), False, 1),

@@ -1,0 +1,57 @@
+"""Protocol-level prepared statements under transaction pooling, driven through libpq.
+
+psycopg with libpq < 17 evicts statements from its cache with `DEALLOCATE name`; through
+pgsluice that name is the client's, not the server-side one, and it must neither fail nor
+pin the client to its server connection.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import pq
+
+from proxy.embedded import EmbeddedPostgres
+from tests.util import ProxyFactory
+
+Outcome = tuple[str, str | None, bytes | None, list[bytes | None]]
+
+
+def _outcome(res: pq.abc.PGresult) -> Outcome:
+    values = [res.get_value(0, c) for c in range(res.nfields)] if res.ntuples else []
+    sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
+    return (pq.ExecStatus(res.status).name, sqlstate.decode() if sqlstate else None,
+            res.command_status, values)  # fmt: skip
+
+
+def deallocate_session(dsn: str, other: psycopg.Connection | None = None) -> list[Outcome]:
+    """Prepare, use and DEALLOCATE statements by name; `other` (another client) runs a
+    query between steps, which fails with 53300 if this client were pinned on a pool of 1."""
+    seen: list[Outcome] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgc = conn.pgconn
+
+        def step(res: pq.abc.PGresult) -> None:
+            seen.append(_outcome(res))
+            if other is not None:
+                assert other.execute("SELECT 1").fetchone() == (1,)
+
+        step(pgc.prepare(b"my_stmt", b"SELECT $1::int + 1"))
+        step(pgc.exec_prepared(b"my_stmt", [b"41"]))
+        step(pgc.exec_(b"DEALLOCATE my_stmt"))
+        step(pgc.exec_prepared(b"my_stmt", [b"1"]))  # 26000: it is gone
+        step(pgc.prepare(b"Mixed Case", b"SELECT 'x'::text"))
+        step(pgc.exec_(b'DEALLOCATE PREPARE "Mixed Case";'))
+        step(pgc.exec_(b"DEALLOCATE nope"))  # 26000: never existed
+        step(pgc.prepare(b"my_stmt", b"SELECT $1::int * 2"))  # the name is free again
+        step(pgc.exec_prepared(b"my_stmt", [b"21"]))
+        step(pgc.exec_(b"DEALLOCATE ALL"))
+        step(pgc.exec_prepared(b"my_stmt", [b"1"]))
+    return seen
+
+
+def test_deallocate_by_name_matches_postgres(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    direct = deallocate_session(pg.dsn())
+    assert direct[1][3] == [b"42"] and direct[2][2] == b"DEALLOCATE" and direct[3][1] == "26000"
+    proxy = proxy_factory("--pool-max-size", "1", "--pool-acquire-timeout", "1")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert deallocate_session(proxy.dsn(), other) == direct
