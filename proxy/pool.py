@@ -87,23 +87,14 @@ class Pool:
             self.held += 1
             self.stats.acquires += 1
             return backend
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Backend] = loop.create_future()
-        self.waiters.append(fut)
-        self.stats.waits += 1
+        fut = self.enqueue()
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.acquire_timeout):
                 backend = await fut
         except TimeoutError:
             self.stats.timeouts += 1
-            raise PgError(
-                TOO_MANY_CONNECTIONS,
-                f"pgsluice: no server connection for database \"{self.database}\" user "
-                f"\"{self.user}\" became free within {self.settings.acquire_timeout:g} s "
-                f"(pool_max_size={self.settings.max_size})",
-                hint="Raise pool_max_size or pool_acquire_timeout, or shorten transactions.",
-            ) from None
+            raise self.timeout_error() from None
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())  # handed over just as we were cancelled
@@ -113,6 +104,23 @@ class Pool:
             if not fut.done():
                 fut.cancel()
         return backend
+
+    def enqueue(self) -> asyncio.Future[Backend]:
+        """Join the queue for the next free backend (first come, first served). The caller
+        awaits the future or adds a done-callback, and cancels it at its deadline."""
+        fut: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        self.stats.waits += 1
+        return fut
+
+    def timeout_error(self) -> PgError:
+        return PgError(
+            TOO_MANY_CONNECTIONS,
+            f"pgsluice: no server connection for database \"{self.database}\" user "
+            f"\"{self.user}\" became free within {self.settings.acquire_timeout:g} s "
+            f"(pool_max_size={self.settings.max_size})",
+            hint="Raise pool_max_size or pool_acquire_timeout, or shorten transactions.",
+        )
 
     def release(self, backend: Backend) -> None:
         """Give a clean, idle backend back (ReadyForQuery said 'I')."""

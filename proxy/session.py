@@ -70,6 +70,8 @@ class ClientSession(asyncio.Protocol):
         self.token = next(_tokens)
         self.queries = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._queued: asyncio.Future[Backend] | None = None  # in the pool's queue, no task
+        self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self._writing = True
@@ -106,6 +108,8 @@ class ClientSession(asyncio.Protocol):
         self._wake()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._queued is not None:
+            self._queued.cancel()
         backend = self.backend
         if backend is not None:
             self.backend = None
@@ -241,7 +245,7 @@ class ClientSession(asyncio.Protocol):
         if self.closed or self.state != "ready":
             return
         if self.backend is None:
-            if self._task is not None:  # already getting one
+            if self._task is not None or self._queued is not None:  # already getting one
                 if len(self.inbuf) > _PAUSE_AT:
                     self.pause_reading()
                 return
@@ -262,9 +266,17 @@ class ClientSession(asyncio.Protocol):
                 self.pump()
                 return
             assert self.pool is not None
-            backend = self.pool.try_acquire()
+            pool = self.pool
+            backend = pool.try_acquire()
             if backend is not None and backend.applied == self.settings:
                 self._bind(backend)
+            elif backend is None and pool.size >= pool.settings.max_size:
+                # The busy case: wait in the queue with a callback and a timer, no task.
+                fut = self._queued = pool.enqueue()
+                fut.add_done_callback(self._handed_over)
+                self._deadline = asyncio.get_running_loop().call_later(
+                    pool.settings.acquire_timeout, fut.cancel)
+                return
             else:
                 self._task = asyncio.get_running_loop().create_task(self._attach(backend))
                 return
@@ -313,6 +325,36 @@ class ClientSession(asyncio.Protocol):
         self._bind(backend)
         self.resume_reading()
         self.pump()
+
+    def _handed_over(self, fut: asyncio.Future[Backend]) -> None:
+        """The pool handed us a backend, or our deadline passed, or we left."""
+        self._queued = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        pool = self.pool
+        assert pool is not None
+        if fut.cancelled():
+            if not self.closed:
+                pool.stats.timeouts += 1
+                relay.fail_pending(self, pool.timeout_error())
+                if len(self.inbuf) < _PAUSE_AT:
+                    self.resume_reading()
+            return
+        exc = fut.exception()
+        if exc is not None:  # the pool failed to open a connection for us
+            if not self.closed:
+                relay.fail_pending(self, _pg_error(exc))
+            return
+        backend = fut.result()
+        if self.closed:
+            pool.release(backend)  # idle and clean: nobody used it
+        elif backend.applied != self.settings:
+            self._task = asyncio.get_running_loop().create_task(self._attach(backend))
+        else:
+            self._bind(backend)
+            self.resume_reading()
+            self.pump()
 
     def _report(self, params: dict[str, str]) -> None:
         """Forward ParameterStatus changes the client has not seen yet."""
@@ -416,3 +458,12 @@ class ClientSession(asyncio.Protocol):
         backend = self.backend
         if backend is not None and self.entries:
             await send_cancel(self.server.upstream, backend.pid, backend.secret)
+
+
+def _pg_error(exc: BaseException) -> PgError:
+    """What a client waiting for a server connection is told when opening one failed."""
+    if isinstance(exc, PgError):
+        return exc
+    if isinstance(exc, LoginError):
+        return PgError(exc.fields.get("C", CONNECTION_FAILURE), exc.fields.get("M", "login failed"))
+    return PgError(CONNECTION_FAILURE, f"pgsluice: cannot connect to the server: {exc}")
