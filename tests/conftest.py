@@ -104,6 +104,48 @@ def _pg_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 # -- proxy subprocesses -------------------------------------------------------------------
+def _start_proxy(pg: EmbeddedPostgres, log_dir: Path, started: list[ProxyHandle],
+                 *extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle:
+    host, port = "127.0.0.1", free_port()
+    cmd = [sys.executable, "-m", "proxy", "serve", "--upstream", pg.dsn(),
+           "--listen", f"{host}:{port}", *extra_args]  # fmt: skip
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
+    log_path = log_dir / f"proxy-{len(started)}-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=full_env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    handle = ProxyHandle(proc=proc, host=host, port=port, log_path=log_path, args=cmd)
+    started.append(handle)
+    try:
+        wait_until(lambda: proc.poll() is not None or port_open(host, port),
+                   timeout=PROXY_START_TIMEOUT)  # fmt: skip
+    except TimeoutError:
+        handle.stop()
+        pytest.fail(
+            f"proxy did not listen on {host}:{port} within {PROXY_START_TIMEOUT}s\n"
+            f"cmd: {cmd}\nlog:\n{handle.log_text()}",
+            pytrace=False,
+        )
+    if proc.poll() is not None:
+        pytest.fail(
+            f"proxy exited with {proc.returncode} before listening\n"
+            f"cmd: {cmd}\nlog:\n{handle.log_text()}",
+            pytrace=False,
+        )
+    return handle
+
+
+def _stop_proxies(started: list[ProxyHandle], show_logs: bool) -> None:
+    for handle in started:
+        code = handle.stop()
+        if show_logs:
+            print(f"\n--- proxy on port {handle.port} (exit {code}) {handle.log_path} ---")
+            print(handle.log_text())
+
+
 @pytest.fixture
 def proxy_factory(
     pg: EmbeddedPostgres, request: pytest.FixtureRequest, tmp_path: Path
@@ -113,44 +155,24 @@ def proxy_factory(
     started: list[ProxyHandle] = []
 
     def start(*extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle:
-        host, port = "127.0.0.1", free_port()
-        cmd = [sys.executable, "-m", "proxy", "serve", "--upstream", pg.dsn(),
-               "--listen", f"{host}:{port}", *extra_args]  # fmt: skip
-        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
-        log_path = tmp_path / f"proxy-{len(started)}-{port}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=full_env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        handle = ProxyHandle(proc=proc, host=host, port=port, log_path=log_path, args=cmd)
-        started.append(handle)
-        try:
-            wait_until(lambda: proc.poll() is not None or port_open(host, port),
-                       timeout=PROXY_START_TIMEOUT)  # fmt: skip
-        except TimeoutError:
-            handle.stop()
-            pytest.fail(
-                f"proxy did not listen on {host}:{port} within {PROXY_START_TIMEOUT}s\n"
-                f"cmd: {cmd}\nlog:\n{handle.log_text()}",
-                pytrace=False,
-            )
-        if proc.poll() is not None:
-            pytest.fail(
-                f"proxy exited with {proc.returncode} before listening\n"
-                f"cmd: {cmd}\nlog:\n{handle.log_text()}",
-                pytrace=False,
-            )
-        return handle
+        return _start_proxy(pg, tmp_path, started, *extra_args, env=env)
 
     yield start
-    failed = request_failed(request)
-    for handle in started:
-        code = handle.stop()
-        if failed:
-            print(f"\n--- proxy on port {handle.port} (exit {code}) {handle.log_path} ---")
-            print(handle.log_text())
+    _stop_proxies(started, request_failed(request))
+
+
+@pytest.fixture(scope="module")
+def proxy_factory_module(pg: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Iterator[ProxyFactory]:  # fmt: skip
+    """Like proxy_factory, for proxies shared by a module's tests (logs kept in a temp dir)."""
+    started: list[ProxyHandle] = []
+    log_dir = tmp_path_factory.mktemp("proxy-logs")
+
+    def start(*extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle:
+        return _start_proxy(pg, log_dir, started, *extra_args, env=env)
+
+    yield start
+    _stop_proxies(started, False)
 
 
 @pytest.fixture
