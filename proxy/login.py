@@ -7,6 +7,7 @@ for over loopback.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import secrets
@@ -73,7 +74,8 @@ async def read_startup(io: LoginIO, server: Server) -> StartupMessage:
             io.write(b"N")  # TLS and GSS encryption come later
             continue
         if isinstance(packet, CancelRequest):
-            await server.cancel(packet.pid, packet.secret)
+            # Shielded: a client may hang up right after sending it; the cancel still goes.
+            await asyncio.shield(server.spawn(server.cancel(packet.pid, packet.secret)))
             raise CancelOnly()
         return packet
 
