@@ -54,6 +54,7 @@ class Row:
     round: int = 1  # 0 for the median over all rounds
     tps_min: float | None = None
     tps_max: float | None = None
+    cpu_us: float | None = None  # the pooler's CPU time (user + system) per transaction
 
 
 @contextlib.contextmanager
@@ -77,7 +78,7 @@ def upstream(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
 
 
 @contextlib.contextmanager
-def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30) -> Iterator[Endpoint]:
+def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30) -> Iterator[tuple[Endpoint, int | None]]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pgsluice-bench-proxy-") as tmp:
         log = Path(tmp) / "pgsluice.log"
@@ -96,7 +97,7 @@ def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30) -> Iterator[Endp
             except Exception as exc:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
                 raise RuntimeError(f"{exc}\n--- pgsluice output ---\n{tail}") from exc
-            yield Endpoint("127.0.0.1", port, up.user, up.password, up.database)
+            yield Endpoint("127.0.0.1", port, up.user, up.password, up.database), proc.pid
         finally:
             if proc.poll() is not None:  # it died by itself during the runs: show why
                 tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-30:])
@@ -105,7 +106,7 @@ def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30) -> Iterator[Endp
 
 
 @contextlib.contextmanager
-def pgbouncer(up: Endpoint, pool_size: int, modes: list[str]) -> Iterator[Endpoint]:
+def pgbouncer(up: Endpoint, pool_size: int, modes: list[str]) -> Iterator[tuple[Endpoint, int | None]]:
     with PgBouncer(
         upstream_host=up.host, upstream_port=up.port, database=up.database,
         user=up.user, password=up.password, pool_size=pool_size,
@@ -116,14 +117,15 @@ def pgbouncer(up: Endpoint, pool_size: int, modes: list[str]) -> Iterator[Endpoi
                 "-M prepared cannot work through it in transaction mode",
                 flush=True,
             )
-        yield Endpoint(pgb.host, pgb.port, up.user, up.password, up.database)
+        pid = pgb.proc.pid if pgb.proc is not None else None
+        yield Endpoint(pgb.host, pgb.port, up.user, up.password, up.database), pid
 
 
 def target_endpoint(
     name: str, up: Endpoint, args: argparse.Namespace
-) -> contextlib.AbstractContextManager[Endpoint]:
+) -> contextlib.AbstractContextManager[tuple[Endpoint, int | None]]:
     if name == "direct":
-        return contextlib.nullcontext(up)
+        return contextlib.nullcontext((up, None))
     if name == "pgbouncer":
         return pgbouncer(up, args.pool_size, args.modes)
     return pgsluice(up, args.pool_size)
@@ -132,14 +134,18 @@ def target_endpoint(
 def measure(args: argparse.Namespace, pgbench: Path, up: Endpoint, target: str, rnd: int) -> list[Row]:
     rows: list[Row] = []
     try:
-        with target_endpoint(target, up, args) as ep:
+        with target_endpoint(target, up, args) as (ep, pid):
             for mode in args.modes:
                 for secs in ([args.warmup] if args.warmup > 0 else []) + [args.seconds]:
+                    cpu_before = cpu_seconds(pid)
                     cmd, res = pgbench_select_only(
                         pgbench, ep, mode=mode, clients=args.clients, jobs=args.jobs,
                         seconds=secs,
                     )  # fmt: skip
+                    cpu_after = cpu_seconds(pid)
                 rows.append(to_row(target, mode, res, shlex.join(cmd), rnd))
+                if cpu_before is not None and cpu_after is not None and res.transactions:
+                    rows[-1].cpu_us = (cpu_after - cpu_before) * 1e6 / res.transactions
                 print(
                     f"  round {rnd}  {target:<9} {mode:<9} {fmt(res.tps, 1):>10} tps"
                     f"{'' if res.ok else ' (FAILED, see below)'}",
@@ -151,6 +157,17 @@ def measure(args: argparse.Namespace, pgbench: Path, up: Endpoint, target: str, 
         done = {r.mode for r in rows}
         rows += [Row(target, m, None, None, False, msg, round=rnd) for m in args.modes if m not in done]
     return rows
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def to_row(target: str, mode: str, res: PgbenchResult, cmd: str, rnd: int) -> Row:
@@ -168,11 +185,13 @@ def summarize(rows: list[Row]) -> list[Row]:
         bad = next((r for r in group if not r.ok), None)
         tps = [r.tps for r in group if r.tps is not None]
         lat = [r.latency_ms for r in group if r.latency_ms is not None]
+        cpu = [r.cpu_us for r in group if r.cpu_us is not None]
         out.append(Row(
             *key, statistics.median(tps) if tps else None,
             statistics.median(lat) if lat else None, bad is None,
             bad.error if bad else None, round=0,
             tps_min=min(tps, default=None), tps_max=max(tps, default=None),
+            cpu_us=statistics.median(cpu) if cpu else None,
         ))  # fmt: skip
     return out
 
@@ -192,7 +211,7 @@ def report(rows: list[Row], modes: list[str], rounds: int) -> dict[str, dict[str
     find = {(r.target, r.mode): r for r in rows}
     print(
         f"\n{'target':<10} {'mode':<9} {'tps':>10} {'avg lat ms':>10} "
-        f"{'tps/direct':>10} {'tps/pgbouncer':>13}"
+        f"{'tps/direct':>10} {'tps/pgbouncer':>13} {'pooler CPU us/txn':>17}"
         + (f"  tps min-max over {rounds} rounds (table: medians)" if rounds > 1 else "")
     )
     ratios: dict[str, dict[str, float | None]] = {}
@@ -206,7 +225,7 @@ def report(rows: list[Row], modes: list[str], rounds: int) -> dict[str, dict[str
             spread = f"  {fmt(r.tps_min, 0)}-{fmt(r.tps_max, 0)}" if rounds > 1 else ""
             print(
                 f"{r.target:<10} {mode:<9} {fmt(r.tps, 1):>10} {fmt(r.latency_ms, 3):>10} "
-                f"{fmt(ratio(r, d), 3):>10} {vs_b:>13}{spread}{flag}"
+                f"{fmt(ratio(r, d), 3):>10} {vs_b:>13} {fmt(r.cpu_us, 1):>17}{spread}{flag}"
             )
     for r in rows:  # the summary rows carry the first failing round's error
         if not r.ok:
