@@ -18,6 +18,8 @@ from .config import FIELD_KINDS, Config, ConfigError, load, to_toml
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file ([pgsluice] table)")
     for f in fields(Config):
+        if f.name not in FIELD_KINDS:
+            continue  # roles: TOML tables only
         flag = "--" + f.name.replace("_", "-")
         kind = FIELD_KINDS[f.name]
         if kind == "bool":
@@ -28,7 +30,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    flags = {f.name: getattr(args, f.name) for f in fields(Config)}
+    flags = {name: getattr(args, name) for name in FIELD_KINDS}
     return load(flags, file=args.config)
 
 

@@ -6,15 +6,16 @@ environment variable `PGSLUICE_NAME`. Secrets are masked whenever config is show
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
+
+from planner.policy import Policies, Policy, PolicyError
 
 AuthMode = Literal["passthrough", "auth_file", "trust"]
 LogFormat = Literal["text", "json", "logfmt"]
@@ -41,6 +42,7 @@ class Config:
     log_level: str = "info"
     log_format: LogFormat = "text"
     uvloop: bool = True
+    roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
 
     @property
     def listen_host(self) -> str:
@@ -52,12 +54,25 @@ class Config:
 
     def masked(self) -> dict[str, Any]:
         """The config as a dict with every secret replaced by ***."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "roles"}
         out["upstream"] = mask_url(self.upstream)
+        if self.roles.roles:
+            out["roles"] = {r.name: _role_dict(r) for r in self.roles.roles}
         return out
 
 
 SECRET_FIELDS = frozenset({"upstream"})
+
+
+def _role_dict(policy: Policy) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(policy):
+        value = getattr(policy, f.name)
+        if f.name == "name" or value in (None, (), frozenset()):
+            continue
+        out[f.name] = sorted(value) if isinstance(value, frozenset) else \
+            list(value) if isinstance(value, tuple) else value
+    return out
 
 
 class ConfigError(ValueError):
@@ -149,6 +164,8 @@ _field_types: dict[str, Any] = {
 def _field_kinds() -> dict[str, Any]:
     kinds: dict[str, Any] = {}
     for f in fields(Config):
+        if f.name == "roles":  # a table in the TOML file only
+            continue
         kinds[f.name] = f.type
         _field_types.setdefault(f.name, str)
     return kinds
@@ -182,6 +199,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in section.items():
         name = key.replace("-", "_")
         where = f"{p}:{_toml_line(text, key)}"
+        if name == "roles":
+            try:
+                out["roles"] = Policies.from_toml(value)
+            except PolicyError as exc:
+                raise ConfigError(f"{p}: {exc}") from None
+            continue
         if name not in FIELD_KINDS:
             raise ConfigError(f"{where}: unknown setting {key!r}")
         out[name] = _coerce(name, value, FIELD_KINDS[name], where)
@@ -224,14 +247,21 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} must be positive")
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def to_toml(values: Mapping[str, Any]) -> str:
     lines = ["[pgsluice]"]
     for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"{key} = {text}")
+        if key != "roles":
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, role in (values.get("roles") or {}).items():
+        lines += ["", f"[pgsluice.roles.{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in role.items()]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,9 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
+from planner import Kind, Plan, Verdict
+from planner.normalize import comment_hints
+
 from . import sqlscan
 from .pgwire import codes, encode
 from .pgwire.decode import parse_bind_names, parse_parameter_status, parse_parse, parse_target
@@ -33,7 +36,8 @@ _I = struct.Struct("!I")
 
 # Entry kinds.
 QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
-FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE = range(8, 11)
+FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND = range(8, 12)
+_SWALLOWED = (SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND)
 _ENDS_AT_READY = (QUERY, SYNC, FUNC)
 _FAKE_BYTES = {FAKE_CLOSE: encode.CLOSE_COMPLETE}
 # "cached plan must not change result type": the statement predates a schema change
@@ -42,7 +46,7 @@ _STALE_PLAN = b"\x00C0A000\x00"
 # backend message code -> the entry kinds it terminates
 _TERMINAL: dict[int, tuple[int, ...]] = {
     codes.B_PARSE_COMPLETE: (PARSE, SWALLOW_PARSE),
-    codes.B_BIND_COMPLETE: (BIND,),
+    codes.B_BIND_COMPLETE: (BIND, SWALLOW_BIND),
     codes.B_CLOSE_COMPLETE: (CLOSE, SWALLOW_CLOSE),
     codes.B_ROW_DESCRIPTION: (DESCRIBE,),
     codes.B_NO_DATA: (DESCRIBE,),
@@ -65,6 +69,23 @@ class QueryInfo:
         self.discard_seen = False
         self.failed = False
 
+
+class Rejected:
+    """A statement a guardrail refused: Postgres runs a DO block raising the same SQLSTATE
+    (so transaction state follows exactly), and the client gets this clean ErrorResponse."""
+
+    __slots__ = ("code", "error", "sql")
+
+    def __init__(self, verdict: Verdict) -> None:
+        self.code = b"\x00C" + verdict.sqlstate.encode() + b"\x00"
+        self.error = encode.error_response(verdict.sqlstate, verdict.message, hint=verdict.hint or None)
+        code, message = encode.quote_literal(verdict.sqlstate), encode.quote_literal(verdict.message)
+        self.sql = (f"DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = {code}, MESSAGE = {message};"
+                    " END$pgsluice$").encode()
+
+
+_BIND_UNNAMED = encode.message(codes.F_BIND, b"\x00\x00" + b"\x00\x00" * 3)
+_EXECUTE_UNNAMED = encode.message(codes.F_EXECUTE, b"\x00" + b"\x00" * 4)
 
 Entry = tuple[int, object]
 Chunks = list[bytes | bytearray]
@@ -133,7 +154,12 @@ def forward(s: ClientSession) -> None:
         elif code == codes.F_QUERY:
             if not s.skipping:
                 sql = bytes(buf[pos + 5:end - 1])
+                if b"agent=" in sql:
+                    _tag_agent(s, sql)
+                s.agent_stats.queries += 1
                 swap = _deallocate(s, backend, sql) if sql[:10].lower() == b"deallocate" else None
+                if swap is None and s.policy is not None:
+                    swap = _guarded_query(s, backend, sql)
                 if swap is not None:
                     out.append(buf[start:pos])
                     out.extend(swap)
@@ -223,6 +249,42 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
     return out
 
 
+def _tag_agent(s: ClientSession, sql: bytes) -> None:
+    for key, value in comment_hints(sql.decode("utf-8", "replace")):
+        if key == "agent" and value:
+            s.set_agent(value[:64])
+
+
+def _plan(s: ClientSession, sql: bytes) -> Plan:
+    assert s.planner is not None
+    plan = s.planner.analyze(sql.decode("utf-8", "replace"), s.facts)
+    if plan.kind is Kind.DDL:
+        s.server.refresh_catalog(s.database)
+    return plan
+
+
+def _rejected(s: ClientSession, verdict: Verdict) -> Rejected:
+    s.agent_stats.rejected += 1
+    s.server.stats.rejected += 1
+    return Rejected(verdict)
+
+
+def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+    """A simple Query under a role policy: refused (never reaching Postgres) or rewritten."""
+    plan = _plan(s, sql)
+    if not plan.verdict.allowed:
+        s.unnamed = None
+        backend.unnamed_owner = None
+        rejected = _rejected(s, plan.verdict)
+        s.entries.append((QUERY, rejected))
+        return [encode.query(rejected.sql)]
+    if plan.rewrites:
+        new = plan.sql.encode()
+        s.entries.append((QUERY, _query(s, backend, new)))
+        return [encode.query(new)]
+    return None
+
+
 def _scan_parse(s: ClientSession, sql: bytes) -> None:
     effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
     if effect is sqlscan.PLAIN:
@@ -259,6 +321,21 @@ def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -
 
 def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
+    s.agent_stats.queries += 1
+    if s.policy is not None:
+        plan = _plan(s, sql)
+        if not plan.verdict.allowed:
+            # Postgres runs (and fails) a DO block in its place: it skips to Sync as for
+            # any error, and a transaction block is aborted, exactly as with a real error.
+            rejected = _rejected(s, plan.verdict)
+            backend.unnamed_owner = None
+            if not name:
+                s.unnamed = None
+            s.entries.extend(((SWALLOW_PARSE, None), (SWALLOW_BIND, None), (EXECUTE, rejected)))
+            return [encode.parse(b"", rejected.sql), _BIND_UNNAMED, _EXECUTE_UNNAMED]
+        if plan.rewrites:
+            sql = plan.sql.encode()
+            msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
     if not name:
         s.unnamed = msg
@@ -380,7 +457,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
         elif code in _TERMINAL:
             if entries and entries[0][0] in _TERMINAL[code]:
                 kind = entries.popleft()[0]
-                if kind == SWALLOW_PARSE or kind == SWALLOW_CLOSE:
+                if kind in _SWALLOWED:
                     out.append(buf[start:pos])
                     start = end
                 if entries and entries[0][0] in _FAKE_BYTES:
@@ -393,6 +470,11 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     tag = bytes(buf[pos + 5:end - 1])
                     info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
         elif code == codes.B_ERROR_RESPONSE:
+            rejected = entries[0][1] if entries else None
+            if isinstance(rejected, Rejected) and rejected.code in buf[pos + 5:end]:
+                out.append(buf[start:pos])  # our guardrail's error, without PL/pgSQL's context
+                out.append(rejected.error)
+                start = end
             _on_error(s, backend, buf[pos + 5:end])
             if entries and entries[0][0] in _FAKE_BYTES:
                 out.append(buf[start:end])

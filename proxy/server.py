@@ -12,8 +12,12 @@ import secrets
 import socket
 import struct
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
+
+import asyncpg
+
+from planner import Planner
+from planner.catalog import load as load_catalog
 
 from .backend import Credentials, Upstream, send_cancel
 from .config import Config, parse_upstream
@@ -21,17 +25,11 @@ from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
 from .session import ClientSession
+from .stats import ServerStats
 from .userlist import Credential, load_userlist
 
 log = logging.getLogger("pgsluice.server")
 _I = struct.Struct("!I")
-
-
-@dataclass(slots=True)
-class ServerStats:
-    clients_total: int = 0
-    pinned: int = 0
-    cancels: int = 0
 
 
 class Server:
@@ -53,6 +51,8 @@ class Server:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._next_pid = secrets.randbelow(1 << 20) + 1000
+        self.planners: dict[str, Planner] = {}
+        self._catalog_refresh: set[str] = set()
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -81,6 +81,39 @@ class Server:
         if secret is None:
             secret = self._scram_secrets[key] = make_scram_secret(password)
         return secret
+
+    # ---- planner -------------------------------------------------------------------------------
+
+    def planner_for(self, database: str) -> Planner:
+        """The planner of one database; its catalog facts load in the background."""
+        planner = self.planners.get(database)
+        if planner is None:
+            planner = self.planners[database] = Planner(policies=self.config.roles)
+            self.spawn(self._load_catalog(database))
+        return planner
+
+    def refresh_catalog(self, database: str, delay: float = 1.0) -> None:
+        """DDL went through: reload the catalog facts soon (one reload per burst)."""
+        if database in self._catalog_refresh or database not in self.planners:
+            return
+        self._catalog_refresh.add(database)
+        asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self._load_catalog(database)))
+
+    async def _load_catalog(self, database: str) -> None:
+        self._catalog_refresh.discard(database)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout * 2):
+                conn = await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
+                                             user=self.upstream_user, password=self.upstream_password,
+                                             database=database)
+                try:
+                    catalog = await load_catalog(conn)
+                finally:
+                    await conn.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("catalog of database %s not loaded (%s): its plans are not cacheable", database, exc)
+            return
+        self.planners[database].set_catalog(catalog)
 
     # ---- cancel --------------------------------------------------------------------------------
 

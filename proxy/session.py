@@ -16,6 +16,9 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
+from planner import Planner, Policy, SessionFacts
+from planner.guard import session_settings
+
 from . import relay
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
@@ -28,7 +31,8 @@ from .pgwire.errors import (
     PgError,
     ProtocolError,
 )
-from .settings import Settings
+from .settings import Settings, set_config
+from .stats import AgentStats
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -69,6 +73,12 @@ class ClientSession(asyncio.Protocol):
         self.skipping = False  # Postgres is discarding messages until Sync after an error
         self.token = next(_tokens)
         self.queries = 0
+        # guardrails (issue 3): set at login when a role policy matches this session
+        self.policy: Policy | None = None
+        self.planner: Planner | None = None
+        self.facts = SessionFacts()
+        self.agent = ""
+        self.agent_stats = AgentStats()
         self._waiter: asyncio.Future[None] | None = None
         self._queued: asyncio.Future[Backend] | None = None  # in the pool's queue, no task
         self._deadline: asyncio.TimerHandle | None = None
@@ -226,6 +236,16 @@ class ClientSession(asyncio.Protocol):
     def _start(self, result: LoginResult) -> None:
         self.user, self.database, self.pool = result.user, result.database, result.pool
         self.startup_settings = self.settings = result.settings
+        app = result.params.get("application_name", "")
+        self.set_agent(app or self.user)
+        policy = self.server.config.roles.for_session(self.user, app)
+        if policy is not None:
+            self.policy = policy
+            self.planner = self.server.planner_for(self.database)
+            self.facts = SessionFacts(self.database, self.user, _search_path(result.params), policy.name)
+            # Postgres enforces read-only and the timeout too, on every server connection used
+            self.startup_settings = self.settings = result.settings + tuple(
+                (name, set_config(name, value)) for name, value in session_settings(policy))
         self.reported = result.welcome
         self.key = self.server.new_cancel_key(self)
         self.write(encode.parameter_statuses(result.welcome)
@@ -325,6 +345,11 @@ class ClientSession(asyncio.Protocol):
         self._bind(backend)
         self.resume_reading()
         self.pump()
+
+    def set_agent(self, name: str) -> None:
+        if name != self.agent:
+            self.agent = name
+            self.agent_stats = self.server.stats.agent(name)
 
     def _handed_over(self, fut: asyncio.Future[Backend]) -> None:
         """The pool handed us a backend, or our deadline passed, or we left."""
@@ -467,3 +492,10 @@ def _pg_error(exc: BaseException) -> PgError:
     if isinstance(exc, LoginError):
         return PgError(exc.fields.get("C", CONNECTION_FAILURE), exc.fields.get("M", "login failed"))
     return PgError(CONNECTION_FAILURE, f"pgsluice: cannot connect to the server: {exc}")
+
+
+def _search_path(params: dict[str, str]) -> tuple[str, ...]:
+    value = params.get("search_path")
+    if not value:
+        return SessionFacts().search_path
+    return tuple(p.strip().strip('"') for p in value.split(",") if p.strip())

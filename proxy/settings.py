@@ -19,7 +19,7 @@ _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 _PLAIN_NAME = re.compile(r"^[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)*$")
 
 
-def _set_config(name: str, value: str) -> str:
+def set_config(name: str, value: str) -> str:
     return f"SELECT pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
 
 
@@ -69,9 +69,9 @@ def settings_from_startup(params: dict[str, str]) -> Settings:
     items: dict[str, tuple[str, str]] = {}
     for key, value in params.items():
         if key.lower() not in _NOT_SETTINGS:
-            items[key.lower()] = (key.lower(), _set_config(key, value))
+            items[key.lower()] = (key.lower(), set_config(key, value))
     for key, value in parse_options(params.get("options", "")):
-        items[key.lower()] = (key.lower(), _set_config(key, value))
+        items[key.lower()] = (key.lower(), set_config(key, value))
     return tuple(items.values())
 
 
