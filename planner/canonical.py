@@ -28,6 +28,7 @@ logging.getLogger("sqlglot").setLevel(logging.ERROR)  # it warns on every fallba
 
 _MARK = re.compile(r"__lit(\d+)__")
 _PARAM = re.compile(r"\$(\d+)")
+_BLANK = re.compile(r"__lit\d+__|\$\d+")
 _IN_LIST = re.compile(r"\bIN \(((?:\$\d+, )*\$\d+)\)")
 
 
@@ -208,7 +209,9 @@ def _flatten(node: exp.Expression, kind: type) -> list[exp.Expression]:
 
 
 def _sort_key(node: exp.Expression) -> str:
-    return _MARK.sub("?", node.sql(dialect="postgres", comments=False))
+    """Operand text with every value blanked (lifted literals and $n alike), so the order
+    never depends on values and canonicalizing a canonical text changes nothing."""
+    return _BLANK.sub("?", node.sql(dialect="postgres", comments=False))
 
 
 def _unalias_lone_table(tree: exp.Expression) -> None:
