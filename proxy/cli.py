@@ -77,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     p_config = sub.add_parser("config", help="print the effective config, secrets masked")
     _add_config_flags(p_config)
     p_config.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    p_explain = sub.add_parser("explain", help="print the planner's view of a query")
+    _add_config_flags(p_explain)
+    p_explain.add_argument("sql", help="the query text")
+    p_explain.add_argument("--database", default=None, help="catalog of this database (default: upstream's)")
+    p_explain.add_argument("--user", default=None, help="session user (default: upstream's)")
+    p_explain.add_argument("--application-name", default="", help="picks the role policy, as at login")
+    p_explain.add_argument("--search-path", default="\"$user\", public")
+    p_explain.add_argument("--no-catalog", action="store_true", help="do not connect to Postgres")
     p_demo = sub.add_parser("demo", help="embedded Postgres + pgsluice + a scripted session")
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
@@ -91,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgsluice: {exc}", file=sys.stderr)
         return 2
+    if args.command == "explain":
+        from .explain import run_explain
+        return run_explain(config, args)
     if args.command == "config":
         masked: dict[str, Any] = config.masked()
         print(json.dumps(masked, indent=2) if args.json else to_toml(masked), end="")

@@ -196,3 +196,21 @@ def test_property_idempotent_and_rebind(q: tuple[str, list[tuple[str, str, str]]
         rebound = c.rebind(shape_b)
         if rebound is not None:
             assert rebound == canon(other).params, (sql, other)
+
+
+def test_cli_explain_prints_the_plan() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "explain", "--no-catalog",
+         "SELECT u.name FROM users u WHERE u.id = 42 /* agent=probe */"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    lines = dict(line.split(":", 1) for line in out.splitlines())
+    assert len(lines["fingerprint"].strip()) == 32
+    assert lines["canonical"].strip() == "SELECT name FROM users WHERE id = $1"
+    assert lines["params"].strip() == "42"
+    assert lines["kind"].strip() == "read"
+    assert lines["cacheable"].strip().startswith("no (")  # no catalog: the table is unknown
+    assert lines["hints"].strip() == "agent=probe"
