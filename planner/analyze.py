@@ -229,29 +229,24 @@ def _functions(tree: exp.Expression, catalog: Catalog, out: Analysis) -> None:
     for fn in tree.find_all(exp.Func):
         if isinstance(fn, exp.Binary | exp.Connector | exp.Unary | exp.Predicate):
             continue
-        if isinstance(fn, exp.Anonymous):
-            name = fn.name.lower()
-            schema = None
-            parent = fn.parent
-            if isinstance(parent, exp.Dot) and isinstance(parent.this, exp.Identifier | exp.Var):
-                schema = parent.this.name.lower()
-            out.functions.add(f"{schema}.{name}" if schema else name)
-            if name in SIDE_EFFECTS:
-                out.flags.add(Flag.SIDE_EFFECT_FUNCTION)
-                out.no_cache(f"{name}() has side effects")
-            elif name in TIME_DEPENDENT:
-                out.no_cache(f"{name}() depends on the time or the session")
-            vol = catalog.volatility(name, schema)
-            if vol == "v":
-                out.flags.add(Flag.VOLATILE_FUNCTION)
-                out.no_cache(f"{name}() is volatile")
-            elif vol is None and catalog.loaded:
-                out.no_cache(f"unknown function {name}()")
-            elif vol is None:
-                out.no_cache("function volatility unknown (catalog not loaded)")
-        else:
-            cls = type(fn).__name__
-            out.functions.add(fn.sql_name().lower())
-            if _TIME_CLASSES.match(cls):
-                out.flags.add(Flag.VOLATILE_FUNCTION)
-                out.no_cache(f"{fn.sql_name().lower()} depends on the time or is random")
+        anonymous = isinstance(fn, exp.Anonymous)
+        name = fn.name.lower() if anonymous else fn.sql_name().lower()
+        schema = None
+        parent = fn.parent
+        if anonymous and isinstance(parent, exp.Dot) and isinstance(parent.this, exp.Identifier | exp.Var):
+            schema = parent.this.name.lower()
+        out.functions.add(f"{schema}.{name}" if schema else name)
+        if name in SIDE_EFFECTS:
+            out.flags.add(Flag.SIDE_EFFECT_FUNCTION)
+            out.no_cache(f"{name}() has side effects")
+        elif name in TIME_DEPENDENT or _TIME_CLASSES.match(type(fn).__name__):
+            out.no_cache(f"{name}() depends on the time, the session or chance")
+        if not anonymous:
+            continue  # a function sqlglot knows: its own name may differ from pg_proc's
+        vol = catalog.volatility(name, schema)
+        if vol == "v":
+            out.flags.add(Flag.VOLATILE_FUNCTION)
+            out.no_cache(f"{name}() is volatile")
+        elif vol is None:
+            out.no_cache(f"unknown function {name}()" if catalog.loaded
+                         else "function volatility unknown (catalog not loaded)")

@@ -20,6 +20,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from planner import Kind, Plan, Verdict
+from planner.explain import describe
 from planner.normalize import comment_hints
 
 from . import sqlscan
@@ -157,7 +158,9 @@ def forward(s: ClientSession) -> None:
                 if b"agent=" in sql:
                     _tag_agent(s, sql)
                 s.agent_stats.queries += 1
-                swap = _deallocate(s, backend, sql) if sql[:10].lower() == b"deallocate" else None
+                head = sql[:10].lower()
+                swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
+                    _show_plan(s, backend, sql) if head[:4] == b"show" else None
                 if swap is None and s.policy is not None:
                     swap = _guarded_query(s, backend, sql)
                 if swap is not None:
@@ -247,6 +250,25 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
     s.entries.append((QUERY, None))
     out.append(encode.query(b"DEALLOCATE " + srv))
     return out
+
+
+_SHOW_PLAN = re.compile(rb"(?is)\s*show\s+plan\s+('(?:[^']|'')*')\s*;?\s*")
+
+
+def _show_plan(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+    """`SHOW PLAN 'query'` (not Postgres syntax, so nothing is shadowed): the planner's view
+    of the query, one line per row. Postgres answers a VALUES list of those lines, so the
+    reply and the transaction state are exactly those of a query."""
+    m = _SHOW_PLAN.fullmatch(sql)
+    if m is None:
+        return None
+    text = m.group(1)[1:-1].replace(b"''", b"'").decode("utf-8", "replace")
+    plan = s.server.planner_for(s.database).analyze(text, s.facts)
+    s.unnamed = None  # a simple Query destroys the unnamed statement
+    backend.unnamed_owner = None
+    rows = ", ".join(f"({encode.quote_literal(line)})" for line in describe(plan).splitlines())
+    s.entries.append((QUERY, None))
+    return [encode.query(f"SELECT * FROM (VALUES {rows}) AS pgsluice(plan)")]
 
 
 def _tag_agent(s: ClientSession, sql: bytes) -> None:

@@ -239,10 +239,11 @@ class ClientSession(asyncio.Protocol):
         app = result.params.get("application_name", "")
         self.set_agent(app or self.user)
         policy = self.server.config.roles.for_session(self.user, app)
+        self.facts = SessionFacts(self.database, self.user, _search_path(result.params),
+                                  policy.name if policy else "")
         if policy is not None:
             self.policy = policy
             self.planner = self.server.planner_for(self.database)
-            self.facts = SessionFacts(self.database, self.user, _search_path(result.params), policy.name)
             # Postgres enforces read-only and the timeout too, on every server connection used
             self.startup_settings = self.settings = result.settings + tuple(
                 (name, set_config(name, value)) for name, value in session_settings(policy))

@@ -167,3 +167,19 @@ def test_other_sessions_unaffected(guarded: ProxyHandle) -> None:
         assert len(conn.execute("SELECT * FROM guard_t").fetchall()) == 20
         conn.execute("UPDATE guard_t SET v = v")
         assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
+
+
+def test_show_plan(guarded: ProxyHandle) -> None:
+    """SHOW PLAN 'query' answers the planner's view as rows, under the session's role."""
+    with connect(guarded, "reader-bot") as conn:
+        rows = [r[0] for r in conn.execute("SHOW PLAN 'SELECT * FROM guard_t WHERE id = 5'").fetchall()]
+        lines = dict(line.split(":", 1) for line in rows)
+        assert len(lines["fingerprint"].strip()) == 32
+        assert lines["canonical"].strip() == "SELECT * FROM guard_t WHERE id = $1"
+        assert lines["rewrites"].strip() == "at most 5 rows (max_rows)"
+        refused = [r[0] for r in conn.execute("show plan 'DELETE FROM guard_t';").fetchall()]
+        assert any(r.startswith("verdict:     reject 25006 [read_only]") for r in refused), refused
+    with psycopg.connect(guarded.dsn(), autocommit=True) as conn:  # no role: plan only
+        rows = [r[0] for r in conn.execute("SHOW PLAN 'SELECT 1; SELECT 2'").fetchall()]
+        assert "kind:        read (2 statements)" in rows and "verdict:     allow" in rows
+        assert conn.execute("SHOW server_version").fetchone() is not None  # other SHOWs untouched

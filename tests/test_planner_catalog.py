@@ -64,7 +64,7 @@ CASES = [
     ("SELECT f_overloaded(1)", False, set(), "volatile"),
     ("SELECT no_such_fn(1)", False, set(), "unknown function"),
     ("SELECT now()", False, set(), "time"),
-    ("SELECT random()", False, set(), "random"),
+    ("SELECT random()", False, set(), "chance"),
     ("SELECT * FROM cat_items WHERE name = 'today'", False, {"public.cat_items"}, "time-dependent"),
     ("SELECT relname FROM pg_class WHERE relname = 'cat_items'", True, {"pg_catalog.pg_class"}, ""),
     ("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'", True,
