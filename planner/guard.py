@@ -66,6 +66,9 @@ def check(plan: Plan, policy: Policy | None) -> tuple[Verdict, str, tuple[str, .
     if policy.max_rows is not None and plan.kind is Kind.READ and len(statements) == 1 and plan.parsed \
             and heads[0][:1] and heads[0][0] in ("select", "with", "values", "table") \
             and Flag.LOCKING not in plan.flags and Flag.SELECT_INTO not in plan.flags:
+        if policy.max_rows_mode == "cut":  # one row more, so the wire door knows it cut
+            sql = f"SELECT * FROM (\n{statements[0]}\n) AS pgsluice_rows LIMIT {policy.max_rows + 1}"
+            return ALLOW, sql, (f"at most {policy.max_rows} rows, more cut with a NOTICE (max_rows)",)
         sql = f"SELECT * FROM (\n{statements[0]}\n) AS pgsluice_rows LIMIT {policy.max_rows}"
         return ALLOW, sql, (f"at most {policy.max_rows} rows (max_rows)",)
     return ALLOW, plan.sql, ()

@@ -4,7 +4,8 @@
     match_users = ["analyst_*"]            # glob patterns; also match_application_names
     read_only = true
     max_rows = 1000
-    max_rows_mode = "limit"                # unbounded reads run as SELECT * FROM (...) LIMIT n
+    max_rows_mode = "limit"                # reads run as SELECT * FROM (...) LIMIT n; or "cut":
+                                           # any result is cut at n rows, with a NOTICE
     deny = ["pg_sleep", "file_access", "dblink", "set_role", "admin_functions"]
     deny_functions = ["my_expensive_fn"]
     statement_timeout = "5s"
@@ -69,9 +70,8 @@ def policy_from_table(name: str, table: Mapping[str, Any]) -> Policy:
     if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
         raise PolicyError(f"roles.{name}.max_rows must be a positive integer")
     mode = table.get("max_rows_mode", "limit")
-    if mode != "limit":
-        raise PolicyError(f"roles.{name}.max_rows_mode: only \"limit\" is supported (cutting results "
-                          "at the wire door is not implemented yet)")
+    if mode not in ("limit", "cut"):
+        raise PolicyError(f"roles.{name}.max_rows_mode must be \"limit\" or \"cut\"")
     deny = _strings(name, "deny", table.get("deny", []))
     bad = [r for r in deny if r not in RULES]
     if bad:

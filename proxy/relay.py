@@ -462,12 +462,19 @@ def backward(s: ClientSession, backend: Backend) -> None:
             raise ProtocolError(f"invalid message length {length} from server")
         end = pos + 1 + length
         if end > n:
-            if (code == codes.B_DATA_ROW or code == codes.B_COPY_DATA) and n - pos >= _STREAM_MIN:
+            if (code == codes.B_DATA_ROW or code == codes.B_COPY_DATA) and n - pos >= _STREAM_MIN \
+                    and not s.row_cap:
                 s.stream_left = end - n
                 pos = n
             break
         if code == codes.B_DATA_ROW:
-            pass
+            if s.row_cap:
+                if s.rows_seen >= s.row_cap:  # max_rows_mode = "cut": drop it
+                    out.append(buf[start:pos])
+                    start = end
+                    s.rows_cut += 1
+                else:
+                    s.rows_seen += 1
         elif code == codes.B_READY_FOR_QUERY:
             backend.status = buf[pos + 5]
             _end_at_ready(s, backend)
@@ -477,6 +484,12 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 _drain_fakes(entries, out)
             ready = not entries
         elif code in _TERMINAL:
+            if s.row_cap and code != codes.B_PORTAL_SUSPENDED:
+                if s.rows_cut and code == codes.B_COMMAND_COMPLETE:
+                    out.append(buf[start:pos])
+                    out.extend(_cut_notice(s, bytes(buf[pos + 5:end - 1])))
+                    start = end
+                s.rows_seen = s.rows_cut = 0
             if entries and entries[0][0] in _TERMINAL[code]:
                 kind = entries.popleft()[0]
                 if kind in _SWALLOWED:
@@ -515,6 +528,17 @@ def backward(s: ClientSession, backend: Backend) -> None:
     del buf[:pos]
     if ready and not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
         s.release()
+
+
+def _cut_notice(s: ClientSession, tag: bytes) -> Chunks:
+    """The NOTICE saying rows were cut, and the CommandComplete counting what was sent."""
+    head, _, count = tag.rpartition(b" ")
+    sent = int(count) - s.rows_cut if count.isdigit() else 0
+    policy = s.policy
+    notice = encode.notice_response(
+        "01000", f"pgsluice: result cut at {s.row_cap} rows ({s.rows_cut} more not sent; max_rows of "
+        f"role \"{policy.name if policy else ''}\")")
+    return [notice, encode.message(codes.B_COMMAND_COMPLETE, head + b" " + str(sent).encode() + b"\x00")]
 
 
 def _drain_fakes(entries: object, out: Chunks) -> None:

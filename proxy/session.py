@@ -79,6 +79,8 @@ class ClientSession(asyncio.Protocol):
         self.facts = SessionFacts()
         self.agent = ""
         self.agent_stats = AgentStats()
+        self.row_cap = 0  # max_rows_mode = "cut": rows past this are dropped, with a NOTICE
+        self.rows_seen = self.rows_cut = 0
         self._waiter: asyncio.Future[None] | None = None
         self._queued: asyncio.Future[Backend] | None = None  # in the pool's queue, no task
         self._deadline: asyncio.TimerHandle | None = None
@@ -244,6 +246,8 @@ class ClientSession(asyncio.Protocol):
         if policy is not None:
             self.policy = policy
             self.planner = self.server.planner_for(self.database)
+            if policy.max_rows and policy.max_rows_mode == "cut":
+                self.row_cap = policy.max_rows
             # Postgres enforces read-only and the timeout too, on every server connection used
             self.startup_settings = self.settings = result.settings + tuple(
                 (name, set_config(name, value)) for name, value in session_settings(policy))

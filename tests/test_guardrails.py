@@ -183,3 +183,31 @@ def test_show_plan(guarded: ProxyHandle) -> None:
         rows = [r[0] for r in conn.execute("SHOW PLAN 'SELECT 1; SELECT 2'").fetchall()]
         assert "kind:        read (2 statements)" in rows and "verdict:     allow" in rows
         assert conn.execute("SHOW server_version").fetchone() is not None  # other SHOWs untouched
+
+
+def test_cut_mode(pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    """max_rows_mode = "cut": any result stops at max_rows, with a NOTICE; the count in
+    CommandComplete says how many rows were sent."""
+    pg.psql("DROP TABLE IF EXISTS cut_t; CREATE TABLE cut_t (id int); "
+            "INSERT INTO cut_t SELECT generate_series(1, 10)")
+    path = tmp_path / "cut.toml"
+    path.write_text('[pgsluice.roles.capped]\nmatch_application_names = ["capped"]\n'
+                    'max_rows = 3\nmax_rows_mode = "cut"\n')
+    proxy = proxy_factory("--config", str(path))
+    notices: list[str] = []
+    try:
+        with psycopg.connect(proxy.dsn(), application_name="capped", autocommit=True) as conn:
+            conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            cur = conn.execute("SELECT id FROM cut_t ORDER BY id")
+            assert cur.fetchall() == [(1,), (2,), (3,)] and cur.rowcount == 3
+            assert any("cut at 3 rows" in n for n in notices), notices
+            notices.clear()
+            cur = conn.execute("SELECT id FROM cut_t WHERE id <= 2 ORDER BY id")
+            assert cur.fetchall() == [(1,), (2,)] and notices == []
+            cur = conn.execute("SELECT id FROM cut_t WHERE id > %s ORDER BY id", (0,))  # extended protocol
+            assert cur.fetchall() == [(1,), (2,), (3,)]
+            cur = conn.execute("INSERT INTO cut_t SELECT generate_series(11, 15) RETURNING id")
+            assert len(cur.fetchall()) == 3 and cur.rowcount == 3
+        assert int(pg.psql("SELECT count(*) FROM cut_t")) == 15  # all inserted, 3 rows returned
+    finally:
+        pg.psql("DROP TABLE IF EXISTS cut_t")
