@@ -124,7 +124,7 @@ def _denied(plan: Plan, policy: Policy, heads: list[list[str]]) -> Verdict | Non
     elif "set_role" in deny and (Flag.SET_ROLE in plan.flags or _SET_ROLE_FN.search(plan.sql)):
         rule = "set_role"
     if not rule and policy.statement_timeout and any(h[:1] and h[0] in ("set", "reset") for h in heads) \
-            and re.search(r"(?i)statement_timeout|\ball\b", plan.sql):
+            and re.search(r"(?i)statement_timeout", plan.sql):  # RESET ALL is fine: re-applied
         rule = "statement_timeout"
     if not rule:
         rule = _denied_function(plan, policy, heads)
