@@ -37,8 +37,12 @@ _DELETE = re.compile(r"(?is)\bdelete\s+from\b")
 _WHERE = re.compile(r"(?i)\bwhere\b")
 _SET_ROLE_FN = re.compile(r"(?i)set_config\s*\(\s*'(role|session_authorization)'")
 _WRITE_FLAGS = {Flag.WRITABLE_CTE: "a data-modifying WITH", Flag.SELECT_INTO: "SELECT INTO",
-                Flag.LOCKING: "a locking clause", Flag.COPY_FROM: "COPY FROM",
-                Flag.SIDE_EFFECT_FUNCTION: "a function with side effects", Flag.SET_ROLE: "SET ROLE"}
+                Flag.LOCKING: "a locking clause", Flag.COPY_FROM: "COPY FROM", Flag.SET_ROLE: "SET ROLE"}
+# Functions that write (Postgres would refuse them in a read-only transaction too). Other
+# side effects (advisory locks, pg_sleep) are not writes: deny rules cover those.
+_WRITING_FUNCS = re.compile(r"^(nextval|setval|pg_notify|lo_(import|create|creat|put|unlink|from_bytea|"
+                            r"truncate|truncate64|write)|dblink_exec|pg_logical_emit_message|"
+                            r"pg_(create|drop|copy)_\w*replication_slot|pg_file_\w+)$")
 
 
 def session_settings(policy: Policy | None) -> tuple[tuple[str, str], ...]:
@@ -89,6 +93,8 @@ def _read_only(plan: Plan, policy: Policy, statements: list[str], heads: list[li
     for flag, name in _WRITE_FLAGS.items():
         if not what and flag in plan.flags:
             what = name
+    if not what and any(_WRITING_FUNCS.match(f.rsplit(".", 1)[-1]) for f in plan.functions):
+        what = "a function that writes"
     if not what and any(h[:1] and h[0] in ("set", "reset", "begin", "start") for h in heads) and \
             any(_READ_WRITE.search(s) for s in statements):
         what = "a change of the transaction's read-only mode"

@@ -71,11 +71,11 @@ READER_REFUSED = [
     ("SELECT * FROM guard_t FOR UPDATE", "25006"),
     ("SET ROLE postgres", "25006"),
     ("SELECT set_config('role', 'postgres', false)", "25006"),
-    ('SELECT "pg_sleep"(3)', "25006"),
-    ("SELECT pg_catalog.pg_sleep(3)", "25006"),
-    ("select PG_SLEEP(3)", "25006"),
-    ("SELECT pg_read_file('/etc/passwd')", "25006"),
-    ("SELECT pg_terminate_backend(1)", "25006"),
+    ('SELECT "pg_sleep"(3)', "42501"),
+    ("SELECT pg_catalog.pg_sleep(3)", "42501"),
+    ("select PG_SLEEP(3)", "42501"),
+    ("SELECT pg_read_file('/etc/passwd')", "42501"),
+    ("SELECT pg_terminate_backend(1)", "42501"),
 ]
 
 
@@ -149,7 +149,7 @@ async def test_extended_protocol_refusal(guarded: ProxyHandle) -> None:
     try:
         with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
             await conn.execute("DELETE FROM guard_t WHERE id = $1", 1)
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):  # read_only speaks first
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # not a write: the deny rule
             await conn.fetch("SELECT pg_sleep($1)", 1)
         rows = await conn.fetch("SELECT * FROM guard_t WHERE id > $1 ORDER BY id", 0)
         assert len(rows) == 5
@@ -211,3 +211,20 @@ def test_cut_mode(pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: P
         assert int(pg.psql("SELECT count(*) FROM cut_t")) == 15  # all inserted, 3 rows returned
     finally:
         pg.psql("DROP TABLE IF EXISTS cut_t")
+
+
+async def test_asyncpg_pool_under_a_role(guarded: ProxyHandle) -> None:
+    """asyncpg's pool resets connections with pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL — allowed for a read-only role, whose settings come back afterwards."""
+    pool = await asyncpg.create_pool(guarded.dsn(), min_size=1, max_size=2,
+                                     server_settings={"application_name": "reader-pool"})
+    try:
+        for _ in range(4):
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM guard_t") == 20
+                assert await conn.fetchval("SHOW statement_timeout") == "2s"
+                assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
+                with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                    await conn.execute("INSERT INTO guard_t VALUES (500, 'x')")
+    finally:
+        await pool.close()
