@@ -26,6 +26,7 @@ __all__ = ["ALLOW", "Catalog", "Flag", "Kind", "Plan", "Planner", "Policies", "P
            "Verdict"]
 
 _Key = tuple[str, SessionFacts]
+MAX_PARSE = 16 * 1024  # characters
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,7 +69,7 @@ class Planner:
         return plan
 
     def _miss(self, sql: str, facts: SessionFacts) -> Plan:
-        shape = fast_shape(sql)
+        shape = fast_shape(sql) if len(sql) <= MAX_PARSE else None
         if shape is not None:
             known = self._shapes.get((shape.key, facts))
             if known is not None:
@@ -90,8 +91,12 @@ class Planner:
               shape: FastShape | None = None) -> tuple[Plan, Canonical | None]:
         """The full analysis, without caches (also what `pgsluice explain` prints)."""
         statements = split(sql)
-        trees = parse(sql)
-        canon = canonicalize(sql, shape if shape is not None else fast_shape(sql), trees)
+        # sqlglot costs about 1.5 us per character: a huge text would stall the event loop,
+        # so past MAX_PARSE it is judged by its statements' keywords only (never cacheable).
+        trees = parse(sql) if len(sql) <= MAX_PARSE else None
+        if trees and shape is None:
+            shape = fast_shape(sql)
+        canon = canonicalize(sql, shape, trees) if trees else None
         result = _analyze(sql, statements, trees, facts, self.catalog)
         if not result.parsed:
             self.stats.unparsed += 1
