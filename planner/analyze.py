@@ -1,25 +1,88 @@
-"""What a statement does: kind, tables read and written, functions, flags, cacheability.
+"""What a statement does: kind, tables read and written, functions called, flags, and whether
+its result may be cached.
 
-The statement kind comes from its leading keywords (exact, cheap, and never fooled by a
-parser fallback); tables, functions and the finer flags come from sqlglot's tree. Any
-doubt makes a statement uncacheable, never an error: analyze() does not raise.
+    analysis = analyze_statements(sql, facts, catalog)            # parses with sqlglot
+    analysis = analyze_statements(sql, facts, catalog, trees)     # reuses a parse (one tree per statement)
+
+Each statement of the text is classified twice. Its leading keywords give the kind (exact,
+cheap, and never fooled by sqlglot's fallbacks: it parses `LISTEN ch` as a column alias and
+much of Postgres's utility syntax as an opaque `Command`). sqlglot's tree, used only when it
+has the type the keywords call for, gives the tables, functions and finer flags. Statements
+without such a tree are read token by token (EXPLAIN, COPY, DECLARE, PREPARE, VACUUM, LOCK,
+SET ROLE, CREATE ... AS, ...); what still cannot be read is `parsed=False` and uncacheable.
+A text's kind is that of its most consequential statement (Kind's docstring).
+
+Tables are "schema.name", resolved through the catalog and the search_path (a SET search_path
+earlier in the same text counts; so does a relation created earlier in it); a name that does
+not resolve is reported bare and makes the text uncacheable. CTE names are not tables (with
+Postgres's scoping: a WITH query sees the ones before it, or all of them if RECURSIVE). A user
+view is read through (its base tables are read too; its definition's functions count as the
+query's); a materialized view is not (REFRESH reads its tables). A write lists what it can
+change through partitions, inheritance and cascading foreign keys (catalog.also_written), and
+DROP ... CASCADE the views it drops. Maintenance (VACUUM, ANALYZE, CLUSTER, LOCK, REINDEX)
+reads its tables; plain EXPLAIN and PREPARE read what their statement names; EXPLAIN ANALYZE
+and DECLARE (run on FETCH) carry their statement's effects.
+
+Cacheable means: one statement, kind READ, fully parsed, a plain query (SELECT, VALUES, TABLE,
+WITH ... SELECT), and none of these (`why_not` names the first found):
+  * a relation that is unknown, temporary (in any session), a sequence, a foreign table, has
+    row-level security, or is a pg_catalog relation that changes without DDL (pg_stat*,
+    pg_locks, pg_settings, ...); pg_class / pg_database statistics columns (reltuples, ...);
+  * a function that is volatile (any overload, in any schema on the path), unknown (or the
+    catalog is not loaded), a stable user-defined one (it may read tables), time-dependent
+    (now(), CURRENT_DATE, clock_timestamp(), age(x), ...), session- or server-dependent
+    (current_setting(), pg_backend_pid(), txid_current(), pg_stat_get_*, ...), or with side
+    effects (nextval(), pg_sleep(), pg_advisory_*, lo_*, dblink*, set_config(), ...);
+  * a string literal naming a moment ('now', 'today', 'tomorrow', 'yesterday');
+  * a system column (xmin, xmax, cmin, cmax, ctid: they change without a logical write);
+  * FOR UPDATE / SHARE, SELECT INTO, data-modifying WITH, TABLESAMPLE without REPEATABLE;
+  * a view whose definition fails any of the above.
+Not reasons: CURRENT_USER / SESSION_USER / current_schema() / current_database() and the
+search_path (all part of the plan-cache key); pg_catalog and information_schema reads
+(flagged CATALOG: their rows change only with DDL); stable built-ins such as to_char or
+date_trunc (session settings other than search_path are taken as fixed).
+
+`analyze_statements` never raises: any unexpected error gives an UNKNOWN, unparsed,
+uncacheable analysis.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import NamedTuple, cast
 
+import sqlglot
 from sqlglot import exp
 
-from .catalog import LIVE_CATALOG_PREFIXES, SIDE_EFFECTS, TIME_DEPENDENT, Catalog
+from .catalog import (
+    SIDE_EFFECTS,
+    SYSTEM_SCHEMAS,
+    TIME_DEPENDENT,
+    Catalog,
+    Function,
+    Relation,
+    builtin_hazard,
+    live_catalog,
+)
 from .normalize import TIME_WORDS
 from .plan import Flag, Kind, SessionFacts
+from .statements import split
 
-_WORDS = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*([A-Za-z_]+)", re.S)
-_KIND_BY_WORD = {
-    "select": Kind.READ, "values": Kind.READ, "table": Kind.READ, "show": Kind.READ,
-    "with": Kind.READ, "explain": Kind.READ,
+__all__ = ["SIDE_EFFECTS", "TIME_DEPENDENT", "Analysis", "analyze", "analyze_statements", "first_words",
+           "statement_kind"]
+
+logging.getLogger("sqlglot").setLevel(logging.ERROR)  # it warns on every fallback to Command
+
+# A text's kind is that of its most consequential statement (see Kind).
+RANK = {Kind.READ: 0, Kind.UTILITY: 1, Kind.TXN: 2, Kind.SESSION: 3, Kind.WRITE: 4, Kind.DDL: 5,
+        Kind.UNKNOWN: 6}
+KIND_BY_HEAD = {
+    "select": Kind.READ, "values": Kind.READ, "table": Kind.READ, "with": Kind.READ, "show": Kind.READ,
+    "explain": Kind.READ,
     "insert": Kind.WRITE, "update": Kind.WRITE, "delete": Kind.WRITE, "merge": Kind.WRITE,
     "truncate": Kind.WRITE, "copy": Kind.WRITE,
     "create": Kind.DDL, "alter": Kind.DDL, "drop": Kind.DDL, "comment": Kind.DDL, "grant": Kind.DDL,
@@ -30,223 +93,1348 @@ _KIND_BY_WORD = {
     "set": Kind.SESSION, "reset": Kind.SESSION, "discard": Kind.SESSION, "listen": Kind.SESSION,
     "unlisten": Kind.SESSION, "prepare": Kind.SESSION, "deallocate": Kind.SESSION,
     "declare": Kind.SESSION, "fetch": Kind.SESSION, "move": Kind.SESSION, "close": Kind.SESSION,
-    "load": Kind.SESSION,
     "vacuum": Kind.UTILITY, "analyze": Kind.UTILITY, "analyse": Kind.UTILITY, "checkpoint": Kind.UTILITY,
     "lock": Kind.UTILITY, "notify": Kind.UTILITY, "do": Kind.UTILITY, "call": Kind.UTILITY,
-    "cluster": Kind.UTILITY, "execute": Kind.UNKNOWN,
+    "cluster": Kind.UTILITY, "load": Kind.UTILITY,
+    "execute": Kind.UNKNOWN,  # runs a prepared statement the text does not show
+}  # fmt: skip
+# Statements whose whole grammar is keywords, names and literals (no expressions, no function
+# calls): the token reader understands them completely.
+_KEYWORD_GRAMMAR = frozenset({
+    "show", "set", "reset", "discard", "listen", "unlisten", "deallocate", "fetch", "move", "close",
+    "begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release", "checkpoint",
+    "load", "notify", "vacuum", "analyze", "analyse", "lock", "cluster", "reindex", "refresh",
+})
+_QUERY_HEADS = frozenset({"select", "values", "table", "with"})
+# Past this many characters a statement is not handed to sqlglot (about 1.5 us per character:
+# a bulk INSERT would stall the event loop); it is read from its keywords. Same limit as the
+# Planner's MAX_PARSE.
+MAX_PARSE = 16 * 1024
+_HUGE_TOKENS = 4096
+_DO_UPDATE = re.compile(r"(?i)\bdo\s+update\b")
+_WHERE_WORD = re.compile(r"(?i)\bwhere\b")
+_LOCKING_WORDS = re.compile(r"(?i)\bfor\s+(?:update|share|no\s+key\s+update|key\s+share)\b")
+_DML_WORDS = re.compile(r"(?i)\b(?:insert|update|delete|merge)\b")
+_INTO_WORD = re.compile(r"(?i)\binto\b")
+_WITH_DATA = re.compile(r"(?is)\bwith\s+(?:no\s+)?data\s*;?\s*$")
+_DML = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
+# The sqlglot tree a statement must have for its tables and functions to be read from it.
+_TREE_FOR: dict[str, tuple[type, ...]] = {
+    "select": (exp.Query,), "values": (exp.Query, exp.Values), "table": (exp.Query,),
+    "with": (exp.Query, *_DML), "insert": (exp.Insert,), "update": (exp.Update,),
+    "delete": (exp.Delete,), "merge": (exp.Merge,), "create": (exp.Create,), "alter": (exp.Alter,),
+    "drop": (exp.Drop,), "truncate": (exp.TruncateTable,), "comment": (exp.Comment,),
+    "grant": (exp.Grant,), "revoke": (exp.Revoke,),
 }
-_RANK = {Kind.READ: 0, Kind.UTILITY: 1, Kind.TXN: 2, Kind.SESSION: 3, Kind.WRITE: 4, Kind.DDL: 5,
-         Kind.UNKNOWN: 6}
-_WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
-_TIME_CLASSES = re.compile(r"^(Current|Local|Sys)\w*(Timestamp|Date|Time|Datetime)\w*$|^(Rand|Random|Uuid)$")
-_EXPLAIN = re.compile(r"(?is)^\s*explain\s+(\((?P<opts>[^)]*)\)|(?P<words>(?:(?:analy[sz]e|verbose|costs|"
-                      r"buffers|settings|summary|timing|wal|generic_plan|memory|serialize)\s+)*))(?P<rest>.*)$")
+_RELATION_KINDS = frozenset({"TABLE", "VIEW", "SEQUENCE", "FOREIGN TABLE", "MATERIALIZED VIEW"})
+_SYSTEM_COLUMNS = frozenset({"xmin", "xmax", "cmin", "cmax", "ctid"})
+# pg_class / pg_database columns that VACUUM, ANALYZE and autovacuum change without DDL.
+_LIVE_CATALOG_COLUMNS = frozenset({"reltuples", "relpages", "relallvisible", "relallfrozen", "relfrozenxid",
+                                   "relminmxid", "datfrozenxid", "datminmxid"})
+_LIVE_STAR_TABLES = frozenset({"pg_catalog.pg_class", "pg_catalog.pg_database"})
+# sqlglot's names for built-ins whose Postgres name differs (for `functions` and pg_proc).
+_TYPED_NAMES = {
+    "CurrentTimestamp": "now", "Rand": "random", "Uuid": "gen_random_uuid", "ArrayConcat": "array_cat",
+    "ArraySize": "array_length", "BitwiseAndAgg": "bit_and", "BitwiseOrAgg": "bit_or",
+    "BitwiseXorAgg": "bit_xor", "CurrentVersion": "version", "Explode": "unnest",
+    "ExplodingGenerateSeries": "generate_series", "GenerateSeries": "generate_series", "Getbit": "get_bit",
+    "GroupConcat": "string_agg", "Hex": "to_hex", "JSONArrayAgg": "json_agg",
+    "JSONBObjectAgg": "jsonb_object_agg", "JSONObject": "json_object", "JSONObjectAgg": "json_object_agg",
+    "LogicalAnd": "bool_and", "LogicalOr": "bool_or", "Pad": "lpad", "SHA2Digest": "sha256",
+    "StrPosition": "strpos", "StrToDate": "to_date", "StrToTime": "to_timestamp",
+    "TimeFromParts": "make_time", "TimeToStr": "to_char", "TimestampFromParts": "make_timestamp",
+    "TimestampTrunc": "date_trunc",
+    "Trim": "btrim", "UnixToTime": "to_timestamp", "VariancePop": "var_pop", "CurrentDate": "current_date",
+    "CurrentTime": "current_time", "Localtime": "localtime", "Localtimestamp": "localtimestamp",
+    "CurrentUser": "current_user", "SessionUser": "session_user", "CurrentSchema": "current_schema",
+    "CurrentCatalog": "current_database", "CurrentDatabase": "current_database",
+    "CurrentSchemas": "current_schemas",
+}  # fmt: skip
+_TIME_CLASS = re.compile(r"^(Current|Local|Sys)\w*(Timestamp|Date|Time|Datetime)\w*$")
+_VOLATILE_CLASSES = frozenset({"Rand", "Random", "Uuid", "RandomUuid", "Randn"})
+_SRF_CLASSES = frozenset({"Explode", "ExplodingGenerateSeries", "GenerateSeries", "Unnest", "Posexplode"})
+
+
+def _classes(*names: str) -> tuple[type[exp.Expression], ...]:
+    return tuple(c for c in (getattr(exp, n, None) for n in names) if isinstance(c, type))
+
+
+# Func subclasses that are syntax or operators in Postgres, not calls of a pg_proc function.
+_NOT_CALLS = _classes(
+    "Binary", "Connector", "Unary", "Predicate", "Collate", "Cast", "TryCast", "Case", "If", "Coalesce",
+    "Array", "Bracket", "Interval", "Struct", "Tuple", "Exists", "Paren", "Pow", "JSONExtract",
+    "JSONExtractScalar", "JSONBExtract", "JSONBExtractScalar", "JSONBContains", "Greatest", "Least",
+    "Nullif", "ArrayContains", "ArrayContainsAll", "ArrayOverlaps", "AtTimeZone", "Aliases", "Filter",
+    "Window", "WithinGroup", "Distinct", "Any", "All",
+)
+_STRINGS = _classes("RawString", "ByteString", "National", "UnicodeString")
+
+
+# ---- result ---------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class Analysis:
     kind: Kind = Kind.UNKNOWN
-    tables_read: set[str] = field(default_factory=set)
+    tables_read: set[str] = field(default_factory=set)  # "schema.name" (bare name if unresolved)
     tables_written: set[str] = field(default_factory=set)
-    functions: set[str] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)  # "schema.name" when resolvable, else "name"
     flags: set[Flag] = field(default_factory=set)
-    why_not: str = ""  # the first reason it is not cacheable
-    parsed: bool = True
+    why_not: str = ""  # the first reason it is not cacheable ("" = cacheable)
+    parsed: bool = True  # False: some statement was only classified by its keywords
+    statements: int = 0
+    kinds: list[Kind] = field(default_factory=list)  # per statement
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.why_not
 
     def no_cache(self, why: str) -> None:
         if not self.why_not:
             self.why_not = why
 
 
-def first_words(sql: str, n: int = 3) -> list[str]:
-    words: list[str] = []
-    pos = 0
-    while len(words) < n:
-        m = _WORDS.match(sql, pos)
-        if m is None:
-            break
-        words.append(m.group(1).lower())
-        pos = m.end()
-    return words
+@dataclass(slots=True)
+class _Stmt:
+    """One statement's analysis before it is merged into the text's."""
+
+    kind: Kind
+    head: str = ""
+    reads: set[str] = field(default_factory=set)
+    writes: set[str] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    flags: set[Flag] = field(default_factory=set)
+    why: str = ""  # the first detail reason against caching (relations, functions, literals)
+    parsed: bool = True
+    plain_query: bool = False  # a SELECT / VALUES / TABLE / WITH query with a trusted tree
+    note: str = ""  # a statement-level reason against caching (SHOW, EXPLAIN, COPY, ...)
+
+    def no_cache(self, why: str) -> None:
+        if not self.why:
+            self.why = why
 
 
-_LEAD = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)*", re.S)
+# ---- tokens ---------------------------------------------------------------------------------------
 
 
-def statement_kind(sql: str) -> tuple[Kind, set[Flag]]:
-    sql = sql[_LEAD.match(sql).end():]  # type: ignore[union-attr]  # always matches
-    words = first_words(sql, 4)
-    if not words:
-        return Kind.UNKNOWN, set()
-    kind = _KIND_BY_WORD.get(words[0], Kind.UNKNOWN)
-    flags: set[Flag] = set()
-    if words[0] == "copy":
-        flags.add(Flag.COPY_FROM if re.search(r"(?is)\bfrom\s+(stdin|program|')", sql) else Flag.COPY_TO)
-        if re.search(r"(?i)\bprogram\b", sql):
-            flags.add(Flag.COPY_PROGRAM)
-        if re.search(r"(?is)\b(from|to)\s+'", sql):
-            flags.add(Flag.COPY_FILE)
-        inner = re.match(r"(?is)\s*copy\s*\((.*)", sql)
-        inner_kind = statement_kind(inner.group(1))[0] if inner else Kind.READ
-        if inner_kind is not Kind.READ:
-            kind = inner_kind if inner_kind in (Kind.WRITE, Kind.DDL) else Kind.UNKNOWN
-            flags.add(Flag.WRITABLE_CTE)
-        elif Flag.COPY_TO in flags and not flags & {Flag.COPY_PROGRAM, Flag.COPY_FILE}:
-            kind = Kind.READ
-    elif words[0] in ("set", "reset") and ("role" in words[1:3] or "session" in words[1:2]):
-        flags.add(Flag.SET_ROLE)
-    elif words[0] == "prepare" and words[1:2] == ["transaction"]:
-        kind = Kind.TXN
-    elif words[0] == "lock":
-        flags.add(Flag.LOCKING)
-    elif words[0] == "create" and any(w in ("temp", "temporary") for w in words[1:3]):
-        flags.add(Flag.TEMP_TABLE)
-    return kind, flags
+class Tok(NamedTuple):
+    kind: str  # w word (lower-cased), q quoted identifier (unquoted), s string, n number/$n, p punctuation
+    value: str
+    start: int
+    end: int
 
 
-def analyze(sql: str, statements: list[str], trees: list[exp.Expression] | None,
-            facts: SessionFacts, catalog: Catalog) -> Analysis:
-    """Analyse a (possibly multi-statement) text; `statements` are its statement texts and
-    `trees` sqlglot's parse of it (None if sqlglot failed)."""
-    out = Analysis()
-    kinds: list[Kind] = []
-    for text in statements:
-        kind, flags = statement_kind(text)
-        bare = text[_LEAD.match(text).end():]  # type: ignore[union-attr]
-        m = _EXPLAIN.match(bare) if kind is Kind.READ and first_words(text, 1) == ["explain"] else None
-        if m is not None:
-            opts = (m.group("opts") or m.group("words") or "").lower()
-            if re.search(r"\banaly[sz]e\b(?!\s+(false|off|0)\b)", opts):
-                flags.add(Flag.EXPLAIN_ANALYZE)
-                inner, inner_flags = statement_kind(m.group("rest"))
-                flags |= inner_flags
-                if inner is not Kind.READ:
-                    kind = inner if inner in (Kind.WRITE, Kind.DDL) else Kind.UNKNOWN
-        kinds.append(kind)
-        out.flags |= flags
-    if not kinds:
-        out.no_cache("empty query")
-        out.kind = Kind.READ
-        return out
-    out.kind = max(kinds, key=_RANK.__getitem__)
-    if len(statements) > 1:
-        out.flags.add(Flag.MULTI_STATEMENT)
-        out.no_cache("several statements")
-    if trees is None or len(trees) != len(statements) or any(isinstance(t, exp.Command) for t in trees):
-        out.parsed = trees is not None and not any(isinstance(t, exp.Command) for t in trees)
-        out.no_cache("not understood by the parser" if trees is None else "statement not analysed")
-        return _finish(out, sql, kinds)
-    for tree in trees:
-        _walk(tree, facts, catalog, out)
-    return _finish(out, sql, kinds)
+_TOKEN = re.compile(
+    r"""(?P<ws>(?:\s+|--[^\n\r]*)+)
+      | (?P<cm>/\*)
+      | (?P<dq>\$(?:[A-Za-z_\x80-\U0010ffff][\w\x80-\U0010ffff]*)?\$)
+      | (?P<es>[eE]'(?:[^'\\]++|\\.|'')*+'?)
+      | (?P<s>(?:[bBxXnN]|[uU]&)?'(?:[^']++|'')*+'?)
+      | (?P<q>(?:[uU]&)?"(?:[^"]++|"")*+"?)
+      | (?P<n>\$\d+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
+      | (?P<w>[A-Za-z_\x80-\U0010ffff][\w$\x80-\U0010ffff]*)
+      | (?P<p>.)""",
+    re.X | re.S,
+)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-def _finish(out: Analysis, sql: str, kinds: list[Kind]) -> Analysis:
-    if out.kind is not Kind.READ:
-        out.no_cache(f"{out.kind.value} statement")
-    if any(k is not Kind.READ for k in kinds):
-        return out
-    if re.search(r"(?i)\bshow\b", sql[:16]):
-        out.no_cache("SHOW reads session state")
-    if Flag.EXPLAIN_ANALYZE in out.flags:
-        out.no_cache("EXPLAIN ANALYZE executes its statement")
-    for m in re.finditer(r"'((?:[^']|'')*)'", sql):
-        if TIME_WORDS.search(m.group(1)):
-            out.no_cache("time-dependent literal")
+def _lower(name: str) -> str:
+    """Postgres folds unquoted identifiers to lower case in ASCII only."""
+    return name.translate(_ASCII_LOWER)
+
+
+def tokens(sql: str, pos: int = 0) -> Iterator[Tok]:
+    """Postgres-like tokens of `sql` from `pos`, comments and whitespace dropped. Never raises;
+    an unterminated string, identifier, comment or dollar quote runs to the end."""
+    n = len(sql)
+    match = _TOKEN.match
+    while pos < n:
+        m = match(sql, pos)
+        if m is None:  # cannot happen: `.` matches anything under re.S
+            return
+        kind = m.lastgroup
+        end = m.end()
+        if kind == "ws":
+            pass
+        elif kind == "cm":
+            depth, i = 1, end
+            while depth and i < n:
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            end = i
+        elif kind == "dq":
+            close = sql.find(m.group(), end)
+            end = n if close < 0 else close + len(m.group())
+            yield Tok("s", sql[pos:end], pos, end)
+        elif kind == "w":
+            yield Tok("w", _lower(m.group()), pos, end)
+        elif kind == "q":
+            text = m.group()
+            body = text[text.index('"') + 1:]
+            body = body[:-1] if body.endswith('"') else body
+            yield Tok("q", body.replace('""', '"'), pos, end)
+        elif kind in ("s", "es"):
+            yield Tok("s", m.group(), pos, end)
+        elif kind == "n":
+            yield Tok("n", m.group(), pos, end)
+        else:
+            yield Tok("p", m.group(), pos, end)
+        pos = end
+
+
+def _head(sql: str) -> list[Tok]:
+    """The leading word tokens of a statement (opening parentheses skipped)."""
+    out: list[Tok] = []
+    for tok in tokens(sql):
+        if tok.kind == "w":
+            out.append(tok)
+            if len(out) == 4:
+                break
+        elif tok.kind == "p" and tok.value == "(" and not out:
+            continue
+        else:
             break
     return out
 
 
-def _name(table: exp.Table, facts: SessionFacts, catalog: Catalog, out: Analysis) -> str:
-    schema = table.db
-    name = table.name
-    if schema:
-        qualified = f"{schema}.{name}"
-        if schema.startswith("pg_temp"):
-            out.flags.add(Flag.TEMP_TABLE)
-            out.no_cache("temporary table")
-    else:
-        resolved = catalog.resolve(name, facts.search_path, facts.user)
-        if resolved is None:
-            out.no_cache(f"unknown relation {name}")
-            qualified = name
+def first_words(sql: str, n: int = 3) -> list[str]:
+    """The first `n` keywords of a statement, lower-cased (leading parentheses skipped)."""
+    words: list[str] = []
+    for tok in tokens(sql):
+        if tok.kind == "w":
+            words.append(tok.value)
+            if len(words) >= n:
+                break
+        elif tok.kind == "p" and tok.value == "(" and not words:
+            continue
         else:
-            qualified = f"{resolved}.{name}"
-            if resolved == "pg_temp":
-                out.flags.add(Flag.TEMP_TABLE)
-                out.no_cache("temporary table")
-    if qualified.startswith(("pg_catalog.", "information_schema.")):
-        out.flags.add(Flag.CATALOG)
-        if name.startswith(LIVE_CATALOG_PREFIXES):
-            out.no_cache(f"{name} changes without DDL")
-    return qualified
+            break
+    return words
 
 
-def _walk(tree: exp.Expression, facts: SessionFacts, catalog: Catalog, out: Analysis) -> None:
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
-    written: set[int] = set()
-    for node in tree.find_all(*_WRITES):
+def _matching(toks: Sequence[Tok], i: int) -> int:
+    """Index just after the parenthesis closing the one at toks[i] (or len(toks))."""
+    depth = 0
+    for j in range(i, len(toks)):
+        tok = toks[j]
+        if tok.kind == "p":
+            if tok.value == "(":
+                depth += 1
+            elif tok.value == ")":
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+    return len(toks)
+
+
+def _word(toks: Sequence[Tok], i: int, *words: str) -> bool:
+    return i < len(toks) and toks[i].kind == "w" and (not words or toks[i].value in words)
+
+
+def _punct(toks: Sequence[Tok], i: int, char: str) -> bool:
+    return i < len(toks) and toks[i].kind == "p" and toks[i].value == char
+
+
+def _name(toks: Sequence[Tok], i: int) -> tuple[list[str] | None, int]:
+    """A possibly qualified name at toks[i]: its parts and the index after it."""
+    if i >= len(toks) or toks[i].kind not in ("w", "q"):
+        return None, i
+    parts = [toks[i].value]
+    i += 1
+    while _punct(toks, i, ".") and i + 1 < len(toks) and toks[i + 1].kind in ("w", "q"):
+        parts.append(toks[i + 1].value)
+        i += 2
+    return parts, i
+
+
+def _names(toks: Sequence[Tok], i: int, stop: frozenset[str] = frozenset()) -> tuple[list[list[str]], int]:
+    """A comma-separated list of names, each optionally preceded by ONLY and followed by `*`
+    or a parenthesized column list."""
+    out: list[list[str]] = []
+    while i < len(toks):
+        if _word(toks, i, "only"):
+            i += 1
+        if _word(toks, i) and toks[i].value in stop:
+            break
+        parts, i = _name(toks, i)
+        if parts is None:
+            break
+        out.append(parts)
+        if _punct(toks, i, "*"):
+            i += 1
+        if _punct(toks, i, "("):
+            i = _matching(toks, i)
+        if not _punct(toks, i, ","):
+            break
+        i += 1
+    return out, i
+
+
+# ---- analysis -------------------------------------------------------------------------------------
+
+
+def analyze_statements(sql: str, facts: SessionFacts, catalog: Catalog,
+                       expressions: Sequence[exp.Expression | None] | None = None,
+                       statements: Sequence[str] | None = None) -> Analysis:
+    """Analyse a (possibly multi-statement) text. `expressions`: sqlglot's parse of it (one
+    tree per statement, e.g. the canonicalizer's), reused when it matches the statements;
+    `statements`: the statement texts if already split. Never raises."""
+    try:
+        return _Analyzer(facts, catalog).text(sql, expressions, statements)
+    except Exception as err:  # a bug here must not break the proxy
+        out = Analysis(kind=Kind.UNKNOWN, parsed=False, why_not=f"analysis failed ({type(err).__name__})")
+        try:
+            kinds = [statement_kind(s)[0] for s in split(sql)]
+            out.kind = max(kinds, key=RANK.__getitem__) if kinds else Kind.UNKNOWN
+            out.statements = len(kinds)
+            out.kinds = kinds
+        except Exception:
+            pass
+        return out
+
+
+def analyze(sql: str, statements: list[str], trees: list[exp.Expression] | None,
+            facts: SessionFacts, catalog: Catalog) -> Analysis:
+    """Planner entry point: `statements` are the text's statements (planner.statements.split)
+    and `trees` sqlglot's parse of the whole text (None if sqlglot failed)."""
+    return analyze_statements(sql, facts, catalog, trees, statements)
+
+
+def statement_kind(sql: str) -> tuple[Kind, set[Flag]]:
+    """Kind and flags of one statement from its keywords alone (no catalog, no parse)."""
+    try:
+        st = _Analyzer(SessionFacts(), Catalog()).statement(sql, None)
+    except Exception:
+        return Kind.UNKNOWN, set()
+    return st.kind, st.flags
+
+
+def _parse(sql: str) -> list[exp.Expression] | None:
+    if len(sql) > MAX_PARSE:
+        return None
+    try:
+        trees = sqlglot.parse(sql, read="postgres")
+    except Exception:  # sqlglot raises more than ParseError on odd input
+        return None
+    return [cast(exp.Expression, t) for t in trees if t is not None]
+
+
+class _Analyzer:
+    def __init__(self, facts: SessionFacts, catalog: Catalog) -> None:
+        self.facts = facts
+        self.catalog = catalog
+        self.path = facts.search_path
+        self.user = facts.user
+        self.created: dict[str, str] = {}  # relations created by earlier statements of the text
+
+    # ---- the text ----
+
+    def text(self, sql: str, expressions: Sequence[exp.Expression | None] | None,
+             statements: Sequence[str] | None) -> Analysis:
+        if statements is None:
+            try:
+                statements = split(sql)
+            except Exception:
+                statements = [sql] if sql.strip() else []
+        trees: list[exp.Expression | None]
+        given = [t for t in expressions if t is not None] if expressions is not None else None
+        if given is not None and len(given) == len(statements):
+            trees = list(given)
+        else:
+            trees = [None] * len(statements)
+            for i, text in enumerate(statements):
+                if len(sql) > MAX_PARSE:  # a huge text (a dump, a bulk load): keywords only
+                    break
+                parsed = _parse(text) if self._wants_tree(text) else None
+                trees[i] = parsed[0] if parsed is not None and len(parsed) == 1 else None
+        out = Analysis(statements=len(statements))
+        results = []
+        for text, tree in zip(statements, trees, strict=True):
+            st = self.statement(text, tree)
+            results.append(st)
+            if st.head in ("set", "reset") and len(statements) > 1:
+                path = _search_path_change(text)
+                if path is not None:  # later statements of the text resolve names with it
+                    self.path = path or self.facts.search_path
+        for st in results:
+            out.kinds.append(st.kind)
+            out.tables_read |= st.reads
+            out.tables_written |= st.writes
+            out.functions |= st.functions
+            out.flags |= st.flags
+            out.parsed = out.parsed and st.parsed
+        out.kind = max(out.kinds, key=RANK.__getitem__) if out.kinds else Kind.READ
+        if len(results) > 1:
+            out.flags.add(Flag.MULTI_STATEMENT)
+            out.flags.discard(Flag.UNBOUNDED_SELECT)
+        self._finish(out, results)
+        return out
+
+    @staticmethod
+    def _wants_tree(text: str) -> bool:
+        words = first_words(text, 1)
+        return bool(words) and words[0] in _TREE_FOR
+
+    @staticmethod
+    def _finish(out: Analysis, results: list[_Stmt]) -> None:
+        """Cacheability: the statement-level reasons first, then the details."""
+        if not results:
+            out.no_cache("empty query")
+            return
+        if len(results) > 1:
+            out.no_cache("several statements")
+        st = results[0]
+        if not out.parsed:
+            out.no_cache("not understood by the parser")
+        if out.kind is not Kind.READ:
+            out.no_cache(f"{out.kind.value} statement")
+        if st.note:
+            out.no_cache(st.note)
+        if not st.plain_query:
+            out.no_cache("not a plain query")
+        for r in results:
+            if r.why:
+                out.no_cache(r.why)
+
+    # ---- one statement ----
+
+    def statement(self, text: str, tree: exp.Expression | None) -> _Stmt:
+        head_toks = _head(text)
+        if not head_toks:
+            return _Stmt(Kind.UNKNOWN, parsed=False, why="no statement keyword")
+        head = head_toks[0].value
+        words = [t.value for t in head_toks]
+        st = _Stmt(KIND_BY_HEAD.get(head, Kind.UNKNOWN), head)
+        expected = _TREE_FOR.get(head)
+        if expected is not None and tree is not None and isinstance(tree, expected) \
+                and not isinstance(tree, exp.Command):
+            if head == "create" and any(w in ("temp", "temporary") for w in words[1:4]):
+                st.flags.add(Flag.TEMP_TABLE)
+            _Walker(self, st).run(tree)
+            return st
+        self._keywords(text, words, st)
+        return st
+
+    def _keywords(self, text: str, words: list[str], st: _Stmt) -> None:
+        """A statement without a usable sqlglot tree, read from its tokens."""
+        head = st.head
+        st.parsed = head in _KEYWORD_GRAMMAR
+        toks: list[Tok] | None = None
+
+        huge = len(text) > MAX_PARSE
+
+        def all_tokens() -> list[Tok]:
+            nonlocal toks
+            if toks is None:  # of a huge text, the beginning: enough for its keywords and names
+                toks = list(islice(tokens(text), _HUGE_TOKENS) if huge else tokens(text))
+            return toks
+
+        if head in ("set", "reset"):
+            rest = words[1:]
+            if rest[:1] in (["session"], ["local"]) and rest[1:2] != ["authorization"]:
+                rest = rest[1:]
+            if rest[:1] in (["role"], ["session_authorization"]) or rest[:2] == ["session", "authorization"]:
+                st.flags.add(Flag.SET_ROLE)
+        elif head == "show":
+            st.note = "SHOW reads session state"
+        elif head in ("prepare", "commit", "rollback") and words[1:2] in (["transaction"], ["prepared"]):
+            st.kind = Kind.TXN
+            st.parsed = True
+        elif head == "lock":
+            st.flags.add(Flag.LOCKING)
+            t = all_tokens()
+            i = 2 if _word(t, 1, "table") else 1
+            self._rels(_names(t, i, frozenset({"in", "nowait"}))[0], st.reads, st)
+        elif head in ("vacuum", "analyze", "analyse", "cluster"):
+            t = all_tokens()
+            i = 1
+            if _punct(t, i, "("):
+                i = _matching(t, i)
+            while _word(t, i, "full", "freeze", "verbose", "analyze", "analyse", "skip_locked"):
+                i += 1
+            self._rels(_names(t, i, frozenset({"using"}))[0], st.reads, st)
+        elif head == "reindex":
+            t = all_tokens()
+            i = 1
+            if _punct(t, i, "("):
+                i = _matching(t, i)
+            if _word(t, i, "table"):
+                i += 2 if _word(t, i + 1, "concurrently") else 1
+                self._rels(_names(t, i)[0][:1], st.reads, st)
+        elif head == "refresh":
+            t = all_tokens()
+            i = 3 + (1 if _word(t, 3, "concurrently") else 0)
+            self._rels(_names(t, i)[0][:1], st.writes, st, op="ddl")
+            for qualified in list(st.writes):  # it runs the view's query: that reads its tables
+                view = self.catalog.view(qualified)
+                if view is not None:
+                    st.reads |= view.relations
+        elif head == "explain":
+            self._explain(text, all_tokens(), st)
+        elif head == "copy":
+            self._copy(text, all_tokens(), st)
+        elif head == "declare":
+            self._declare(text, all_tokens(), st)
+        elif head == "prepare":
+            self._prepare(text, all_tokens(), st)
+        elif head == "call":
+            t = all_tokens()
+            parts, _ = _name(t, 1)
+            if parts:
+                self._call(parts, st)
+        elif head in ("create", "alter", "drop", "grant", "revoke", "comment", "truncate"):
+            self._ddl(text, all_tokens(), st)
+            self._scan_calls(all_tokens(), st)
+        elif head in ("select", "values", "table", "with", "insert", "update", "delete", "merge"):
+            if huge:
+                self._huge_dml(text, all_tokens(), st)
+            else:
+                self._dml(all_tokens(), st)
+                self._scan_calls(all_tokens(), st)
+        elif head in ("do",):
+            st.no_cache("DO body not analysed")
+        if not st.parsed:
+            st.no_cache("not understood by the parser")
+
+    # ---- statements that wrap another ----
+
+    def _inner(self, text: str, start: int) -> _Stmt:
+        inner_text = text[start:]
+        parsed = _parse(inner_text) if self._wants_tree(inner_text) else None
+        tree = parsed[0] if parsed is not None and len(parsed) == 1 else None
+        return self.statement(inner_text, tree)
+
+    def _explain(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+        analyze = False
+        i = 1
+        if _punct(toks, i, "("):
+            end = _matching(toks, i)
+            option: list[Tok] = []
+            for tok in [*toks[i + 1:end - 1], Tok("p", ",", 0, 0)]:
+                if tok.kind == "p" and tok.value == ",":
+                    if option and option[0].kind == "w" and option[0].value in ("analyze", "analyse"):
+                        value = option[1].value.strip("'").lower() if len(option) > 1 else "true"
+                        analyze = value not in ("false", "off", "0", "no")
+                    option = []
+                else:
+                    option.append(tok)
+            i = end
+        else:
+            while _word(toks, i, "analyze", "analyse", "verbose"):
+                analyze = analyze or toks[i].value != "verbose"
+                i += 1
+        st.note = "EXPLAIN ANALYZE executes its statement" if analyze else \
+            "EXPLAIN output depends on planner statistics"
+        if i >= len(toks):
+            st.parsed = False
+            return
+        inner = self._inner(text, toks[i].start)
+        st.parsed = inner.parsed
+        st.functions |= inner.functions
+        if analyze:
+            st.flags.add(Flag.EXPLAIN_ANALYZE)
+            st.kind = inner.kind if inner.kind in (Kind.READ, Kind.WRITE, Kind.DDL) else Kind.UNKNOWN
+            st.reads |= inner.reads
+            st.writes |= inner.writes
+            st.flags |= inner.flags - {Flag.UNBOUNDED_SELECT}
+        else:  # planned, not run: everything it names is only read (for its statistics)
+            st.reads |= inner.reads | inner.writes
+            st.flags |= inner.flags & {Flag.CATALOG, Flag.TEMP_TABLE}
+
+    def _copy(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+        st.note = "COPY uses the copy sub-protocol"
+        i = 1
+        inner: _Stmt | None = None
+        target: list[str] | None = None
+        if _punct(toks, i, "("):
+            end = _matching(toks, i)
+            inner_text = text[toks[i].end:toks[end - 1].start] if end - 1 > i else ""
+            parsed = _parse(inner_text) if self._wants_tree(inner_text) else None
+            inner = self.statement(inner_text, parsed[0] if parsed and len(parsed) == 1 else None)
+            i = end
+        else:
+            if _word(toks, i, "binary"):  # pre-7.3 syntax
+                i += 1
+            target, i = _name(toks, i)
+            if _punct(toks, i, "("):
+                i = _matching(toks, i)
+        direction = toks[i].value if _word(toks, i, "from", "to") else ""
+        where = toks[i + 1] if i + 1 < len(toks) else None
+        st.parsed = direction != "" and where is not None and (target is not None or inner is not None) \
+            and (inner is None or inner.parsed)
+        program = where is not None and where.kind == "w" and where.value == "program"
+        to_file = where is not None and where.kind == "s"
+        if program:
+            st.flags.add(Flag.COPY_PROGRAM)
+        if to_file:
+            st.flags.add(Flag.COPY_FILE)
+        if direction == "from":
+            st.kind = Kind.WRITE
+            st.flags.add(Flag.COPY_FROM)
+            if target is not None:
+                self._rels([target], st.writes, st, op="insert")
+        else:
+            st.flags.add(Flag.COPY_TO)
+            st.kind = Kind.WRITE if program or to_file else Kind.READ
+            if target is not None:
+                self._rels([target], st.reads, st)
+        if inner is not None:
+            st.reads |= inner.reads
+            st.writes |= inner.writes
+            st.functions |= inner.functions
+            st.flags |= inner.flags - {Flag.UNBOUNDED_SELECT}
+            if inner.kind is not Kind.READ:
+                st.kind = inner.kind if inner.kind in (Kind.WRITE, Kind.DDL) else Kind.UNKNOWN
+
+    def _declare(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+        i = next((j for j in range(1, len(toks)) if _word(toks, j, "cursor")), len(toks))
+        i = next((j for j in range(i, len(toks)) if _word(toks, j, "for")), len(toks))
+        if i + 1 >= len(toks):
+            st.parsed = False
+            return
+        inner = self._inner(text, toks[i + 1].start)  # runs on FETCH: its effects count
+        st.parsed = inner.parsed
+        st.reads |= inner.reads
+        st.functions |= inner.functions
+        st.flags |= inner.flags - {Flag.UNBOUNDED_SELECT}
+        if inner.kind is not Kind.READ:
+            st.kind = Kind.UNKNOWN
+
+    def _prepare(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+        parts, i = _name(toks, 1)
+        if _punct(toks, i, "("):
+            i = _matching(toks, i)
+        if parts is None or not _word(toks, i, "as") or i + 1 >= len(toks):
+            st.parsed = False
+            return
+        inner = self._inner(text, toks[i + 1].start)  # not run until EXECUTE
+        st.parsed = inner.parsed
+        st.reads |= inner.reads | inner.writes
+        st.functions |= inner.functions
+        st.flags |= inner.flags & {Flag.CATALOG, Flag.TEMP_TABLE}
+
+    # ---- statements sqlglot could not parse ----
+
+    def _create_as(self, text: str, toks: list[Tok], i: int, st: _Stmt) -> None:
+        """CREATE TABLE / [MATERIALIZED] VIEW ... AS query that sqlglot could not parse: the
+        query (which CREATE TABLE AS and CREATE MATERIALIZED VIEW run) from its own parse."""
+        depth = 0
+        for j in range(i, len(toks)):
+            tok = toks[j]
+            if tok.kind == "p" and tok.value in "()":
+                depth += 1 if tok.value == "(" else -1
+            elif depth == 0 and tok.kind == "w" and tok.value == "as" and j + 1 < len(toks) and (
+                    _word(toks, j + 1, "select", "with", "values", "table") or _punct(toks, j + 1, "(")):
+                inner_text = _WITH_DATA.sub("", text[toks[j + 1].start:])
+                parsed = _parse(inner_text)
+                inner = self.statement(inner_text, parsed[0] if parsed and len(parsed) == 1 else None)
+                st.parsed = inner.parsed and inner.kind is Kind.READ
+                st.reads |= inner.reads
+                st.functions |= inner.functions
+                st.flags |= inner.flags - {Flag.UNBOUNDED_SELECT}
+                return
+
+    def _ddl(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+        head = st.head
+        i = 1
+        if head == "truncate":
+            i += 1 if _word(toks, i, "table") else 0
+            self._rels(_names(toks, i, frozenset({"restart", "continue", "cascade", "restrict"}))[0],
+                       st.writes, st, op="truncate")
+            return
+        if head in ("grant", "revoke"):
+            on = next((j for j in range(1, len(toks)) if _word(toks, j, "on")), None)
+            if on is None:
+                return  # GRANT role TO role
+            i = on + 1
+            if _word(toks, i, "table", "sequence"):
+                i += 1
+            elif _word(toks, i, "foreign") and _word(toks, i + 1, "table"):
+                i += 2
+            elif _word(toks, i, "all") or (_word(toks, i) and _word(toks, i + 1) and
+                                            not _word(toks, i + 1, "to", "from")):
+                return  # ALL TABLES IN SCHEMA, SCHEMA s, FUNCTION f, DATABASE d ...
+            self._rels(_names(toks, i, frozenset({"to", "from"}))[0], st.writes, st)
+            return
+        if head == "comment":
+            i = 2
+            if _word(toks, i, "materialized", "foreign"):
+                i += 1
+            if _word(toks, i, "table", "view", "sequence"):
+                self._rels(_names(toks, i + 1)[0][:1], st.writes, st)
+            elif _word(toks, i, "column"):
+                parts, _ = _name(toks, i + 1)
+                if parts and len(parts) > 1:
+                    self._rels([parts[:-1]], st.writes, st)
+            return
+        temp = False
+        while _word(toks, i, "or", "replace", "global", "local", "temp", "temporary", "unlogged",
+                    "unique", "recursive", "constraint"):
+            temp = temp or toks[i].value in ("temp", "temporary")
+            i += 1
+        if temp:
+            st.flags.add(Flag.TEMP_TABLE)
+        if _word(toks, i, "materialized", "foreign"):
+            i += 1
+        if not _word(toks, i):
+            return
+        what = toks[i].value
+        i += 1
+        if head == "create" and what in ("table", "view"):
+            self._create_as(text, toks, i, st)
+        if head == "create" and what == "statistics":
+            frm = next((j for j in range(i, len(toks)) if _word(toks, j, "from")), None)
+            if frm is not None:
+                self._rels(_names(toks, frm + 1)[0][:1], st.writes, st)
+            return
+        if head == "create" and what in ("index", "trigger", "policy", "rule"):
+            on = next((j for j in range(i, len(toks)) if _word(toks, j, "on")), None)
+            if on is not None:
+                j = on + 1
+                if what == "rule":
+                    j = next((k for k in range(j, len(toks)) if _word(toks, k, "to")), len(toks)) + 1
+                self._rels(_names(toks, j)[0][:1], st.writes, st)
+            return
+        cascade = head == "drop" and any(_word(toks, j, "cascade") for j in range(i, len(toks)))
+        if head == "drop" and what == "schema" and cascade:
+            i += 2 if _word(toks, i, "if") else 0
+            for parts in _names(toks, i, frozenset({"cascade", "restrict"}))[0]:
+                self.drop_schema(parts[-1], st)
+            return
+        if what not in ("table", "view", "sequence"):
+            return  # functions, types, schemas, roles, extensions ...: not relations
+        if head == "drop" and what in ("table", "view", "sequence"):
+            i += 2 if _word(toks, i, "if") else 0
+            self._rels(_names(toks, i, frozenset({"cascade", "restrict"}))[0], st.writes, st)
+            if cascade:
+                for qualified in list(st.writes):
+                    st.writes |= self.catalog.dependent_views(qualified)
+        elif head == "alter":
+            i += 2 if _word(toks, i, "if") else 0
+            found = _names(toks, i)[0][:1]
+            if found and found[0] != ["all"]:
+                self._rels(found, st.writes, st)
+        elif head == "create":
+            i += 3 if _word(toks, i, "if") else 0
+            parts, _ = _name(toks, i)
+            if parts:
+                self._rels([parts], st.writes, st, create=True, temp=temp)
+
+    def _dml(self, toks: list[Tok], st: _Stmt) -> None:
+        """SELECT / WITH / INSERT ... that sqlglot could not parse: the kind from keywords,
+        conservatively (a data-modifying keyword anywhere in a WITH makes it a write)."""
+        head = st.head
+        depth = 0
+        has_where = False
+        prev = ""
+        for j, tok in enumerate(toks):
+            if tok.kind == "p":
+                depth += {"(": 1, ")": -1}.get(tok.value, 0)
+                prev = tok.value
+                continue
+            if tok.kind != "w":
+                prev = ""
+                continue
+            word = tok.value
+            if word in ("update", "share") and prev in ("for", "key", "no"):
+                st.flags.add(Flag.LOCKING)
+            elif word in ("insert", "update", "delete", "merge") and prev not in ("do", "then") and j > 0:
+                if head in ("with", "select", "values", "table"):
+                    st.kind = Kind.WRITE
+                    if depth > 0 or head == "with":
+                        st.flags.add(Flag.WRITABLE_CTE)
+            elif word == "into" and depth == 0 and head == "select":
+                st.kind = Kind.WRITE
+                st.flags.add(Flag.SELECT_INTO)
+            elif word == "where" and depth == 0:
+                has_where = True
+            prev = word
+        if head in ("update", "delete") and not has_where:
+            st.flags.add(Flag.UPDATE_NO_WHERE if head == "update" else Flag.DELETE_NO_WHERE)
+        i = 1
+        if head in ("insert", "merge", "delete"):
+            i = 2
+        if head in ("insert", "update", "delete", "merge"):
+            i += 1 if _word(toks, i, "only") else 0
+            parts, _ = _name(toks, i)
+            if parts:
+                op = {"insert": "insert", "update": "update", "delete": "delete", "merge": "merge"}[head]
+                if head == "insert" and any(_word(toks, j, "do") and _word(toks, j + 1, "update")
+                                            for j in range(len(toks))):
+                    op = "update"  # ON CONFLICT DO UPDATE
+                self._rels([parts], st.writes, st, op=op)
+
+    def _huge_dml(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+        """A query or DML statement past MAX_PARSE (a bulk INSERT, typically): its target from
+        the first tokens, the rest from regular expressions over the text (conservative: a
+        word inside a string literal counts as well)."""
+        st.no_cache("statement too long to analyse")
+        head = st.head
+        if head in ("insert", "update", "delete", "merge"):
+            i = (2 if head in ("insert", "merge", "delete") else 1)
+            i += 1 if _word(toks, i, "only") else 0
+            parts, _ = _name(toks, i)
+            if parts:
+                op = "update" if head == "insert" and _DO_UPDATE.search(text) else \
+                    {"insert": "insert", "update": "update", "delete": "delete", "merge": "merge"}[head]
+                self._rels([parts], st.writes, st, op=op)
+            if head in ("update", "delete") and not _WHERE_WORD.search(text):
+                st.flags.add(Flag.UPDATE_NO_WHERE if head == "update" else Flag.DELETE_NO_WHERE)
+            return
+        if _LOCKING_WORDS.search(text):
+            st.flags.add(Flag.LOCKING)
+        if head == "with" and _DML_WORDS.search(_LOCKING_WORDS.sub(" ", text)):
+            st.kind = Kind.WRITE
+            st.flags.add(Flag.WRITABLE_CTE)
+        if head == "select" and _INTO_WORD.search(text):
+            st.kind = Kind.WRITE
+            st.flags.add(Flag.SELECT_INTO)
+
+    def _scan_calls(self, toks: list[Tok], st: _Stmt) -> None:
+        """`name(` patterns in an unparsed statement: the built-in hazards among them."""
+        for j in range(len(toks) - 1):
+            tok = toks[j]
+            if tok.kind in ("w", "q") and toks[j + 1].kind == "p" and toks[j + 1].value == "(":
+                name = tok.value
+                if name in KIND_BY_HEAD or name in ("in", "exists", "any", "all", "as", "values", "on",
+                                                    "using", "over", "filter", "and", "or", "not"):
+                    continue
+                self._hazards(name, None, st)
+
+    def _call(self, parts: list[str], st: _Stmt) -> None:
+        schema = parts[-2] if len(parts) > 1 else None
+        resolved, _info = self.catalog.function(parts[-1], schema, self.path, self.user)
+        st.functions.add(f"{resolved}.{parts[-1]}" if resolved else parts[-1])
+        self._hazards(parts[-1], schema, st)
+
+    # ---- names ----
+
+    def _rels(self, names: list[list[str]], into: set[str], st: _Stmt, *, create: bool = False,
+              temp: bool = False, op: str = "ddl") -> None:
+        for parts in names:
+            if parts:
+                schema = parts[-2] if len(parts) > 1 else None
+                qualified = self.relation(schema, parts[-1], st, create=create, temp=temp)
+                into.add(qualified)
+                if into is st.writes:
+                    into |= self.catalog.also_written(qualified, op)
+
+    def drop_schema(self, schema: str, st: _Stmt) -> None:
+        """DROP SCHEMA ... CASCADE: every relation in it, and the views elsewhere built on them."""
+        dropped = self.catalog.relations_in(schema)
+        st.writes |= dropped
+        for qualified in dropped:
+            st.writes |= self.catalog.dependent_views(qualified)
+
+    def relation(self, schema: str | None, name: str, st: _Stmt, *, create: bool = False,
+                 temp: bool = False) -> str:
+        """'schema.name' for a relation (bare name if it cannot be resolved), noting what
+        about it stands against caching: unknown, temporary, sequence, foreign, live catalog,
+        a view over volatile functions."""
+        catalog = self.catalog
+        if temp:
+            schema = "pg_temp"
+        rel: Relation | None = None
+        if schema is None:
+            schema = catalog.creation_schema(self.path, self.user) if create else \
+                catalog.resolve(name, self.path, self.user)
+            if schema is None and not create:
+                schema = self.created.get(name)  # created by an earlier statement of the text
+            if schema is None:
+                st.no_cache(f"unknown relation {name}")
+                return name
+            if create:
+                self.created[name] = schema
+        elif schema.startswith("pg_temp"):
+            schema = "pg_temp"
+        qualified = f"{schema}.{name}"
+        rel = catalog.relation(schema, name)
+        if rel is None and not create:
+            st.no_cache(f"unknown relation {qualified}")
+        if schema == "pg_temp" or (rel is not None and rel.persistence == "t"):
+            st.flags.add(Flag.TEMP_TABLE)
+            st.no_cache("temporary table")
+        if schema in SYSTEM_SCHEMAS:
+            st.flags.add(Flag.CATALOG)
+            if schema == "pg_catalog" and live_catalog(name):
+                st.no_cache(f"{name} changes without DDL")
+        if rel is not None:
+            if rel.row_security:
+                st.no_cache(f"row-level security on {qualified} (policies may depend on the session)")
+            if rel.kind == "S":
+                st.no_cache(f"reads sequence {qualified}")
+            elif rel.kind == "f":
+                st.no_cache(f"foreign table {qualified} changes outside Postgres")
+        return qualified
+
+    def read_view(self, qualified: str, st: _Stmt) -> None:
+        """A user view is read through: its relations count as read; its definition is
+        analysed like a query (once per catalog) and what stands against caching it, its
+        flags and its functions become the reader's."""
+        catalog = self.catalog
+        view = catalog.view(qualified)
+        if view is None or view.materialized:
+            return
+        st.reads |= view.relations
+        verdict = catalog.view_verdicts.get(qualified)
+        if verdict is None:
+            catalog.view_verdicts[qualified] = (f"view {qualified} is defined in terms of itself",
+                                                frozenset(), frozenset())  # guards recursion
+            facts = SessionFacts(self.facts.database, self.facts.user, ("pg_catalog",))
+            body = _Analyzer(facts, catalog).text(view.definition, None, None)
+            why = f"view {qualified}: {body.why_not}" if body.why_not else ""
+            if body.kind is not Kind.READ or body.statements != 1:
+                why = f"view {qualified}: definition not understood"
+            verdict = (why, frozenset(body.flags - {Flag.UNBOUNDED_SELECT}), frozenset(body.functions))
+            catalog.view_verdicts[qualified] = verdict
+        why, flags, functions = verdict
+        if why:
+            st.no_cache(why)
+        st.flags |= flags
+        st.functions |= functions
+
+    def function(self, name: str, schema: str | None, st: _Stmt, nargs: int,
+                 first_arg: exp.Expression | None) -> Function | None:
+        """An (Anonymous, i.e. not sqlglot-typed) function call; its catalog facts."""
+        catalog = self.catalog
+        resolved, info = catalog.function(name, schema, self.path, self.user)
+        qualified = f"{resolved}.{name}" if resolved else name
+        st.functions.add(qualified)
+        builtin = resolved in (None, "pg_catalog") and schema in (None, "pg_catalog")
+        if builtin:
+            self._hazards(name, schema, st)
+            if name == "age" and nargs == 1:
+                st.no_cache("age() with one argument depends on the current date")
+            if name == "set_config" and isinstance(first_arg, exp.Literal) and \
+                    str(first_arg.this).lower() in ("role", "session_authorization"):
+                st.flags.add(Flag.SET_ROLE)
+        if info is None:
+            st.no_cache(f"unknown function {qualified}()" if catalog.loaded
+                        else "function volatility unknown (catalog not loaded)")
+        elif info.volatility == "v":
+            st.flags.add(Flag.VOLATILE_FUNCTION)
+            st.no_cache(f"{qualified}() is volatile")
+        elif info.volatility == "s" and resolved not in SYSTEM_SCHEMAS:
+            st.no_cache(f"{qualified}() is a stable user-defined function (may read other tables)")
+        return info
+
+    def _hazards(self, name: str, schema: str | None, st: _Stmt) -> None:
+        if schema not in (None, "pg_catalog"):
+            return
+        time_dep, session_dep, side, danger = builtin_hazard(name)
+        if side:
+            st.flags.add(Flag.SIDE_EFFECT_FUNCTION)
+            st.no_cache(f"{name}() has side effects")
+        if danger:
+            st.flags.add(Flag.DANGEROUS_FUNCTION)
+        if time_dep:
+            st.no_cache(f"{name}() depends on the time")
+        if session_dep:
+            st.no_cache(f"{name}() depends on the session or the server's state")
+
+
+class _Walker:
+    """Reads one sqlglot tree (whose type matches the statement's keywords) into a _Stmt."""
+
+    def __init__(self, analyzer: _Analyzer, st: _Stmt) -> None:
+        self.a = analyzer
+        self.st = st
+        self.cascade = False  # DROP ... CASCADE
+
+    def run(self, tree: exp.Expression) -> None:
+        st = self.st
+        targets: list[tuple[exp.Table, bool, bool, str]] = []  # (table, create, temp, write op)
+        skip: set[int] = set()  # Table nodes that are not relations read
+        if isinstance(tree, exp.Create) and _kind(tree) in ("FUNCTION", "PROCEDURE"):
+            return  # the body is not run; its name is not a relation
+        self._targets(tree, targets, skip)
+        tables: list[exp.Table] = []
+        funcs: list[exp.Func] = []
+        selects_into: list[exp.Select] = []
+        star = False
+        for node in tree.walk(prune=_prune):
+            cat = _CATEGORY.get(type(node))
+            if cat is None:
+                cat = _categorize(type(node))
+            if cat == _OTHER:
+                continue
+            if cat == _TABLE:
+                if not (node.arg_key == "expression" and isinstance(node.parent, exp.Opclass)):
+                    tables.append(cast(exp.Table, node))  # (gin (col jsonb_path_ops): an opclass)
+            elif cat == _CALL:
+                funcs.append(cast(exp.Func, node))
+            elif cat == _WRITE:
+                if not isinstance(node.parent, exp.When):  # MERGE ... THEN UPDATE / INSERT
+                    self._dml(cast(exp.Expression, node), tree, targets)
+            elif cat == _LOCK:
+                st.flags.add(Flag.LOCKING)
+                st.no_cache("FOR UPDATE / FOR SHARE")
+            elif cat == _COLUMN:
+                name = _ident(node.this)
+                if name in _SYSTEM_COLUMNS:
+                    st.no_cache(f"system column {name} changes without a write")
+                elif name in _LIVE_CATALOG_COLUMNS:
+                    st.no_cache(f"{name} changes without DDL")
+                elif isinstance(node.this, exp.Star):
+                    star = True
+            elif cat == _STAR:
+                if isinstance(node.parent, exp.Select):
+                    star = True
+            elif cat == _STRING:
+                text = str(node.this)
+                if (not isinstance(node, exp.Literal) or node.is_string) and TIME_WORDS.search(text):
+                    st.no_cache("time-dependent literal")
+            elif cat == _SELECT:
+                if node.args.get("into") is not None:
+                    selects_into.append(cast(exp.Select, node))
+            elif cat == _SAMPLE and node.args.get("seed") is None:
+                st.no_cache("TABLESAMPLE without REPEATABLE is random")
+        for select in selects_into:
+            into = select.args["into"]
+            if isinstance(into.this, exp.Table):
+                st.kind = Kind.WRITE
+                st.flags.add(Flag.SELECT_INTO)
+                temp = bool(into.args.get("temporary"))
+                targets.append((into.this, True, temp, "insert"))
+        written = {id(t[0]) for t in targets}
+        for table, create, temp, op in targets:
+            parts = _table_parts(table)
+            if parts is not None:
+                self.a._rels([parts], st.writes, st, create=create, temp=temp, op=op)
+        if self.cascade:  # DROP ... CASCADE: the views built on what it drops go too
+            for qualified in list(st.writes):
+                st.writes |= self.a.catalog.dependent_views(qualified)
+        for table in tables:
+            if id(table) in written or id(table) in skip:
+                continue
+            if not isinstance(table.this, exp.Identifier):
+                continue  # a function in FROM: seen as a function
+            parts = _table_parts(table)
+            if parts is None or (len(parts) == 1 and _is_cte(table, parts[0])):
+                continue
+            schema = parts[-2] if len(parts) > 1 else None
+            qualified = self.a.relation(schema, parts[-1], st)
+            st.reads.add(qualified)
+            if "." in qualified and not qualified.startswith(("pg_catalog.", "information_schema.")):
+                self.a.read_view(qualified, st)
+        if star and st.reads & _LIVE_STAR_TABLES:
+            st.no_cache("pg_class / pg_database statistics change without DDL")
+        srf = False
+        aggregates: set[int] = set()  # ids of calls of (catalog-known) aggregates
+        for fn in funcs:
+            srf = self._function(fn, aggregates) or srf
+        if st.head in _QUERY_HEADS and st.kind is Kind.READ:
+            st.plain_query = True
+            if isinstance(tree, exp.Select | exp.SetOperation) and not _bounded(tree, srf, aggregates):
+                st.flags.add(Flag.UNBOUNDED_SELECT)
+
+    def _targets(self, tree: exp.Expression, targets: list[tuple[exp.Table, bool, bool, str]],
+                 skip: set[int]) -> None:
+        """The relations a DDL / TRUNCATE statement changes, and Table nodes that name
+        something else (schemas, types, indexes, functions)."""
+        st = self.st
+        kind = _kind(tree)
+        if isinstance(tree, exp.Create):
+            this = tree.this
+            table = this.this if isinstance(this, exp.Schema) else this
+            props = tree.args.get("properties")
+            temp = Flag.TEMP_TABLE in st.flags or bool(props and props.find(exp.TemporaryProperty))
+            if kind in _RELATION_KINDS and isinstance(table, exp.Table):
+                targets.append((table, True, temp, "insert"))
+                if temp:
+                    st.flags.add(Flag.TEMP_TABLE)
+            elif kind == "INDEX" and isinstance(this, exp.Index):
+                on = this.args.get("table")
+                if isinstance(on, exp.Table):
+                    targets.append((on, False, False, "ddl"))
+            elif kind == "TRIGGER":
+                for trig in tree.find_all(exp.TriggerProperties) if hasattr(exp, "TriggerProperties") else ():
+                    on = trig.args.get("table")
+                    if isinstance(on, exp.Table):
+                        targets.append((on, False, False, "ddl"))
+            elif isinstance(table, exp.Table):
+                skip.add(id(table))
+        elif isinstance(tree, exp.Alter):
+            if kind in _RELATION_KINDS and isinstance(tree.this, exp.Table):
+                targets.append((tree.this, False, False, "ddl"))
+            elif isinstance(tree.this, exp.Table):
+                skip.add(id(tree.this))
+        elif isinstance(tree, exp.Drop):
+            for table in tree.args.get("tables") or []:
+                if isinstance(table, exp.Table):
+                    if kind in _RELATION_KINDS:
+                        targets.append((table, False, False, "ddl"))
+                    else:
+                        skip.add(id(table))
+                        if kind == "SCHEMA" and tree.args.get("cascade"):  # DROP SCHEMA s: Table(db=s)
+                            self.a.drop_schema(_ident(table.this) or _ident(table.args.get("db")), st)
+            if tree.args.get("cascade"):
+                self.cascade = True
+        elif isinstance(tree, exp.TruncateTable):
+            for table in tree.expressions:
+                if isinstance(table, exp.Table):
+                    targets.append((table, False, False, "truncate"))
+        elif isinstance(tree, exp.Comment):
+            this = tree.this
+            if kind in _RELATION_KINDS and isinstance(this, exp.Table):
+                targets.append((this, False, False, "ddl"))
+            elif kind == "COLUMN" and isinstance(this, exp.Column) and this.table:
+                table = exp.Table(this=this.args.get("table"), db=this.args.get("db"))
+                targets.append((table, False, False, "ddl"))
+            elif isinstance(this, exp.Table):
+                skip.add(id(this))
+        elif isinstance(tree, exp.Grant | exp.Revoke):
+            securable = tree.args.get("securable")
+            for table in securable if isinstance(securable, list) else [securable]:
+                if isinstance(table, exp.Table):
+                    if kind in ("", "TABLE", "SEQUENCE", "FOREIGN TABLE", "VIEW"):
+                        targets.append((table, False, False, "ddl"))
+                    else:
+                        skip.add(id(table))
+
+    def _dml(self, node: exp.Expression, root: exp.Expression,
+             targets: list[tuple[exp.Table, bool, bool, str]]) -> None:
+        st = self.st
         target = node.this
         if isinstance(target, exp.Schema):
             target = target.this
         if isinstance(target, exp.Table):
-            written.add(id(target))
-            out.tables_written.add(_name(target, facts, catalog, out))
-        if node is not tree:
-            out.flags.add(Flag.WRITABLE_CTE)
-            out.kind = Kind.WRITE if _RANK[out.kind] < _RANK[Kind.WRITE] else out.kind
-        if isinstance(node, exp.Update | exp.Delete) and not node.args.get("where"):
-            out.flags.add(Flag.UPDATE_NO_WHERE if isinstance(node, exp.Update) else Flag.DELETE_NO_WHERE)
-    if isinstance(tree, exp.TruncateTable | exp.Drop | exp.Create | exp.Alter | exp.Copy):
-        targets = [tree.this] if tree.this is not None else []
-        targets += tree.args.get("expressions") or [] if isinstance(tree, exp.TruncateTable) else []
-        targets += tree.args.get("tables") or [] if isinstance(tree, exp.Drop) else []
-        for t in targets:
-            t = t.this if isinstance(t, exp.Schema) else t
-            if isinstance(t, exp.Table) and not (isinstance(tree, exp.Copy) and not tree.args.get("kind")):
-                written.add(id(t))
-                out.tables_written.add(_name(t, facts, catalog, out))
-    if isinstance(tree, exp.Select) and tree.args.get("into"):
-        out.flags.add(Flag.SELECT_INTO)
-        out.kind = Kind.WRITE
-        for t in tree.args["into"].find_all(exp.Table):
-            written.add(id(t))
-            out.tables_written.add(_name(t, facts, catalog, out))
-    for table in tree.find_all(exp.Table):
-        if id(table) in written or (not table.db and table.name in ctes) or not table.name:
-            continue
-        out.tables_read.add(_name(table, facts, catalog, out))
-    if tree.find(exp.Lock) is not None or tree.args.get("locks"):
-        out.flags.add(Flag.LOCKING)
-        out.no_cache("FOR UPDATE/SHARE")
-    if isinstance(tree, exp.Select | exp.Union | exp.Intersect | exp.Except) and not tree.args.get("limit") \
-            and not tree.args.get("fetch"):
-        out.flags.add(Flag.UNBOUNDED_SELECT)
-    _functions(tree, catalog, out)
+            targets.append((target, False, False, _write_op(node)))
+        if node is not root:
+            st.flags.add(Flag.WRITABLE_CTE)
+            if RANK[st.kind] < RANK[Kind.WRITE]:
+                st.kind = Kind.WRITE
+        elif st.head == "with":
+            st.kind = Kind.WRITE
+        if isinstance(node, exp.Update | exp.Delete) and node.args.get("where") is None:
+            st.flags.add(Flag.UPDATE_NO_WHERE if isinstance(node, exp.Update) else Flag.DELETE_NO_WHERE)
+
+    def _function(self, fn: exp.Func, aggregates: set[int]) -> bool:
+        """Note one function call; True if it returns a set (for UNBOUNDED_SELECT)."""
+        st = self.st
+        a = self.a
+        if isinstance(fn, exp.Anonymous):
+            name = _ident(fn.this)
+            if not name:
+                return False
+            schema: str | None = None
+            parent = fn.parent
+            if isinstance(parent, exp.Dot) and parent.expression is fn \
+                    and isinstance(parent.this, exp.Identifier):
+                schema = _ident(parent.this)
+            elif isinstance(parent, exp.Table) and parent.this is fn and parent.args.get("db") is not None:
+                schema = _ident(parent.args["db"])
+            args = fn.expressions
+            info = a.function(name, schema, st, len(args), args[0] if args else None)
+            if info is not None and info.aggregate:
+                aggregates.add(id(fn))
+            return bool(info and info.returns_set) and not isinstance(fn.parent, exp.Table)
+        cls = type(fn).__name__
+        name = _TYPED_NAMES.get(cls) or _sql_name(fn)
+        if not name:
+            return False
+        if isinstance(fn, exp.AggFunc):
+            aggregates.add(id(fn))
+        # a built-in as far as sqlglot knows; the catalog decides which schema on the path has it
+        resolved, info = a.catalog.function(name, None, a.path, a.user)
+        if info is not None and resolved not in SYSTEM_SCHEMAS:
+            args = fn.expressions or [v for k, v in fn.args.items() if isinstance(v, exp.Expression)]
+            a.function(name, None, st, len(args), None)  # e.g. public.lower before pg_catalog
+            return info.returns_set and not isinstance(fn.parent, exp.Table)
+        st.functions.add(f"{resolved}.{name}" if resolved else name)
+        a._hazards(name, None, st)
+        if _TIME_CLASS.match(cls) and name not in TIME_DEPENDENT:
+            st.no_cache(f"{name} depends on the time")
+        if cls in _VOLATILE_CLASSES or (info is not None and info.volatility == "v"):
+            st.flags.add(Flag.VOLATILE_FUNCTION)
+            st.no_cache(f"{name}() is volatile")
+        returns_set = cls in _SRF_CLASSES or bool(info and info.returns_set)
+        return returns_set and not isinstance(fn.parent, exp.Table)
 
 
-def _functions(tree: exp.Expression, catalog: Catalog, out: Analysis) -> None:
-    for fn in tree.find_all(exp.Func):
-        if isinstance(fn, exp.Binary | exp.Connector | exp.Unary | exp.Predicate):
+# ---- tree helpers ---------------------------------------------------------------------------------
+
+
+def _search_path_change(text: str) -> tuple[str, ...] | None:
+    """The search_path a SET / RESET statement sets: the names, () for the default, None if
+    the statement is about something else."""
+    toks = list(tokens(text))
+    i = 1
+    if _word(toks, i, "session", "local"):
+        i += 1
+    if not _word(toks, i, "search_path"):
+        return None
+    if toks[0].value == "reset":
+        return ()
+    i += 1
+    if _word(toks, i, "to") or _punct(toks, i, "="):
+        i += 1
+    if _word(toks, i, "default"):
+        return ()
+    names: list[str] = []
+    for tok in toks[i:]:
+        if tok.kind in ("w", "q"):
+            names.append(tok.value)
+        elif tok.kind == "s" and tok.value.startswith("'"):
+            names.append(tok.value[1:-1].replace("''", "'"))
+        elif not (tok.kind == "p" and tok.value == ","):
+            return None
+    return tuple(names) or None
+
+
+def _write_op(node: exp.Expression) -> str:
+    if isinstance(node, exp.Insert):
+        conflict = node.args.get("conflict")
+        action = conflict.args.get("action") if isinstance(conflict, exp.OnConflict) else None
+        text = str(action.this if isinstance(action, exp.Var) else action or "").upper()
+        return "update" if "UPDATE" in text else "insert"  # ON CONFLICT DO UPDATE updates
+    if isinstance(node, exp.Merge):
+        whens = node.args.get("whens")
+        actions = [w.args.get("then") for w in (whens.expressions if whens is not None else [])]
+        deletes = any(isinstance(a, exp.Var) and str(a.this).upper() == "DELETE" for a in actions)
+        updates = any(isinstance(a, exp.Update) for a in actions)
+        return "merge" if deletes and updates else "delete" if deletes else "update" if updates else "insert"
+    return {exp.Update: "update", exp.Delete: "delete"}.get(type(node), "any")
+
+
+# What the tree walk does with a node, by its class (computed once per class).
+_OTHER, _TABLE, _CALL, _WRITE, _LOCK, _COLUMN, _STAR, _STRING, _SELECT, _SAMPLE, _PRUNE, _DROP = range(12)
+_CATEGORY: dict[type, int] = {}
+
+
+def _categorize(cls: type) -> int:
+    if issubclass(cls, exp.Table):
+        cat = _TABLE
+    elif issubclass(cls, exp.Func):
+        cat = _OTHER if issubclass(cls, _NOT_CALLS) else _CALL
+    elif issubclass(cls, _DML):
+        cat = _WRITE
+    elif issubclass(cls, exp.Lock):
+        cat = _LOCK
+    elif issubclass(cls, exp.Column):
+        cat = _COLUMN
+    elif issubclass(cls, exp.Star):
+        cat = _STAR
+    elif issubclass(cls, (exp.Literal, *_STRINGS)):
+        cat = _STRING
+    elif issubclass(cls, exp.Select):
+        cat = _SELECT
+    elif issubclass(cls, exp.TableSample):
+        cat = _SAMPLE
+    elif issubclass(cls, exp.UserDefinedFunction | exp.AlterRename):
+        cat = _PRUNE
+    elif issubclass(cls, exp.Drop):
+        cat = _DROP
+    else:
+        cat = _OTHER
+    _CATEGORY[cls] = cat
+    return cat
+
+
+def _prune(node: object) -> bool:
+    """Subtrees that name things rather than read them: FOR UPDATE OF t, RENAME TO t,
+    function definitions, ALTER TABLE ... DROP CONSTRAINT c."""
+    cat = _CATEGORY.get(type(node))
+    if cat is None:
+        cat = _categorize(type(node))
+    if cat == _LOCK or cat == _PRUNE:
+        return True
+    return cat == _DROP and isinstance(node, exp.Drop) and isinstance(node.parent, exp.Alter)
+
+
+def _kind(tree: exp.Expression) -> str:
+    kind = tree.args.get("kind")
+    text = str(kind).upper() if isinstance(kind, str) else ""
+    if text == "VIEW" and (tree.args.get("materialized") or (
+            isinstance(tree, exp.Create) and tree.args.get("properties") is not None
+            and tree.args["properties"].find(exp.MaterializedProperty) is not None)):
+        return "MATERIALIZED VIEW"
+    return text
+
+
+def _ident(node: object) -> str:
+    if isinstance(node, exp.Identifier):
+        text = str(node.this)
+        return text if node.quoted else _lower(text)
+    if isinstance(node, str):
+        return _lower(node)
+    return ""
+
+
+def _table_parts(table: exp.Table) -> list[str] | None:
+    name = _ident(table.this)
+    if not name:
+        return None
+    db = table.args.get("db")
+    return [_ident(db), name] if db is not None and _ident(db) else [name]
+
+
+def _sql_name(fn: exp.Func) -> str:
+    try:
+        return type(fn).sql_name().lower()
+    except Exception:  # classes without a SQL name
+        return ""
+
+
+def _with_names(node: exp.Expr) -> tuple[exp.With | None, list[str]]:
+    with_ = node.args.get("with_") or node.args.get("with")
+    if not isinstance(with_, exp.With):
+        return None, []
+    return with_, [_cte_name(cte) for cte in with_.expressions]
+
+
+def _cte_name(cte: exp.Expression) -> str:
+    alias = cte.args.get("alias")
+    return _ident(alias.this) if isinstance(alias, exp.TableAlias) else ""
+
+
+def _is_cte(table: exp.Table, name: str) -> bool:
+    """Is this unqualified table name a reference to a WITH query visible where it is used?
+    A CTE sees the CTEs before it in its WITH (and itself and all of them if RECURSIVE);
+    the statement's body sees all of them."""
+    node: exp.Expr = table
+    parent = node.parent
+    while parent is not None:
+        if isinstance(node, exp.CTE) and isinstance(parent, exp.With):
+            names = [_cte_name(c) for c in parent.expressions]
+            idx = next((k for k, c in enumerate(parent.expressions) if c is node), len(names))
+            visible = names if parent.args.get("recursive") else names[:idx]
+            if name in visible:
+                return True
+            owner = parent.parent
+            if owner is None:
+                return False
+            node, parent = owner, owner.parent  # the owner's WITH is done
             continue
-        anonymous = isinstance(fn, exp.Anonymous)
-        name = fn.name.lower() if anonymous else fn.sql_name().lower()
-        schema = None
-        parent = fn.parent
-        if anonymous and isinstance(parent, exp.Dot) and isinstance(parent.this, exp.Identifier | exp.Var):
-            schema = parent.this.name.lower()
-        out.functions.add(f"{schema}.{name}" if schema else name)
-        if name in SIDE_EFFECTS:
-            out.flags.add(Flag.SIDE_EFFECT_FUNCTION)
-            out.no_cache(f"{name}() has side effects")
-        elif name in TIME_DEPENDENT or _TIME_CLASSES.match(type(fn).__name__):
-            out.no_cache(f"{name}() depends on the time, the session or chance")
-        if not anonymous:
-            continue  # a function sqlglot knows: its own name may differ from pg_proc's
-        vol = catalog.volatility(name, schema)
-        if vol == "v":
-            out.flags.add(Flag.VOLATILE_FUNCTION)
-            out.no_cache(f"{name}() is volatile")
-        elif vol is None:
-            out.no_cache(f"unknown function {name}()" if catalog.loaded
-                         else "function volatility unknown (catalog not loaded)")
+        if not isinstance(node, exp.With):
+            with_, names = _with_names(parent)
+            if with_ is not None and with_ is not node and name in names:
+                return True
+        node, parent = parent, parent.parent
+    return False
+
+
+def _bounded(tree: exp.Expression, srf: bool, aggregates: set[int]) -> bool:
+    """At most a known number of rows: LIMIT / FETCH, or one row (no FROM, or aggregates
+    only without GROUP BY), and no set-returning function in the select list."""
+    limit = tree.args.get("limit")
+    if limit is not None:
+        value = limit.args.get("expression") if isinstance(limit, exp.Limit) else limit
+        unlimited = isinstance(value, exp.Null) or (
+            isinstance(value, exp.Var) and str(value.this).upper() == "ALL")
+        if not unlimited:
+            return True
+    if not isinstance(tree, exp.Select) or srf or tree.args.get("group") is not None:
+        return False
+    if tree.args.get("from_") is None and tree.args.get("from") is None:
+        return True
+    projections = tree.expressions
+    return bool(projections) and all(
+        p.find(exp.Window) is None
+        and any(isinstance(n, exp.AggFunc) or id(n) in aggregates for n in p.walk())
+        for p in projections)
