@@ -208,13 +208,15 @@ def _set(toks: list[_Tok], sql: str) -> tuple[str | None, list[Setting]]:
         return None, []
     if k == "session":
         i, k = 2, _kw(toks, 2)
-        if k == "characteristics":
-            return None, []
+        if k == "characteristics":  # session-wide transaction defaults: not replayable here
+            return "SET SESSION CHARACTERISTICS", []
         if k == "authorization":
             return "SET SESSION AUTHORIZATION", []
     if k == "role":
         return "SET ROLE", []
     if k == "time" and _kw(toks, i + 1) == "zone" and i + 2 < len(toks):
+        if _kw(toks, i + 2) == "interval":  # SET TIME ZONE INTERVAL '+05:30' HOUR TO MINUTE
+            return "SET TIME ZONE INTERVAL", []
         return None, [("timezone", _value(toks, sql, i + 2, ("local", "default")))]
     if k == "schema" and i + 1 < len(toks) and toks[i + 1][0] == "s":
         return None, [("search_path", _value(toks, sql, i + 1, ()))]
@@ -232,7 +234,8 @@ def _set(toks: list[_Tok], sql: str) -> tuple[str | None, list[Setting]]:
         return "SET FROM CURRENT", []
     if not (_kw(toks, j) == "to" or toks[j][:2] == ("p", "=")) or j + 1 >= len(toks):
         return _UNPARSED, []
-    return None, [(name, _value(toks, sql, j + 1, ("default",)))]
+    # setting names are case-insensitive, quoted or not: SET "TimeZone" is SET timezone
+    return None, [(name.lower(), _value(toks, sql, j + 1, ("default",)))]
 
 
 def _reset(toks: list[_Tok]) -> tuple[str | None, list[Setting]]:
@@ -250,7 +253,7 @@ def _reset(toks: list[_Tok]) -> tuple[str | None, list[Setting]]:
         return _UNPARSED, []
     if name.lower() in _AUTH:
         return "RESET " + _AUTH[name.lower()], []
-    return None, [(name, None)]
+    return None, [(name.lower(), None)]
 
 
 def _anywhere(toks: list[_Tok]) -> str | None:

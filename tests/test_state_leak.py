@@ -433,30 +433,32 @@ async def unpinned_steps_compared(one_backend: ProxyHandle, pg: EmbeddedPostgres
         await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="pgsluice bug: SET SESSION CHARACTERISTICS is neither tracked nor "
-    "pinning, so the server connection keeps it for the next client")
-async def test_session_characteristics_stay_with_their_client(one_backend: ProxyHandle,
-                                                             pg: EmbeddedPostgres) -> None:
-    await unpinned_steps_compared(
-        one_backend, pg, ["SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"],
-        "SELECT current_setting('default_transaction_isolation')")
+@pytest.mark.parametrize(("statement", "probe"), [
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+     "SELECT current_setting('default_transaction_isolation')"),
+    ("SET TIME ZONE INTERVAL '+05:30' HOUR TO MINUTE", "SELECT current_setting('TimeZone')"),
+], ids=["session-characteristics", "time-zone-interval"])
+async def test_unreplayable_settings_pin(one_backend: ProxyHandle, pg: EmbeddedPostgres,
+                                         statement: str, probe: str) -> None:
+    """Settings pgsluice cannot replay pin their client: it keeps them, nobody else sees them."""
+    ref = await client(straight(pg))
+    b = await client(proxied(one_backend))
+    b_before = await b.fetchval(probe, timeout=5)
+    a = await client(proxied(one_backend))
+    try:
+        await ref.execute(statement, timeout=5)
+        await a.execute(statement, timeout=5)
+        assert await a.fetchval(probe, timeout=5) == await ref.fetchval(probe, timeout=5)
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await b.fetchval(probe, timeout=5)
+        assert await a.fetchval(probe, timeout=5) == await ref.fetchval(probe, timeout=5)
+    finally:
+        await a.close()
+        await ref.close()
+    assert await b.fetchval(probe, timeout=5) == b_before  # reset when a left
+    await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=asyncpg.PostgresSyntaxError,
-    reason="pgsluice bug: SET TIME ZONE INTERVAL '...' HOUR TO MINUTE is "
-    "replayed as SET timezone TO INTERVAL ..., a syntax error on every later transaction")
-async def test_set_time_zone_interval(one_backend: ProxyHandle, pg: EmbeddedPostgres) -> None:
-    await unpinned_steps_compared(one_backend, pg, ["SET TIME ZONE INTERVAL '+05:30' HOUR TO MINUTE"],
-                                  "SELECT current_setting('TimeZone')")
-
-
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="pgsluice bug: a quoted setting name is tracked case-sensitively, "
-    "so RESET timezone does not forget SET \"TimeZone\"")
 async def test_quoted_setting_name(one_backend: ProxyHandle, pg: EmbeddedPostgres) -> None:
     await unpinned_steps_compared(one_backend, pg, ["SET \"TimeZone\" = 'Europe/Paris'", "RESET timezone"],
                                   "SELECT current_setting('TimeZone')")
