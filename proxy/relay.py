@@ -37,7 +37,7 @@ _I = struct.Struct("!I")
 
 # Entry kinds.
 QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
-FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND = range(8, 12)
+FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND, SWALLOW_QUERY = range(8, 13)
 _SWALLOWED = (SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND)
 _ENDS_AT_READY = (QUERY, SYNC, FUNC)
 _FAKE_BYTES = {FAKE_CLOSE: encode.CLOSE_COMPLETE}
@@ -168,7 +168,14 @@ def forward(s: ClientSession) -> None:
                     out.extend(swap)
                     start = end
                 else:
-                    entries.append((QUERY, _query(s, backend, sql)))
+                    info = _query(s, backend, sql)
+                    entries.append((QUERY, info))
+                    restore = _restore_startup(s, sql) if info is not None or s.pinned else None
+                    if restore is not None:  # RESET of startup parameters: put them back
+                        out.append(buf[start:end])
+                        out.append(restore)
+                        entries.append((SWALLOW_QUERY, None))
+                        start = end
         elif code == codes.F_BIND or code == codes.F_DESCRIBE:
             if not s.skipping:
                 out.append(buf[start:pos])
@@ -305,6 +312,20 @@ def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | N
         s.entries.append((QUERY, _query(s, backend, new)))
         return [encode.query(new)]
     return None
+
+
+def _restore_startup(s: ClientSession, sql: bytes) -> bytes | None:
+    """On the server connection, startup parameters are session SETs, so RESET returns to
+    the server's defaults; Postgres would return to the client's startup values. A Query
+    that resets any of them is followed by one (its replies swallowed, ParameterStatus
+    passed on) that sets them again; it shares the transaction, so a rollback undoes both."""
+    effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
+    startup = dict(s.startup_settings)
+    names = [name for name, value in effect.settings if value is None]
+    statements = list(startup.values()) if "*" in names else [startup[n] for n in names if n in startup]
+    if not statements:
+        return None
+    return encode.query(";".join(statements))
 
 
 def _scan_parse(s: ClientSession, sql: bytes) -> None:
@@ -461,6 +482,20 @@ def backward(s: ClientSession, backend: Backend) -> None:
         if length < 4:
             raise ProtocolError(f"invalid message length {length} from server")
         end = pos + 1 + length
+        if end <= n and entries and entries[0][0] == SWALLOW_QUERY:
+            if code == codes.B_PARAMETER_STATUS:  # the client sees its value come back
+                name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
+                backend.params[name] = value
+                s.reported[name] = value
+            else:
+                out.append(buf[start:pos])
+                start = end
+                if code == codes.B_READY_FOR_QUERY:
+                    backend.status = buf[pos + 5]
+                    entries.popleft()
+                    ready = not entries
+            pos = end
+            continue
         if end > n:
             if (code == codes.B_DATA_ROW or code == codes.B_COPY_DATA) and n - pos >= _STREAM_MIN \
                     and not s.row_cap:

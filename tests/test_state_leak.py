@@ -395,12 +395,16 @@ RESET_CASES = {
 }
 
 
-@pytest.mark.xfail(
+_SAME_QUERY = pytest.mark.xfail(
     strict=True, raises=AssertionError,
-    reason="pgsluice bug: on the server connection, startup parameters are "
-    "session SETs, so RESET there returns to the server's defaults; pgsluice only re-applies "
-    "them when the connection next changes hands (never for a pinned client)")
-@pytest.mark.parametrize("steps", RESET_CASES.values(), ids=RESET_CASES.keys())
+    reason="known limitation: on the server connection, startup parameters are session SETs, so "
+    "RESET returns to the server's defaults; pgsluice sets them again right after the Query, too "
+    "late for a statement in the same Query")
+
+
+@pytest.mark.parametrize("steps", [
+    pytest.param(steps, id=name, marks=[_SAME_QUERY] if name == "reset-then-read-in-one-query" else [])
+    for name, steps in RESET_CASES.items()])
 async def test_reset_restores_startup_values(one_backend: ProxyHandle, pg: EmbeddedPostgres,
                                              steps: list[str]) -> None:
     results = []
