@@ -10,10 +10,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_once(tmp_path: Path) -> None:
+def test_demo_once(pg_tmp_dir: Path) -> None:
+    # pg_tmp_dir, not tmp_path: Postgres runs as another OS user, and pytest keeps its own
+    # temp root private (another pytest session may re-restrict it at any moment)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "proxy", "demo", "--once", "--port", "0",
-                          "--data-dir", str(tmp_path / "demo")],
+                          "--data-dir", str(pg_tmp_dir / "demo")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "customer 42" in out.stdout
