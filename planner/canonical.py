@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
@@ -42,7 +43,7 @@ logging.getLogger("sqlglot").setLevel(logging.ERROR)  # it warns on every fallba
 Source = int | str  # a fast literal's index (~index: negated), or a constant param (TRUE, NULL)
 
 _DIALECT = sqlglot.Dialect.get_or_raise("postgres")
-_GENERATOR = _DIALECT.generator(normalize_functions=False, comments=False)  # keeps no state between calls
+_LOCAL = threading.local()
 _ERRORS = (SqlglotError, RecursionError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 _LIFT_HEADS = frozenset(("select", "with", "values", "table", "insert", "update", "delete", "merge", "("))
 _LIFT_TREES = (exp.Query, exp.Values, exp.Insert, exp.Update, exp.Delete, exp.Merge)
@@ -52,12 +53,13 @@ _MARKS = re.compile(r"'\x01(\d+)\x01'|(?<![\w.$])42(\d{7})7(?![\w.])")
 _BLANK = re.compile(r"'\x01\d+\x01'|(?<![\w.$])42\d{7}7(?![\w.])|\$\d+")
 _STRAY = re.compile(r"\x01(\d+)\x01")
 _ANONYMOUS = f" /* {exp.SQLGLOT_ANONYMOUS} */"  # after a call's `)`: sqlglot keeps it as written
-_DATE_PART = '"\x01date_part"'  # date_part under a name sqlglot does not know
+# Calls sqlglot parses specially whatever their arguments (date_part becomes EXTRACT, "trim"(x) TRIM(x)):
+# disguised as "\x01date_part" (unquoted) and "\x02Name" (quoted) before parsing, restored after.
+_SPECIAL_CALLS = frozenset(_DIALECT.parser_class.FUNCTION_PARSERS)
 # String arguments that name an object or a setting decide what the statement touches: kept.
 _SENSITIVE = re.compile(r"(?i)(pg_|to_reg|has_|lo_|dblink|txid_|(set_config|current_setting|nextval|currval"
                         r"|setval|obj_description|col_description|format_type)$)")
 _ORDINAL_PARENTS = (exp.Ordered, exp.Group, exp.Rollup, exp.Cube, exp.GroupingSets)
-_KEYWORD_ARGS = (exp.WindowSpec, exp.Fetch, exp.RecursiveWithSearch, exp.Join, exp.Window)  # ROWS, NEXT...
 _OPERATOR_NAME = re.compile(r'"(?:[^"]|"")*"|[^"]+')  # OPERATOR(Schema.~): unquoted parts fold
 _SAFE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _KEYWORDS = KEYWORDS | {k.lower() for k in _DIALECT.tokenizer_class.KEYWORDS}  # "user" stays quoted
@@ -199,8 +201,11 @@ def _marked(sql: str, shape: FastShape, canon: list[str | None], liftable: set[i
     edits += [(at, stop, " ") for at, stop in shape.comments if start <= at < end]
     for name_at, name_end, close in shape.calls:
         if start <= name_at and close <= end:
-            if sql[name_at:name_end].lower() == "date_part":
-                edits.append((name_at, name_end, _DATE_PART))
+            name = sql[name_at:name_end]
+            if name.lower() == "date_part":
+                edits.append((name_at, name_end, '"\x01date_part"'))
+            elif name[0] == '"' and name[1:-1].replace('""', '"').upper() in _SPECIAL_CALLS:
+                edits.append((name_at, name_end, f'"\x02{name[1:]}'))
             edits.append((close, close, _ANONYMOUS))
     out, pos = [], start
     for a, b, new in sorted(edits):
@@ -241,7 +246,11 @@ def _result(sql: str, text: str, params: tuple[str, ...], sources: tuple[Source,
 
 
 def _sql(node: exp.Expr) -> str:
-    return _GENERATOR.generate(node, copy=False)  # every tree here is owned by this module
+    """sqlglot's PostgreSQL text of a node (no copy: every tree here is owned by this module)."""
+    generator = getattr(_LOCAL, "generator", None)  # one per thread: a generator is not reentrant
+    if generator is None:
+        generator = _LOCAL.generator = _DIALECT.generator(normalize_functions=False, comments=False)
+    return cast(str, generator.generate(node, copy=False))
 
 
 class _Statement:
@@ -257,63 +266,72 @@ class _Statement:
         self.restored: set[int] = set()  # markers put back as their literal
         self.negated: set[int] = set()  # markers whose unary minus was folded into the value
         self.groups: list[list[int]] = []  # IN lists made only of markers
+        later: list[exp.Expr] = []  # parentheses, minus signs, AND / OR, IN, in walk order
+        columns: list[exp.Column] = []
+        scopes = 0  # tables, SELECTs, subqueries, VALUES
         for node in list(tree.walk()):
-            self._normalize(node)
-        if isinstance(tree, exp.Select):
-            _unalias_lone_table(tree)
-        for node in reversed(list(tree.walk())):  # children first
+            kind = _KINDS.get(type(node)) or _kind(type(node))
+            if kind == _LATER:
+                later.append(node)
+            elif kind == _SCOPE:
+                scopes += 1
+            elif kind == _COLUMN:
+                columns.append(cast(exp.Column, node))
+            elif kind != _OTHER:
+                self._normalize(node, kind)
+        if isinstance(tree, exp.Select) and scopes == 2:
+            _unalias_lone_table(tree, columns)
+        for node in reversed(later):  # children first
             if isinstance(node, exp.Paren):
                 _unparen(node)
             elif isinstance(node, exp.Neg):
                 self._fold_minus(node)
-            elif isinstance(node, exp.And | exp.Or) and type(node.parent) is not type(node):
-                _sort_operands(node)
-        for node in tree.find_all(exp.In):
-            marks = [_marker(item) for item in node.expressions]
-            if marks and None not in marks:
-                self.groups.append(cast(list[int], marks))
+            elif isinstance(node, exp.And | exp.Or):
+                if type(node.parent) is not type(node):
+                    _sort_operands(node)
+            elif (marks := [_marker(item) for item in node.expressions]) and None not in marks:
+                self.groups.append(cast(list[int], marks))  # IN (...)
         self.body = _sql(tree)
 
-    def _normalize(self, node: exp.Expr) -> None:
-        if isinstance(node, exp.Identifier):
-            _normalize_identifier(node)
-        elif isinstance(node, exp.Anonymous):
+    def _normalize(self, node: exp.Expr, kind: int) -> None:
+        if kind == _IDENTIFIER:
+            _normalize_identifier(cast(exp.Identifier, node))
+        elif kind == _CALL:
             name = node.this
             if isinstance(name, exp.Identifier):
+                if name.this[:1] in ("\x01", "\x02"):  # disguised
+                    name = exp.Identifier(this=name.this[1:], quoted=name.this[0] == "\x02")
                 _normalize_identifier(name)
-                name = "DATE_PART" if name.this == "\x01date_part" else name if name.quoted else name.name
+                name = name if name.quoted else name.name
             if isinstance(name, str):
                 node.set("this", name.upper() if name.isascii() else name)
-        elif isinstance(node, exp.Var) and "'" not in node.name and '"' not in node.name:
+        elif kind == _VAR and "'" not in node.name and '"' not in node.name:
             node.set("this", node.name.upper())  # a keyword sqlglot keeps as written (THEN delete)
-        elif isinstance(node, _KEYWORD_ARGS):
+        elif kind == _KEYWORD_ARGS:  # ROWS BETWEEN 1 PRECEDING, FETCH NEXT...
             for key, value in list(node.args.items()):
                 if isinstance(value, str):
                     node.set(key, value.upper())
-        elif isinstance(node, exp.Operator):
+        elif kind == _OPERATOR:
             name = str(node.args["operator"])
             node.set("operator", _OPERATOR_NAME.sub(lambda m: ascii_lower(m.group()), name))
-        elif isinstance(node, exp.Literal):
+        elif kind == _LITERAL:
             i = _marker(node)
             if i is not None:
-                self._place(node, i)
-        elif isinstance(node, exp.Interval) and isinstance(node.this, exp.Parameter):
+                self._place(cast(exp.Literal, node), i)
+        elif kind == _INTERVAL and isinstance(node.this, exp.Parameter):
             unit = node.args.get("unit")  # sqlglot would print INTERVAL $1 DAY as INTERVAL '1 DAY'
             node.replace(exp.Var(this=f"INTERVAL {_sql(node.this)}" + (f" {_sql(unit)}" if unit else "")))
-        elif isinstance(node, exp.Boolean | exp.Null) and self.lift_consts \
-                and not isinstance(node.parent, exp.Is):  # IS NULL, IS TRUE stay
+        elif kind == _CONSTANT and self.lift_consts and not isinstance(node.parent, exp.Is):  # IS NULL stays
             i = self.const_base + len(self.consts)
             self.consts[i] = "NULL" if isinstance(node, exp.Null) else "TRUE" if node.this else "FALSE"
             node.replace(exp.Literal.string(f"\x01{i}\x01"))
 
     def _place(self, node: exp.Literal, i: int) -> None:
         """Keep a marker as a placeholder, or put its literal back where the value matters."""
-        parent = node.parent
-        keep = self.lift and not isinstance(parent, exp.DataTypeParam)  # varchar(20)
-        if keep and not node.is_string and isinstance(parent, _ORDINAL_PARENTS):
-            keep = False  # ORDER BY 1 names a column
-        if keep and isinstance(parent, exp.Tuple) and isinstance(parent.parent, exp.Distinct):
-            keep = False  # DISTINCT ON (1)
+        parent = node.parent  # the value matters in varchar(20), ORDER BY 1, DISTINCT ON (1), nextval('s')
+        keep = self.lift and not isinstance(parent, exp.DataTypeParam) \
+            and not (isinstance(parent, _ORDINAL_PARENTS) and not node.is_string) \
+            and not (isinstance(parent, exp.Tuple) and isinstance(parent.parent, exp.Distinct))
         if keep and isinstance(parent, exp.Func) and not isinstance(parent, exp.Cast | exp.Binary):
             name = parent.name if isinstance(parent, exp.Anonymous) else parent.sql_name()
             keep = not _SENSITIVE.match(name)
@@ -343,7 +361,24 @@ class _Statement:
             node.replace(node.this)
 
 
-def _marker(node: exp.Expression) -> int | None:
+_OTHER, _LATER, _SCOPE, _COLUMN, _IDENTIFIER, _CALL, _VAR, _KEYWORD_ARGS, _OPERATOR, _LITERAL, _INTERVAL, \
+    _CONSTANT = range(1, 13)  # not 0: a cached kind is truthy
+_KIND_OF = ((exp.Paren, _LATER), (exp.Neg, _LATER), (exp.And, _LATER), (exp.Or, _LATER), (exp.In, _LATER),
+            (exp.Table, _SCOPE), (exp.Select, _SCOPE), (exp.Subquery, _SCOPE), (exp.Values, _SCOPE),
+            (exp.Column, _COLUMN), (exp.Identifier, _IDENTIFIER), (exp.Anonymous, _CALL), (exp.Var, _VAR),
+            ((exp.WindowSpec, exp.Fetch, exp.RecursiveWithSearch, exp.Join, exp.Window), _KEYWORD_ARGS),
+            (exp.Operator, _OPERATOR), (exp.Literal, _LITERAL), (exp.Interval, _INTERVAL),
+            ((exp.Boolean, exp.Null), _CONSTANT))
+_KINDS: dict[type, int] = {}
+
+
+def _kind(cls: type) -> int:
+    """What _Statement does with a node of this class (isinstance once per class, then a look-up)."""
+    _KINDS[cls] = next((kind for types, kind in _KIND_OF if issubclass(cls, types)), _OTHER)
+    return _KINDS[cls]
+
+
+def _marker(node: exp.Expr) -> int | None:
     if not isinstance(node, exp.Literal):
         return None
     value = str(node.this)
@@ -390,7 +425,7 @@ def _unparen(node: exp.Paren) -> None:
         node.replace(inner)
 
 
-def _unalias_lone_table(select: exp.Select) -> None:
+def _unalias_lone_table(select: exp.Select, columns: list[exp.Column]) -> None:
     """SELECT u.id FROM users u WHERE u.id = $1 -> SELECT id FROM users WHERE id = $1: only for a
     SELECT over one plain table with no join, subquery, CTE, WINDOW or locking clause, and never
     where a bare name could then mean something else: a whole-row reference (`SELECT u FROM
@@ -399,15 +434,14 @@ def _unalias_lone_table(select: exp.Select) -> None:
     args = select.args
     table = args["from_"].this if args.get("from_") else None
     if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier) \
-            or any(args.get(k) for k in ("joins", "laterals", "with_", "locks", "into", "windows")) \
-            or sum(1 for _ in select.find_all(exp.Table, exp.Select, exp.Subquery, exp.Values)) != 2:
+            or any(args.get(k) for k in ("joins", "laterals", "with_", "locks", "into", "windows")):
         return
     alias = table.args.get("alias")
     if alias is not None and (alias.args.get("columns") or not isinstance(alias.this, exp.Identifier)):
         return
     name = alias.name if alias is not None else table.name
     qualified = []
-    for col in select.find_all(exp.Column):
+    for col in columns:
         db, catalog = col.text("db"), col.text("catalog")
         if not col.table and col.name in (name, table.name):
             return  # a whole-row reference, or a name that would become one

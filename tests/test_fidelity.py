@@ -28,6 +28,7 @@ import pytest
 
 from proxy.embedded import EmbeddedPostgres
 from proxy.pgwire import codes
+from proxy.pgwire.decode import parse_error_fields
 from tests.rawpg import (
     LoginError,
     Msg,
@@ -391,22 +392,30 @@ _SQL_PREPARE_NAMESPACE = ("proxy bug: protocol-level statements get server-side 
 _RESET_STARTUP = ("proxy deviation (README known limitation on RESET of startup parameters): the reply "
                   "to RESET/SET ... TO DEFAULT reports the server default in ParameterStatus "
                   "(TimeZone=Etc/UTC) and the startup value only arrives after ReadyForQuery")
-_KNOWN: _Corpus = {
+_OPTIONS_PRECEDENCE = ("proxy bug: a setting given both as a startup parameter and in `options` takes the "
+                       "`options` value (settings_from_startup applies options last); Postgres applies "
+                       "options first, so the explicit startup parameter wins")
+_SAO_PAULO = {"TimeZone": "America/Sao_Paulo"}
+# id: (steps, SQLSTATEs, must, startup parameters, reason)
+_KNOWN: dict[str, tuple[tuple[Step, ...], tuple[str, ...], str, dict[str, str], str]] = {
     "duplicate-statement-name": ((send(parse("fid_dup", "SELECT 1"), sync()),
                                   send(parse("fid_dup", "SELECT 2"), sync()),
                                   send(bind("", "fid_dup"), execute(""), sync()),
-                                  send(close_statement("fid_dup"), sync())), ("42P05",), "13"),
+                                  send(close_statement("fid_dup"), sync())), ("42P05",), "13", {},
+                                 _DUPLICATE_PARSE),
     "sql-prepare-shares-namespace": ((send(parse("fid_both", "SELECT 1"), sync()),
                                       "PREPARE fid_both AS SELECT 2", "EXECUTE fid_both",
-                                      send(bind("", "fid_both"), execute(""), sync())), ("42P05",), "1"),
+                                      send(bind("", "fid_both"), execute(""), sync())), ("42P05",), "1", {},
+                                     _SQL_PREPARE_NAMESPACE),
     "reset-startup-parameter": (("SET TimeZone = 'Asia/Kolkata'", "RESET TimeZone", "SHOW TimeZone"),
-                                (), "S"),
+                                (), "S", _SAO_PAULO, _RESET_STARTUP),
     "set-default-startup-parameter": (("SET TimeZone = 'Asia/Kolkata'", "SET TimeZone TO DEFAULT",
-                                       "SHOW TimeZone"), (), "S"),
+                                       "SHOW TimeZone"), (), "S", _SAO_PAULO, _RESET_STARTUP),
+    "startup-parameter-beats-options": (("SHOW TimeZone", "SHOW DateStyle", _TYPE_PROBE), (), "D",
+                                        {"options": "-c TimeZone=UTC -c DateStyle=Postgres,DMY",
+                                         "TimeZone": "Asia/Kolkata", "DateStyle": "SQL"},
+                                        _OPTIONS_PRECEDENCE),
 }
-_KNOWN_REASONS = {"duplicate-statement-name": _DUPLICATE_PARSE,
-                  "sql-prepare-shares-namespace": _SQL_PREPARE_NAMESPACE,
-                  "reset-startup-parameter": _RESET_STARTUP, "set-default-startup-parameter": _RESET_STARTUP}
 
 CASES: list[Case] = []
 for _name, _sql in _VALUES.items():
@@ -417,10 +426,8 @@ for _name, (_ssteps, _startup) in _SESSION_SETTINGS.items():
 for _prefix, _corpus in (("simple", _SIMPLE), ("extended", _EXTENDED)):
     for _name, (_steps, _states, _must) in _corpus.items():
         CASES.append(Case(f"{_prefix}-{_name}", _steps, errors=_states, must=_must))
-for _name, (_steps, _states, _must) in _KNOWN.items():
-    _startup = {"TimeZone": "America/Sao_Paulo"} if "startup" in _name else {}
-    CASES.append(Case(f"known-{_name}", _steps, _startup, errors=_states, must=_must,
-                      xfail=_KNOWN_REASONS[_name]))
+for _name, (_steps, _states, _must, _startup, _reason) in _KNOWN.items():
+    CASES.append(Case(f"known-{_name}", _steps, _startup, errors=_states, must=_must, xfail=_reason))
 # The same small script for every kind of login Postgres does here.
 _WHO = ("SELECT current_user, session_user, current_database(), current_setting('is_superuser'),"
         " current_setting('search_path'), current_setting('application_name')")
@@ -476,12 +483,23 @@ def login_shape(login: list[Msg]) -> tuple[list[bytes], list[Msg]]:
     return statuses, rest
 
 
+# Fields an error of that SQLSTATE must carry in the corpus (position, detail, schema, table,
+# constraint, column), so the comparison covers them.
+_REQUIRED_FIELDS = {"42601": "P", "42P01": "P", "42703": "PH", "23505": "Dstn", "23502": "Dstc",
+                    "P0001": "DHW"}
+
+
 def check_direct(case: Case, run: Run) -> None:
     """The corpus does what it says: the expected errors and message types come from Postgres."""
     everything = [m for answer in run.answers for m in answer]
     assert sqlstates(everything) == list(case.errors), (
         f"direct run: expected SQLSTATEs {list(case.errors)}, got "
         f"{[render(m) for m in everything if m[0] == codes.B_ERROR_RESPONSE]}")
+    for code, body in everything:
+        if code == codes.B_ERROR_RESPONSE:
+            fields = parse_error_fields(body)
+            lacking = [f for f in _REQUIRED_FIELDS.get(fields["C"], "") if f not in fields]
+            assert not lacking, f"direct error lacks fields {lacking}: {fields}"
     missing = [ch for ch in case.must if ord(ch) not in {code for code, _ in everything}]
     assert not missing, f"direct run lacks message types {missing}: {types(everything)}"
 
@@ -499,14 +517,46 @@ def assert_same(direct: Run, proxied: Run) -> None:
         assert got == want, f"step {n}: {first_difference(want, got)}"
 
 
+class Mismatch(AssertionError):
+    """The proxy's bytes differ from Postgres's (what a known-difference xfail expects)."""
+
+
 @pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
+    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, raises=Mismatch, reason=c.xfail)]
+                 if c.xfail else [])
     for c in CASES])
 def test_same_bytes_as_postgres(pg: EmbeddedPostgres, fid_proxy: ProxyHandle, case: Case) -> None:
     direct = run_case("127.0.0.1", pg.port, case)
-    check_direct(case, direct)
+    check_direct(case, direct)  # a plain AssertionError: fails even a known-difference case
     proxied = run_case(fid_proxy.host, fid_proxy.port, case)
-    assert_same(direct, proxied)
+    try:
+        assert_same(direct, proxied)
+    except AssertionError as exc:
+        raise Mismatch(str(exc)) from None
+
+
+_STALE_STATUS = ("proxy bug: login ParameterStatus comes from pool.server_params plus what the resync "
+                 "reported, but Postgres reports a parameter only when it differs from the value it last "
+                 "reported on that connection; a server connection that already had the value (from the "
+                 "previous client) reports nothing, so the client is told the pool's initial value "
+                 "(DateStyle 'ISO, MDY' while SHOW DateStyle says 'SQL, DMY')")
+
+
+@pytest.mark.xfail(strict=True, raises=Mismatch, reason=_STALE_STATUS)
+def test_login_status_on_reused_server_connection(pg: EmbeddedPostgres, corpus_db: None,
+                                                  proxy_factory: ProxyFactory) -> None:
+    """Two logins in a row on a one-connection pool; the second adds a startup parameter, so the
+    server connection is re-set while it already has the first login's DateStyle."""
+    proxy = proxy_factory("--pool-max-size", "1")
+    for startup in ({"DateStyle": "SQL, DMY"}, {"DateStyle": "SQL, DMY", "TimeZone": "UTC"}):
+        case = Case("reuse", ("SHOW DateStyle", _TYPE_PROBE), startup, must="D")
+        direct = run_case("127.0.0.1", pg.port, case)
+        check_direct(case, direct)
+        proxied = run_case(proxy.host, proxy.port, case)
+        try:
+            assert_same(direct, proxied)
+        except AssertionError as exc:
+            raise Mismatch(f"login with {startup}: {exc}") from None
 
 
 # ---- refused logins ---------------------------------------------------------------------------
@@ -558,30 +608,39 @@ def test_refused_login_same_error(pg: EmbeddedPostgres, fid_proxy: ProxyHandle, 
 CHUNK = 1000  # messages per digest, so a mismatch can be located without keeping the stream
 
 
-def _digests(host: str, port: int, sql: str) -> tuple[list[str], int, str]:
-    """(one digest per CHUNK messages, number of DataRows, the message types after the rows)."""
+_LARGE_SQL = "SELECT g, repeat(md5(g::text), 4), g * 1.5::float8 FROM generate_series(1, 100000) g"
+_LARGE = {
+    "simple-text": (query(_LARGE_SQL), "TCZ"),
+    "extended-binary": (parse(b"", _LARGE_SQL) + bind(result_formats=(1,)) + describe_portal() + execute()
+                        + sync(), "12TCZ"),
+}
+
+
+def _digests(host: str, port: int, request: bytes) -> tuple[list[str], int, str]:
+    """(one digest per CHUNK messages, number of DataRows, the other message types)."""
     with PgConn.connect(host, port, USER, PASSWORDS[USER], DB) as conn:
-        conn.send(query(sql))
-        out, h, data_rows, tail = [], hashlib.blake2b(digest_size=16), 0, ""
+        conn.send(request)
+        out, h, data_rows, other = [], hashlib.blake2b(digest_size=16), 0, ""
         for n, (code, body) in enumerate(conn.iter_until_ready(timeout=60), 1):
             h.update(bytes((code,)) + struct.pack("!I", len(body)) + body)
             if code == codes.B_DATA_ROW:
                 data_rows += 1
             else:
-                tail += chr(code)
+                other += chr(code)
             if n % CHUNK == 0:
                 out.append(h.hexdigest())
                 h = hashlib.blake2b(digest_size=16)
         out.append(h.hexdigest())
-        return out, data_rows, tail
+        return out, data_rows, other
 
 
-def test_large_result_same_bytes(pg: EmbeddedPostgres, fid_proxy: ProxyHandle) -> None:
-    """100k rows (~13 MB of DataRows) streamed through and hashed on both sides."""
-    sql = "SELECT g, repeat(md5(g::text), 4), g * 1.5::float8 FROM generate_series(1, 100000) g"
-    direct = _digests("127.0.0.1", pg.port, sql)
-    assert direct[1] == 100000 and direct[2] == "TCZ", direct[1:]
-    proxied = _digests(fid_proxy.host, fid_proxy.port, sql)
+@pytest.mark.parametrize("kind", list(_LARGE))
+def test_large_result_same_bytes(pg: EmbeddedPostgres, fid_proxy: ProxyHandle, kind: str) -> None:
+    """100k rows (~13 MB of DataRows as text) streamed through and hashed on both sides."""
+    request, other = _LARGE[kind]
+    direct = _digests("127.0.0.1", pg.port, request)
+    assert direct[1:] == (100000, other)
+    proxied = _digests(fid_proxy.host, fid_proxy.port, request)
     assert proxied[1:] == direct[1:]
     bad = [i for i, (a, b) in enumerate(zip(direct[0], proxied[0], strict=True)) if a != b]
     assert not bad, f"messages differ in chunks {bad[:10]} (of {CHUNK} messages each)"

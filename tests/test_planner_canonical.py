@@ -89,7 +89,7 @@ def test_fast_shape_refuses(sql: str) -> None:
     assert fast_shape(sql) is None
 
 
-def test_fast_shape_speed_smoke() -> None:
+def test_fast_shape_clause_ends_and_statements() -> None:
     sql = ("SELECT c.name, count(*), sum(o.total) FROM customers c JOIN orders o ON o.customer_id = c.id "
            "WHERE o.created_at > '2024-01-01' AND c.region IN ('eu', 'us') AND o.total > 100 "
            "GROUP BY c.name ORDER BY 3 DESC LIMIT 10")
@@ -143,6 +143,7 @@ COLLIDE = [
     ("SELECT now() - interval '5 days'", "SELECT NOW() - INTERVAL '5 days'"),
     ("SELECT a - -1 FROM t", "SELECT a - (-1) FROM t"),
     ("SELECT MyFunc(x) FROM t", 'SELECT "myfunc"(X) FROM t'),
+    ("SELECT date_part('year', d) FROM t", 'SELECT "date_part"(\'year\', D) FROM t'),
     ("SELECT x::MyType FROM t", "SELECT CAST(x AS mytype) FROM t"),
     ("BEGIN; UPDATE t SET a = 1 WHERE id = 2; COMMIT", "begin ;update t set a=1 where id=2;commit;"),
     ("PREPARE TRANSACTION 'tx-42'", "-- two-phase\nprepare   transaction 'tx-42'  "),
@@ -200,6 +201,8 @@ DIFFER = [
     ("SELECT * FROM t WHERE a = $1", "SELECT * FROM t WHERE a = $2"),
     ("SELECT date_part('epoch', x) FROM t", "SELECT extract(epoch FROM x) FROM t"),  # float8, numeric
     ("SELECT max(a, b) FROM t", "SELECT greatest(a, b) FROM t"),  # an error, a call
+    ('SELECT "trim"(x) FROM t', "SELECT trim(x) FROM t"),  # no function is named trim
+    ('SELECT "DATE_PART"(\'year\', d) FROM t', "SELECT date_part('year', d) FROM t"),
     ("SELECT regexp_like(a, 'x', 'i') FROM t", "SELECT regexp_like(a, 'x') FROM t"),
     ("SELECT to_char(x, 'Month') FROM t", "SELECT to_char(x, 'MONTH') FROM t"),
     ("SELECT interval '1' day", "SELECT interval '1' hour"),
