@@ -362,20 +362,27 @@ def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -
     s.entries.append((SWALLOW_CLOSE, srv))
 
 
+def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rejected) -> Chunks:
+    """Postgres runs (and fails) a DO block in place of the Parse: it skips to Sync as for any
+    error, and a transaction block is aborted, exactly as with a real error."""
+    backend.unnamed_owner = None
+    if not name:
+        s.unnamed = None
+    s.entries.extend(((SWALLOW_PARSE, None), (SWALLOW_BIND, None), (EXECUTE, rejected)))
+    return [encode.parse(b"", rejected.sql), _BIND_UNNAMED, _EXECUTE_UNNAMED]
+
+
 def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
     s.agent_stats.queries += 1
+    if name and name in s.statements:  # as Postgres: the name is taken until Close
+        text = name.decode("utf-8", "replace")
+        return _refuse_parse(s, backend, name, Rejected(
+            Verdict(False, "42P05", f'prepared statement "{text}" already exists')))
     if s.policy is not None:
         plan = _plan(s, sql)
         if not plan.verdict.allowed:
-            # Postgres runs (and fails) a DO block in its place: it skips to Sync as for
-            # any error, and a transaction block is aborted, exactly as with a real error.
-            rejected = _rejected(s, plan.verdict)
-            backend.unnamed_owner = None
-            if not name:
-                s.unnamed = None
-            s.entries.extend(((SWALLOW_PARSE, None), (SWALLOW_BIND, None), (EXECUTE, rejected)))
-            return [encode.parse(b"", rejected.sql), _BIND_UNNAMED, _EXECUTE_UNNAMED]
+            return _refuse_parse(s, backend, name, _rejected(s, plan.verdict))
         if plan.rewrites:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)

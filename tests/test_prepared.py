@@ -55,3 +55,24 @@ def test_deallocate_by_name_matches_postgres(pg: EmbeddedPostgres, proxy_factory
     proxy = proxy_factory("--pool-max-size", "1", "--pool-acquire-timeout", "1")
     with psycopg.connect(proxy.dsn(), autocommit=True) as other:
         assert deallocate_session(proxy.dsn(), other) == direct
+
+
+def duplicate_name_session(dsn: str) -> list[Outcome]:
+    """A statement name stays taken until it is closed: a second Parse under it fails with
+    42P05 and the first statement is still the one that runs."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgc = conn.pgconn
+        seen = [_outcome(pgc.prepare(b"dup", b"SELECT 1")),
+                _outcome(pgc.prepare(b"dup", b"SELECT 2")),
+                _outcome(pgc.exec_prepared(b"dup", [])),
+                _outcome(pgc.exec_(b"DEALLOCATE dup")),
+                _outcome(pgc.prepare(b"dup", b"SELECT 3")),
+                _outcome(pgc.exec_prepared(b"dup", []))]
+    return seen
+
+
+def test_duplicate_statement_name_matches_postgres(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    direct = duplicate_name_session(pg.dsn())
+    assert direct[1][1] == "42P05" and direct[2][3] == [b"1"] and direct[5][3] == [b"3"]
+    proxy = proxy_factory("--pool-max-size", "1")
+    assert duplicate_name_session(proxy.dsn()) == direct
