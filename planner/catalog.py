@@ -369,7 +369,8 @@ WHERE k.contype = 'f'
 _TRIGGERS = """
 SELECT n.nspname, c.relname
 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT t.tgisinternal AND t.tgname <> 'pgsluice_change_feed'
 UNION
 SELECT n.nspname, c.relname
 FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class

@@ -42,6 +42,14 @@ class Config:
     log_level: str = "info"
     log_format: LogFormat = "text"
     uvloop: bool = True
+    cache: bool = True  # answer repeated reads from cache (see README, "Cache")
+    cache_max_bytes: int = 256 * 1024 * 1024
+    cache_max_entry: int = 1024 * 1024  # larger results are not cached
+    cache_ttl: float = 60.0  # seconds: the last safety net
+    cache_requires_feed: bool = True  # cache a table only while the change feed covers it
+    change_feed: bool = True  # LISTEN to the change feed where it is installed
+    redis: str = ""  # redis://[:password@]host:port/db: shared tier, versions and pub/sub
+    redis_timeout_ms: float = 50.0  # never wait on Redis longer than this
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
 
     @property
@@ -56,12 +64,13 @@ class Config:
         """The config as a dict with every secret replaced by ***."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "roles"}
         out["upstream"] = mask_url(self.upstream)
+        out["redis"] = mask_url(self.redis)
         if self.roles.roles:
             out["roles"] = {r.name: _role_dict(r) for r in self.roles.roles}
         return out
 
 
-SECRET_FIELDS = frozenset({"upstream"})
+SECRET_FIELDS = frozenset({"upstream", "redis"})
 
 
 def _role_dict(policy: Policy) -> dict[str, Any]:
@@ -151,6 +160,8 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
             split_host_port(raw)
         elif name == "upstream":
             parse_upstream(raw)
+        elif name == "redis" and raw and not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis:// URL, got {mask_url(raw)!r}")
         return raw
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: invalid value for {name}: {exc}") from None
@@ -242,7 +253,9 @@ def validate(config: Config) -> None:
         raise ConfigError("auth_mode = auth_file needs auth_file = PATH")
     if config.max_message_size < 1024:
         raise ConfigError("max_message_size must be at least 1024")
-    for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout"):
+    if config.cache_max_bytes < 1 or config.cache_max_entry < 1:
+        raise ConfigError("cache_max_bytes and cache_max_entry must be positive")
+    for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
 

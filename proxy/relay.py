@@ -23,7 +23,7 @@ from planner import Kind, Plan, Verdict
 from planner.explain import describe
 from planner.normalize import comment_hints
 
-from . import sqlscan
+from . import caching, sqlscan
 from .pgwire import codes, encode
 from .pgwire.decode import parse_bind_names, parse_parameter_status, parse_parse, parse_target
 from .pgwire.errors import ProtocolError
@@ -40,6 +40,7 @@ QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
 FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND, SWALLOW_QUERY = range(8, 13)
 _SWALLOWED = (SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND)
 _ENDS_AT_READY = (QUERY, SYNC, FUNC)
+assert caching._ENDS_AT_READY == _ENDS_AT_READY
 _FAKE_BYTES = {FAKE_CLOSE: encode.CLOSE_COMPLETE}
 # "cached plan must not change result type": the statement predates a schema change
 _STALE_PLAN = b"\x00C0A000\x00"
@@ -95,11 +96,12 @@ Chunks = list[bytes | bytearray]
 class Statement:
     """A client's named prepared statement, kept on backends under `server_name`."""
 
-    __slots__ = ("parse_msg", "server_name")
+    __slots__ = ("parse_msg", "server_name", "writes")
 
-    def __init__(self, server_name: bytes, parse_msg: bytes) -> None:
+    def __init__(self, server_name: bytes, parse_msg: bytes, writes: frozenset[str] = frozenset()) -> None:
         self.server_name = server_name
         self.parse_msg = parse_msg
+        self.writes = writes  # tables an execution may change (cache versions to bump)
 
 
 def server_name(sql: bytes, types: bytes, search_path: bytes = b"") -> bytes:
@@ -160,7 +162,9 @@ def forward(s: ClientSession) -> None:
                 s.agent_stats.queries += 1
                 head = sql[:10].lower()
                 swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
-                    _show_plan(s, backend, sql) if head[:4] == b"show" else None
+                    _show(s, backend, sql) if head[:4] == b"show" else None
+                if swap is None and s.server.cache is not None:
+                    caching.note_writes(s, sql)
                 if swap is None and s.policy is not None:
                     swap = _guarded_query(s, backend, sql)
                 if swap is not None:
@@ -196,6 +200,7 @@ def forward(s: ClientSession) -> None:
         elif code == codes.F_FUNCTION_CALL:
             if not s.skipping:
                 entries.append((FUNC, None))
+                caching.mark(s, frozenset("*"))
         elif code == codes.F_TERMINATE:
             terminate = True
             break
@@ -260,6 +265,24 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
 
 
 _SHOW_PLAN = re.compile(rb"(?is)\s*show\s+plan\s+('(?:[^']|'')*')\s*;?\s*")
+_SHOW_CACHE = re.compile(rb"(?is)\s*show\s+cache\s*;?\s*")
+
+
+def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+    if s.server.cache is not None and _SHOW_CACHE.fullmatch(sql):
+        return _values(s, backend, ("name", "value"), s.server.cache.rows())
+    return _show_plan(s, backend, sql)
+
+
+def _values(s: ClientSession, backend: Backend, columns: tuple[str, ...],
+            rows: list[tuple[str, str]]) -> Chunks:
+    """Answer with these rows: Postgres runs a VALUES list of them, so the reply and the
+    transaction state are exactly those of a query."""
+    s.unnamed = None  # a simple Query destroys the unnamed statement
+    backend.unnamed_owner = None
+    values = ", ".join("(" + ", ".join(encode.quote_literal(v) for v in row) + ")" for row in rows)
+    s.entries.append((QUERY, None))
+    return [encode.query(f"SELECT * FROM (VALUES {values}) AS pgsluice({', '.join(columns)})")]
 
 
 def _show_plan(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
@@ -288,7 +311,7 @@ def _plan(s: ClientSession, sql: bytes) -> Plan:
     assert s.planner is not None
     plan = s.planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
-        s.server.refresh_catalog(s.database)
+        s.server.ddl_seen(s.database)
     return plan
 
 
@@ -387,14 +410,16 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
+    writes = caching.writes_of(s, sql) if s.server.cache is not None else frozenset()
     if not name:
+        s.unnamed_writes = writes
         s.unnamed = msg
         s.unnamed_gen += 1
         backend.unnamed_owner = (s.token, s.unnamed_gen)
         s.entries.append((PARSE, None))
         return [msg]
     srv = server_name(sql, types, _search_path(s))
-    stmt = Statement(srv, encode.parse(srv, sql, types))
+    stmt = Statement(srv, encode.parse(srv, sql, types), writes)
     s.statements[name] = stmt
     prepared = backend.prepared
     out: Chunks = []
@@ -440,6 +465,10 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
     out: Chunks = []
     if code == codes.F_BIND:
         portal, stmt_name, rest = parse_bind_names(msg[5:])
+        stmt = s.statements.get(stmt_name) if stmt_name else None
+        writes = stmt.writes if stmt is not None else s.unnamed_writes if not stmt_name else \
+            frozenset("*")  # a statement from SQL PREPARE: it may write anything
+        caching.mark(s, writes)
         name = _ensure(s, backend, stmt_name, out)
         s.entries.append((BIND, name if name != stmt_name else None))
         if name == stmt_name:
@@ -482,7 +511,8 @@ def backward(s: ClientSession, backend: Backend) -> None:
     if s.stream_left:
         pos = min(s.stream_left, n)
         s.stream_left -= pos
-    ready = False
+    ready = ended = completed = False
+    fill = s.fill
     while n - pos >= 5:
         code = buf[pos]
         length = _I.unpack_from(buf, pos + 1)[0]
@@ -508,7 +538,11 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     and not s.row_cap:
                 s.stream_left = end - n
                 pos = n
+                if fill is not None:
+                    fill.too_big()
             break
+        if fill is not None and code != codes.B_READY_FOR_QUERY:
+            fill.add(code, bytes(buf[pos:end]))
         if code == codes.B_DATA_ROW:
             if s.row_cap:
                 if s.rows_seen >= s.row_cap:  # max_rows_mode = "cut": drop it
@@ -519,6 +553,10 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     s.rows_seen += 1
         elif code == codes.B_READY_FOR_QUERY:
             backend.status = buf[pos + 5]
+            if fill is not None:
+                caching.finish(s, fill)
+                fill = None
+            ended |= caching.ready(s, backend.status == codes.TXN_IDLE)
             _end_at_ready(s, backend)
             if entries and entries[0][0] in _FAKE_BYTES:
                 out.append(buf[start:end])
@@ -526,6 +564,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 _drain_fakes(entries, out)
             ready = not entries
         elif code in _TERMINAL:
+            completed |= code == codes.B_COMMAND_COMPLETE
             if s.row_cap and code != codes.B_PORTAL_SUSPENDED:
                 if s.rows_cut and code == codes.B_COMMAND_COMPLETE:
                     out.append(buf[start:pos])
@@ -563,11 +602,21 @@ def backward(s: ClientSession, backend: Backend) -> None:
             s.reported[name] = value
         pos = end
     if start == 0 and not out:
-        s.write(bytes(buf[:pos]))
+        data = bytes(buf[:pos])
     else:
         out.append(buf[start:pos])
-        s.write(b"".join(out))
+        data = b"".join(out)
     del buf[:pos]
+    if ended:
+        caching.commit(s)  # before the client sees the commit (gated with Redis)
+    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s):
+        s.held.append(data)  # a write's CommandComplete waits for its ReadyForQuery
+        return
+    if s.held:
+        data = b"".join(s.held) + data
+        s.held.clear()
+    if data:
+        s.write(data)
     if ready and not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
         s.release()
 
@@ -659,6 +708,7 @@ def fail_pending(s: ClientSession, err: Exception) -> None:
     """No backend could be had: answer each buffered request with the error, as Postgres would."""
     from .pgwire.errors import PgError
     assert isinstance(err, PgError)
+    caching.abandon(s)  # a leader that got no server: its waiters look again
     buf = s.inbuf
     n = len(buf)
     pos = 0

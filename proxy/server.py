@@ -16,7 +16,9 @@ from typing import Any
 
 import asyncpg
 
-from planner import Planner
+from cache.engine import Cache, CacheSettings
+from cache.feed import ChangeFeed
+from planner import Catalog, Planner
 from planner.catalog import load as load_catalog
 
 from .backend import Credentials, Upstream, send_cancel
@@ -53,6 +55,12 @@ class Server:
         self._next_pid = secrets.randbelow(1 << 20) + 1000
         self.planners: dict[str, Planner] = {}
         self._catalog_refresh: set[str] = set()
+        self._catalog_gen: dict[str, int] = {}
+        c = config
+        self.cache: Cache | None = Cache(CacheSettings(
+            enabled=True, max_bytes=c.cache_max_bytes, max_entry=c.cache_max_entry, ttl=c.cache_ttl,
+            redis=c.redis, redis_timeout=c.redis_timeout_ms / 1000.0,
+            requires_feed=c.cache_requires_feed)) if c.cache else None
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -90,7 +98,31 @@ class Server:
         if planner is None:
             planner = self.planners[database] = Planner(policies=self.config.roles)
             self.spawn(self._load_catalog(database))
+            if self.cache is not None and self.config.change_feed:
+                self.cache.add_feed(ChangeFeed(database, lambda: self._connect(database), self._feed_change))
         return planner
+
+    def ddl_seen(self, database: str) -> None:
+        """DDL committed (here or elsewhere): plans made with the old catalog facts are not
+        trusted (nothing is cacheable) until the catalog is read again."""
+        planner = self.planners.get(database)
+        if planner is None:
+            return
+        self._catalog_gen[database] = self._catalog_gen.get(database, 0) + 1
+        planner.set_catalog(Catalog())
+        self.refresh_catalog(database, delay=0.02)
+
+    def _feed_change(self, database: str, tables: list[str]) -> None:
+        assert self.cache is not None
+        self.cache.feed_change(database, tables)
+        if "*" in tables:
+            self.ddl_seen(database)
+
+    async def _connect(self, database: str) -> asyncpg.Connection:
+        return await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
+                                     user=self.upstream_user, password=self.upstream_password,
+                                     database=database, timeout=self.config.connect_timeout,
+                                     server_settings={"application_name": "pgsluice control"})
 
     def refresh_catalog(self, database: str, delay: float = 1.0) -> None:
         """DDL went through: reload the catalog facts soon (one reload per burst)."""
@@ -101,11 +133,10 @@ class Server:
 
     async def _load_catalog(self, database: str) -> None:
         self._catalog_refresh.discard(database)
+        gen = self._catalog_gen.get(database, 0)
         try:
             async with asyncio.timeout(self.config.connect_timeout * 2):
-                conn = await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
-                                             user=self.upstream_user, password=self.upstream_password,
-                                             database=database)
+                conn = await self._connect(database)
                 try:
                     catalog = await load_catalog(conn)
                 finally:
@@ -113,6 +144,8 @@ class Server:
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("catalog of database %s not loaded (%s): its plans are not cacheable", database, exc)
             return
+        if self._catalog_gen.get(database, 0) != gen:
+            return  # DDL went by while reading: the newer reload decides
         self.planners[database].set_catalog(catalog)
 
     # ---- cancel --------------------------------------------------------------------------------
@@ -168,6 +201,8 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._servers.append(server)
         self._janitor = loop.create_task(self._janitor_loop())
+        if self.cache is not None:
+            self.cache.start()
         log.info("pgsluice listening on %s:%d, upstream %s:%d", host, port,
                  self.upstream.host, self.upstream.port)
 
@@ -192,6 +227,8 @@ class Server:
             self._janitor.cancel()
         for pool in self.pools.values():
             pool.close()
+        if self.cache is not None:
+            await self.cache.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.sleep(0)

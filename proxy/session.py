@@ -14,12 +14,13 @@ import itertools
 import logging
 import struct
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 
-from . import relay
+from . import caching, relay
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
 from .pgwire import codes, encode
@@ -69,6 +70,7 @@ class ClientSession(asyncio.Protocol):
         self.statements: dict[bytes, relay.Statement] = {}
         self.unnamed: bytes | None = None  # the client's last unnamed Parse message
         self.unnamed_gen = 0
+        self.unnamed_writes: frozenset[str] = frozenset()  # tables the unnamed statement writes
         self.stream_left = 0  # bytes of a large backend message still to pass through
         self.skipping = False  # Postgres is discarding messages until Sync after an error
         self.token = next(_tokens)
@@ -87,6 +89,17 @@ class ClientSession(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self._writing = True
+        # cache (issue 4): see caching.py
+        self.fill: caching.Fill | None = None  # this client leads a flight: its reply fills it
+        self.write_marks: deque[tuple[int, frozenset[str]]] = deque()  # (ReadyForQuery no., tables)
+        self.committing: set[str] = set()  # written in the transaction now open
+        self.ready_seen = 0  # ReadyForQuery messages from servers so far
+        self.held: list[bytes] = []  # output held back until the write's bump
+        self._gate: list[bytes] | None = None  # output waiting for a bump in Redis
+        self._cache_done = False  # the head Query already went through the cache
+        self.key_source: object = None
+        self.key_settings: tuple[tuple[str, str], ...] = ()
+        self.max_staleness: float | None = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -117,6 +130,8 @@ class ClientSession(asyncio.Protocol):
         self.closed = True
         self.server.clients.discard(self)
         self.server.cancel_keys.pop(self.key, None)
+        if self.fill is not None:
+            caching.abandon(self)
         self._wake()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -151,8 +166,21 @@ class ClientSession(asyncio.Protocol):
     # ---- output --------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self._gate is not None:
+            self._gate.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def gate_until(self, task: asyncio.Task[None]) -> None:
+        """Hold all output to the client until `task` (a version bump in Redis) is over."""
+        if self._gate is None:
+            self._gate = []
+        task.add_done_callback(self._open_gate)
+
+    def _open_gate(self, _task: object) -> None:
+        gate, self._gate = self._gate, None
+        if gate:
+            self.write(b"".join(gate))
 
     def fatal(self, sqlstate: str, message: str, **kw: str | None) -> None:
         """Send a FATAL ErrorResponse and close this connection only."""
@@ -243,6 +271,8 @@ class ClientSession(asyncio.Protocol):
         policy = self.server.config.roles.for_session(self.user, app)
         self.facts = SessionFacts(self.database, self.user, _search_path(result.params),
                                   policy.name if policy else "")
+        if self.server.cache is not None:
+            self.planner = self.server.planner_for(self.database)
         if policy is not None:
             self.policy = policy
             self.planner = self.server.planner_for(self.database)
@@ -274,22 +304,32 @@ class ClientSession(asyncio.Protocol):
                 if len(self.inbuf) > _PAUSE_AT:
                     self.pause_reading()
                 return
-            try:
-                if not relay.has_message(self.inbuf, self.server.config.max_message_size):
+            while True:
+                try:
+                    if not relay.has_message(self.inbuf, self.server.config.max_message_size):
+                        return
+                    code = self.inbuf[0]
+                    if code not in codes.FRONTEND_CODES or code == codes.F_PASSWORD:
+                        raise ProtocolError(f"invalid frontend message type {code}")
+                except ProtocolError as exc:
+                    self.fatal(exc.sqlstate, exc.message)
                     return
-                code = self.inbuf[0]
-                if code not in codes.FRONTEND_CODES or code == codes.F_PASSWORD:
-                    raise ProtocolError(f"invalid frontend message type {code}")
-            except ProtocolError as exc:
-                self.fatal(exc.sqlstate, exc.message)
-                return
-            if code == codes.F_TERMINATE:
-                self.close()
-                return
-            if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
-                relay.skip_to_sync(self)
-                self.pump()
-                return
+                if code == codes.F_TERMINATE:
+                    self.close()
+                    return
+                if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
+                    relay.skip_to_sync(self)
+                    continue
+                if code != codes.F_QUERY or self.server.cache is None or self.pinned:
+                    break
+                if self._cache_done:
+                    self._cache_done = False
+                    break
+                outcome = caching.try_query(self)
+                if outcome == caching.PASS:
+                    break
+                if outcome == caching.ASYNC or self.closed:
+                    return
             assert self.pool is not None
             pool = self.pool
             backend = pool.try_acquire()
@@ -349,6 +389,17 @@ class ClientSession(asyncio.Protocol):
             return
         self._bind(backend)
         self.resume_reading()
+        self.pump()
+
+    def spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` as this client's one pending task: pump waits until resume_pump."""
+        self._task = asyncio.get_running_loop().create_task(coro)
+
+    def resume_pump(self, cache_done: bool) -> None:
+        self._task = None
+        self._cache_done = cache_done
+        if len(self.inbuf) < _PAUSE_AT:
+            self.resume_reading()
         self.pump()
 
     def set_agent(self, name: str) -> None:
@@ -432,6 +483,8 @@ class ClientSession(asyncio.Protocol):
 
     def _backend_lost(self, backend: Backend) -> None:
         self.backend = None
+        caching.abandon(self)
+        caching.commit_all(self)  # it may have committed before the connection broke
         if self.pool is not None:
             self.pool.discard(backend)
         if self.server.shutting_down:
@@ -447,6 +500,20 @@ class ClientSession(asyncio.Protocol):
         pool = self.pool
         assert pool is not None
         backend.on_data = backend._idle_data
+        try:
+            await self._cleanup_backend(pool, backend)
+        finally:
+            # an autocommit write may have committed before the cancel reached it; and once
+            # more a little later, for one still finishing on a dropped connection
+            tables = caching.commit_all(self)
+            if tables:
+                asyncio.get_running_loop().call_later(2.0, self._bump_again, tables)
+
+    def _bump_again(self, tables: frozenset[str]) -> None:
+        self.committing |= tables
+        caching.commit(self)
+
+    async def _cleanup_backend(self, pool: Pool, backend: Backend) -> None:
         if backend.closed:
             pool.discard(backend)
             return

@@ -11,6 +11,10 @@ class AgentStats:
 
     queries: int = 0  # Query and Parse messages
     rejected: int = 0  # refused by a guardrail
+    hits: int = 0  # answered from cache
+    misses: int = 0  # looked up, not found: ran upstream as the leader
+    coalesced: int = 0  # waited for an identical query in flight
+    bypassed: int = 0  # not looked up (not cacheable, max_staleness=0, feed or Redis down...)
 
 
 @dataclass(slots=True)

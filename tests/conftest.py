@@ -67,7 +67,8 @@ def pg() -> Iterator[EmbeddedPostgres]:
     """One real PostgreSQL for the whole session, with roles alice/bob/md5_user/trusted_user
     and database `app` (owner alice). Superuser: postgres/postgres."""
     base = make_traversable_tmpdir("pgsluice-test-")
-    server = EmbeddedPostgres(base / "data")
+    server = EmbeddedPostgres(base / "data",
+                              extra_conf={"shared_preload_libraries": "pg_stat_statements"})
     try:
         server.start()
         # First matching line wins, so these go in front of initdb's scram host lines.

@@ -1,0 +1,265 @@
+"""The cache as the pipeline sees it: admission, keys, tiers, single-flight, versions, feeds.
+
+    reason = cache.admit(plan, database)          # None, or why this read is not cached
+    await cache.sync()                            # with Redis: the version barrier
+    key = cache.key(...); cache.local.get(key)    # the in-process tier (sync)
+    flight = cache.flights.get(key) or cache.lead(key)
+    ...; cache.land(flight, payload, storable)    # waiters get the payload, tiers store it
+    cache.bump(database, tables)                  # a write committed: before the client sees it
+
+Correctness rules (DESIGN.md): keys carry every version a read depends on, versions only
+grow, a write bumps before its client hears of it, and whenever versions may have been
+missed (Redis or a change feed away) the affected reads bypass the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Coroutine, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner import Plan
+
+from .feed import ChangeFeed
+from .local import LocalCache
+from .redis_tier import RedisDown, RedisTier
+from .versions import GLOBAL, Versions, name
+
+log = logging.getLogger("pgsluice.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = True
+    max_bytes: int = 256 * 1024 * 1024
+    max_entry: int = 1024 * 1024
+    ttl: float = 60.0
+    redis: str = ""
+    redis_timeout: float = 0.05
+    requires_feed: bool = True  # cache a table only while a change feed covers it
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    redis_hits: int = 0  # of hits: found in the Redis tier
+    misses: int = 0
+    coalesced: int = 0  # waited for an identical query in flight
+    stores: int = 0
+    too_large: int = 0
+    bumps: int = 0
+    feed_bumps: int = 0
+    redis_errors: int = 0
+    bypass: dict[str, int] = field(default_factory=dict)
+
+    def bypassed(self, reason: str) -> None:
+        self.bypass[reason] = self.bypass.get(reason, 0) + 1
+
+
+class Flight:
+    """One execution many identical requests wait for. `future` gets the reply (the wire
+    messages before ReadyForQuery) or None: the leader went away, run it yourselves."""
+
+    __slots__ = ("future", "key", "redis_key", "waiters")
+
+    def __init__(self, key: Hashable, redis_key: str) -> None:
+        self.key = key
+        self.redis_key = redis_key
+        self.future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.waiters = 0
+
+
+def redis_key(key: Hashable) -> str:
+    return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
+
+
+class Cache:
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+        self.local = LocalCache(settings.max_bytes, settings.max_entry, settings.ttl)
+        self.versions = Versions()
+        self.stats = CacheStats()
+        self.flights: dict[Hashable, Flight] = {}
+        self.feeds: dict[str, ChangeFeed] = {}
+        self.redis: RedisTier | None = None
+        if settings.redis:
+            self.redis = RedisTier(settings.redis, self.versions, settings.redis_timeout, self._redis_changed)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        if self.redis is not None:
+            self.redis.start()
+
+    async def close(self) -> None:
+        for feed in self.feeds.values():
+            await feed.close()
+        if self.redis is not None:
+            await self.redis.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def add_feed(self, feed: ChangeFeed) -> None:
+        self.feeds[feed.database] = feed
+        feed.start()
+
+    def _redis_changed(self, up: bool) -> None:
+        # the history of versions this process saw may be incomplete either way: start over
+        self.local.clear()
+        if not up:
+            self.versions.reset()
+
+    # ---- admission ----
+
+    def admit(self, plan: Plan, database: str) -> str | None:
+        """None if this read may be answered from cache, else the bypass reason."""
+        if not plan.cacheable:
+            return "not cacheable"
+        feed = self.feeds.get(database)
+        covered = feed is not None and feed.covers(plan.tables_read)
+        if not covered:
+            if feed is not None and feed.installed and not feed.up:
+                return "change feed down"
+            if self.settings.requires_feed:
+                return "not covered by change feed"
+        redis = self.redis
+        if redis is not None and not redis.up and not covered:
+            return "redis down"
+        return None
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether a lookup must wait for the version barrier (Redis is up)."""
+        return self.redis is not None and self.redis.up
+
+    async def sync(self, names: tuple[str, ...]) -> bool:
+        """With Redis: bring the mirror up to date for `names`. False: bypass this lookup."""
+        redis = self.redis
+        if redis is None or not redis.up:
+            return True
+        try:
+            await redis.barrier()
+            missing = self.versions.known(names)
+            if missing:
+                await redis.load_versions(missing)
+        except RedisDown:
+            self.stats.redis_errors += 1
+            return False
+        return True
+
+    def version_names(self, database: str, tables: frozenset[str]) -> tuple[str, ...]:
+        return self.versions.names(database, tables)
+
+    def current(self, names: tuple[str, ...]) -> tuple[str, tuple[int, ...]]:
+        return self.versions.generation, self.versions.get(names)
+
+    # ---- single-flight ----
+
+    def lead(self, key: Hashable) -> Flight:
+        flight = self.flights[key] = Flight(key, redis_key(key) if self.redis is not None else "")
+        self.stats.misses += 1
+        return flight
+
+    def land(self, flight: Flight, payload: bytes | None, storable: bool) -> None:
+        """The leader's reply is complete (payload None: it gave up)."""
+        if self.flights.get(flight.key) is flight:
+            del self.flights[flight.key]
+        if not flight.future.done():
+            flight.future.set_result(payload)
+        if payload is None or not storable:
+            return
+        if self.local.put(flight.key, payload):
+            self.stats.stores += 1
+            redis = self.redis
+            if redis is not None and redis.up:
+                self._spawn(self._redis_put(redis, flight.redis_key, payload))
+        else:
+            self.stats.too_large += 1
+
+    async def _redis_put(self, redis: RedisTier, key: str, payload: bytes) -> None:
+        try:
+            await redis.put(key, payload, self.settings.ttl)
+        except RedisDown:
+            self.stats.redis_errors += 1
+
+    async def redis_get(self, flight: Flight, max_age: float | None) -> bytes | None:
+        redis = self.redis
+        if redis is None or not redis.up:
+            return None
+        try:
+            found = await redis.get(flight.redis_key)
+        except RedisDown:
+            self.stats.redis_errors += 1
+            return None
+        if found is None:
+            return None
+        value, age = found
+        limit = self.settings.ttl if max_age is None else min(max_age, self.settings.ttl)
+        if age > limit:
+            return None
+        self.local.put(flight.key, value)
+        return value
+
+    # ---- versions ----
+
+    def bump(self, database: str, tables: Iterable[str]) -> asyncio.Task[None] | None:
+        """A write committed. Without Redis (or while it is away) the versions here move at
+        once; with Redis the returned task moves them there, and the client must not see
+        the write's completion before it ends."""
+        names = sorted({name(database, t) for t in tables})
+        self.stats.bumps += 1
+        redis = self.redis
+        if redis is None or not redis.up:
+            self.versions.bump(names)
+            if redis is not None:
+                redis._dirty.update(names)  # pushed to Redis when it is back
+            return None
+        task = asyncio.get_running_loop().create_task(self._redis_bump(redis, names))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _redis_bump(self, redis: RedisTier, names: list[str]) -> None:
+        try:
+            await redis.bump(names)
+        except RedisDown:
+            # Redis may not have it: nothing this process stored may be trusted any more
+            self.stats.redis_errors += 1
+            self.versions.reset()
+            self.local.clear()
+
+    def feed_change(self, database: str, tables: list[str]) -> None:
+        """A change feed saw a commit."""
+        self.stats.feed_bumps += 1
+        self.bump(database, [GLOBAL] if GLOBAL in tables else tables)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- visibility ----
+
+    def rows(self) -> list[tuple[str, str]]:
+        """SHOW CACHE: (name, value) pairs."""
+        s, ls = self.stats, self.local.stats
+        out = [("hits", s.hits), ("hits_from_redis", s.redis_hits), ("misses", s.misses),
+               ("coalesced", s.coalesced), ("stores", s.stores), ("too_large", s.too_large + ls.too_large),
+               ("evictions", ls.evictions), ("expired", ls.expired), ("entries", ls.entries),
+               ("bytes", ls.bytes), ("max_bytes", self.local.max_bytes), ("in_flight", len(self.flights)),
+               ("write_bumps", s.bumps - s.feed_bumps), ("feed_bumps", s.feed_bumps)]
+        rows = [(k, str(v)) for k, v in out]
+        rows += [(f"bypass: {reason}", str(n)) for reason, n in sorted(s.bypass.items())]
+        if self.redis is not None:
+            rows += [("redis", "up" if self.redis.up else "down"), ("redis_errors", str(s.redis_errors))]
+        for db, feed in sorted(self.feeds.items()):
+            state = "up" if feed.up else "down"
+            if not feed.installed:
+                state += " (not installed: run pgsluice install-change-feed)"
+            rows += [(f"change_feed {db}", f"{state}, {len(feed.covered)} tables, "
+                      f"{feed.notifications} notifications")]
+        return rows

@@ -1,0 +1,87 @@
+"""Shared set-up for the cache tests: a database with the change feed, pg_stat_statements and
+a few tables, and helpers to read pgsluice's SHOW CACHE and upstream call counts."""
+
+from __future__ import annotations
+
+import psycopg2
+
+from proxy.embedded import EmbeddedPostgres
+from tests.util import PASSWORDS, ProxyHandle
+
+SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL);
+INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 200) g;
+CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL);
+INSERT INTO counters SELECT g, 0 FROM generate_series(1, 20) g;
+CREATE TABLE moments (id int PRIMARY KEY, at timestamptz NOT NULL);
+INSERT INTO moments VALUES (1, '2024-03-10 12:34:56.789+00');
+CREATE TABLE notes (id serial PRIMARY KEY, owner name NOT NULL DEFAULT current_user, body text);
+ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_notes ON notes USING (owner = current_user);
+GRANT SELECT, INSERT ON notes TO alice, bob;
+GRANT USAGE ON SEQUENCE notes_id_seq TO alice, bob;
+GRANT SELECT ON items, moments TO alice, bob;
+GRANT SELECT ON items TO trusted_user;
+CREATE SEQUENCE leader_runs;
+GRANT USAGE, UPDATE ON SEQUENCE leader_runs TO trusted_user;
+CREATE FUNCTION slow_answer(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN PERFORM nextval('leader_runs'); PERFORM pg_sleep(1); RETURN x * 2; END $$;
+CREATE FUNCTION slow_failure(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN PERFORM nextval('leader_runs'); PERFORM pg_sleep(1);
+  RAISE EXCEPTION 'slow failure %', x USING ERRCODE = '22012'; END $$;
+"""
+
+
+def create(pg: EmbeddedPostgres, database: str) -> None:
+    """A fresh database `database` with SCHEMA and the change feed installed."""
+    pg.psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE); CREATE DATABASE {database};")
+    pg.psql(f"GRANT CONNECT ON DATABASE {database} TO alice, bob, trusted_user;", db=database)
+    with psycopg2.connect(pg.dsn(database=database)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(SCHEMA)
+            from cache.feed import INSTALL
+            cur.execute(INSTALL)
+
+
+def connect(target: EmbeddedPostgres | ProxyHandle, database: str, user: str = "postgres",
+            **kw: str) -> psycopg2.extensions.connection:
+    """psycopg2 (simple protocol), autocommit."""
+    password = PASSWORDS[user]
+    dsn = target.dsn(user=user, password=password, database=database)
+    conn = psycopg2.connect(dsn, **kw)
+    conn.autocommit = True
+    return conn
+
+
+def show_cache(proxy: ProxyHandle, database: str) -> dict[str, str]:
+    with connect(proxy, database) as conn, conn.cursor() as cur:
+        cur.execute("SHOW CACHE")
+        out = dict(cur.fetchall())
+    conn.close()
+    return out
+
+
+def calls(pg: EmbeddedPostgres, database: str, like: str) -> int:
+    """How many times Postgres ran statements whose normalized text contains `like`."""
+    with psycopg2.connect(pg.dsn(database=database)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d "
+                    "ON d.oid = s.dbid WHERE d.datname = %s AND s.query LIKE %s", (database, f"%{like}%"))
+        row = cur.fetchone()
+    conn.close()
+    assert row is not None
+    return int(row[0])
+
+
+def wait_feed(proxy: ProxyHandle, database: str, timeout: float = 10.0) -> None:
+    """Until pgsluice's change feed for `database` is up (the first connection starts it)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = show_cache(proxy, database)
+        if rows.get(f"change_feed {database}", "").startswith("up"):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"change feed not up: {rows}")
+        time.sleep(0.05)
