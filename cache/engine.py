@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Coroutine, Hashable, Iterable
+import time
+from collections.abc import Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from .redis_tier import RedisDown, RedisTier
 from .versions import GLOBAL, Versions, name
 
 log = logging.getLogger("pgsluice.cache")
+OWN_WRITE_WINDOW = 5.0  # seconds: a feed notification of our own recent write is not re-bumped
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class CacheStats:
     too_large: int = 0
     bumps: int = 0
     feed_bumps: int = 0
+    feed_own: int = 0  # feed notifications of writes made here (bumped by their session)
     redis_errors: int = 0
     bypass: dict[str, int] = field(default_factory=dict)
 
@@ -88,6 +91,10 @@ class Cache:
         if settings.redis:
             self.redis = RedisTier(settings.redis, self.versions, settings.redis_timeout, self._redis_changed)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.own_pid: Callable[[int], bool] = lambda _pid: False
+        self._own_writes: dict[str, float] = {}
+        self._feed_pending: set[str] = set()
+        self._feed_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
 
@@ -127,7 +134,9 @@ class Cache:
             if self.settings.requires_feed:
                 return "not covered by change feed"
         redis = self.redis
-        if redis is not None and not redis.up and not covered:
+        if redis is not None and not redis.up:
+            # another instance's writes are invisible without the shared versions (the change
+            # feed is not synchronous with their acknowledgement): correct and slower
             return "redis down"
         return None
 
@@ -232,10 +241,37 @@ class Cache:
             self.versions.reset()
             self.local.clear()
 
-    def feed_change(self, database: str, tables: list[str]) -> None:
-        """A change feed saw a commit."""
+    def note_own_write(self, database: str, tables: Iterable[str]) -> None:
+        """A session here is about to write `tables`; it bumps them itself once committed."""
+        now = time.monotonic()
+        own = self._own_writes
+        if len(own) > 10_000:
+            own.clear()
+        for t in tables:
+            own[name(database, t)] = now
+
+    def feed_change(self, database: str, tables: list[str], pid: int = 0) -> None:
+        """A change feed saw a commit by server process `pid` (0: unknown)."""
+        names = {name(database, GLOBAL if GLOBAL in tables else t) for t in tables}
+        if pid and self.own_pid(pid):
+            now = time.monotonic()
+            if all(now - self._own_writes.get(n, -1e9) < OWN_WRITE_WINDOW for n in names):
+                self.stats.feed_own += 1  # our session bumps it after its commit: no need twice
+                return
         self.stats.feed_bumps += 1
-        self.bump(database, [GLOBAL] if GLOBAL in tables else tables)
+        redis = self.redis
+        if redis is None or not redis.up:
+            self.bump(database, [GLOBAL] if GLOBAL in tables else tables)
+            return
+        # many notifications, few round trips: bumps queued while one is in flight go together
+        self._feed_pending |= names
+        if self._feed_task is None or self._feed_task.done():
+            self._feed_task = asyncio.get_running_loop().create_task(self._feed_bumps(redis))
+
+    async def _feed_bumps(self, redis: RedisTier) -> None:
+        while self._feed_pending:
+            batch, self._feed_pending = sorted(self._feed_pending), set()
+            await self._redis_bump(redis, batch)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -251,7 +287,7 @@ class Cache:
                ("coalesced", s.coalesced), ("stores", s.stores), ("too_large", s.too_large + ls.too_large),
                ("evictions", ls.evictions), ("expired", ls.expired), ("entries", ls.entries),
                ("bytes", ls.bytes), ("max_bytes", self.local.max_bytes), ("in_flight", len(self.flights)),
-               ("write_bumps", s.bumps - s.feed_bumps), ("feed_bumps", s.feed_bumps)]
+               ("write_bumps", s.bumps), ("feed_bumps", s.feed_bumps), ("feed_own_writes", s.feed_own)]
         rows = [(k, str(v)) for k, v in out]
         rows += [(f"bypass: {reason}", str(n)) for reason, n in sorted(s.bypass.items())]
         if self.redis is not None:

@@ -38,7 +38,7 @@ CREATE SCHEMA IF NOT EXISTS pgsluice;
 CREATE OR REPLACE FUNCTION pgsluice.notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+  PERFORM pg_notify('{CHANNEL}', pg_backend_pid() || ' ' || TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
   RETURN NULL;
 END $$;
 
@@ -111,7 +111,7 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 class ChangeFeed:
     """LISTENs on one database; calls `on_change(tables)` ("*" = everything) for each write."""
 
-    def __init__(self, database: str, connect: Connect, on_change: Callable[[str, list[str]], None],
+    def __init__(self, database: str, connect: Connect, on_change: Callable[[str, list[str], int], None],
                  check_interval: float = 1.0) -> None:
         self.database = database
         self.connect = connect
@@ -180,7 +180,7 @@ class ChangeFeed:
             await self._load_coverage(conn)
         self._refresh = asyncio.Event()
         # anything may have changed while we were not listening
-        self.on_change(self.database, ["*"])
+        self.on_change(self.database, ["*"], 0)
         self.up = True
         if self.reconnects:
             log.warning("change feed of %s is back", self.database)
@@ -216,4 +216,7 @@ class ChangeFeed:
         self.notifications += 1
         if payload == "*" and self._refresh is not None:
             self._refresh.set()  # DDL: tables may have appeared or gone
-        self.on_change(self.database, [payload])
+        pid, _, table = payload.partition(" ")
+        if not pid.isdigit():  # "*", or a trigger from an older install
+            pid, table = "0", payload
+        self.on_change(self.database, [table], int(pid))

@@ -100,6 +100,8 @@ def try_query(s: ClientSession) -> int:
     hinted = plan.hint("max_staleness")
     if hinted is not None:
         max_age = parse_duration(hinted)
+    if plan.kind is not Kind.READ:
+        return PASS
     reason = cache.admit(plan, s.database)
     if reason is None and max_age is not None and max_age <= 0:
         reason = "max_staleness=0"
@@ -262,6 +264,8 @@ def mark(s: ClientSession, tables: frozenset[str]) -> None:
     """Statements about to be sent write `tables`: they are done (committed, or part of the
     transaction) at the ReadyForQuery of the next message that ends at one (Query, Sync)."""
     if tables:
+        if s.server.cache is not None:
+            s.server.cache.note_own_write(s.database, tables)
         due = s.ready_seen + 1 + sum(1 for kind, _ in s.entries if kind in _ENDS_AT_READY)
         s.write_marks.append((due, tables))
 

@@ -60,6 +60,7 @@ class Pool:
         # startup settings -> ParameterStatus values Postgres reported for them
         self.status_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.closed = False
+        self.pids: set[int] = set()  # server process ids of this pool's live connections
 
     @property
     def key(self) -> tuple[str, str]:
@@ -153,6 +154,7 @@ class Pool:
             backend.close()
         if backend.on_lost is not None:
             backend.on_lost = None
+            self.pids.discard(backend.pid)
             self.size -= 1
 
     def _wake_for_capacity(self) -> None:
@@ -194,6 +196,7 @@ class Pool:
             raise
         self.stats.connects += 1
         backend.on_lost = self._lost
+        self.pids.add(backend.pid)
         if not self.server_params:
             self.server_params = dict(backend.params)
         return backend
@@ -204,11 +207,13 @@ class Pool:
         self.held += 1
         self.stats.connects += 1
         backend.on_lost = self._lost
+        self.pids.add(backend.pid)
         if not self.server_params:
             self.server_params = dict(backend.params)
 
     def _lost(self, backend: Backend) -> None:
         backend.on_lost = None
+        self.pids.discard(backend.pid)
         self.size -= 1
         if backend in self.idle:
             self.idle.remove(backend)

@@ -270,7 +270,7 @@ _SHOW_CACHE = re.compile(rb"(?is)\s*show\s+cache\s*;?\s*")
 
 def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     if s.server.cache is not None and _SHOW_CACHE.fullmatch(sql):
-        return _values(s, backend, ("name", "value"), s.server.cache.rows())
+        return _values(s, backend, ("name", "value"), s.server.cache_rows())
     return _show_plan(s, backend, sql)
 
 

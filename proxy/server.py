@@ -61,6 +61,8 @@ class Server:
             enabled=True, max_bytes=c.cache_max_bytes, max_entry=c.cache_max_entry, ttl=c.cache_ttl,
             redis=c.redis, redis_timeout=c.redis_timeout_ms / 1000.0,
             requires_feed=c.cache_requires_feed)) if c.cache else None
+        if self.cache is not None:
+            self.cache.own_pid = lambda pid: any(pid in p.pids for p in self.pools.values())
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -102,6 +104,17 @@ class Server:
                 self.cache.add_feed(ChangeFeed(database, lambda: self._connect(database), self._feed_change))
         return planner
 
+    def cache_rows(self) -> list[tuple[str, str]]:
+        """SHOW CACHE: the cache's counters, and whether each database's catalog is loaded
+        (until it is, nothing of that database is cacheable)."""
+        assert self.cache is not None
+        rows = self.cache.rows()
+        for db, planner in sorted(self.planners.items()):
+            state = "loaded" if planner.catalog.loaded else "loading"
+            rows.append((f"catalog {db}", f"{state}, {planner.stats.hits} plan hits, "
+                         f"{planner.stats.misses} parsed"))
+        return rows
+
     def ddl_seen(self, database: str) -> None:
         """DDL committed (here or elsewhere): plans made with the old catalog facts are not
         trusted (nothing is cacheable) until the catalog is read again."""
@@ -112,9 +125,9 @@ class Server:
         planner.set_catalog(Catalog())
         self.refresh_catalog(database, delay=0.02)
 
-    def _feed_change(self, database: str, tables: list[str]) -> None:
+    def _feed_change(self, database: str, tables: list[str], pid: int) -> None:
         assert self.cache is not None
-        self.cache.feed_change(database, tables)
+        self.cache.feed_change(database, tables, pid)
         if "*" in tables:
             self.ddl_seen(database)
 

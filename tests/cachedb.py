@@ -80,7 +80,8 @@ def wait_feed(proxy: ProxyHandle, database: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         rows = show_cache(proxy, database)
-        if rows.get(f"change_feed {database}", "").startswith("up"):
+        if rows.get(f"change_feed {database}", "").startswith("up") and \
+                rows.get(f"catalog {database}", "").startswith("loaded"):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"change feed not up: {rows}")
