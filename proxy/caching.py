@@ -23,6 +23,8 @@ from cache.versions import GLOBAL
 from planner import Flag, Kind, Plan, Planner
 
 from .pgwire import codes, encode
+from .pgwire.decode import parse_bind_names, parse_parse
+from .pgwire.errors import ProtocolError
 
 if TYPE_CHECKING:
     from .session import ClientSession
@@ -35,6 +37,7 @@ _ENDS_AT_READY = (0, 1, 2)  # relay.QUERY, SYNC, FUNC (relay checks)
 _CANCELED = b"\x00C57014\x00"
 _STORABLE = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,
                        codes.B_EMPTY_QUERY_RESPONSE})
+_PROTOCOL_REPLIES = frozenset({codes.B_PARSE_COMPLETE, codes.B_BIND_COMPLETE, codes.B_CLOSE_COMPLETE})
 _SHAREABLE = _STORABLE | {codes.B_ERROR_RESPONSE, codes.B_NOTICE_RESPONSE}
 
 
@@ -52,7 +55,7 @@ class Fill:
         self.shareable = True
 
     def add(self, code: int, message: bytes) -> None:
-        if not self.shareable:
+        if not self.shareable or code in _PROTOCOL_REPLIES:
             return
         if code not in _STORABLE:
             self.storable = False
@@ -88,20 +91,116 @@ def _key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float 
     return s.key_settings, s.max_staleness
 
 
+class Request:
+    """One cacheable request at the head of s.inbuf: a Query, or a Bind..Execute..Sync group."""
+
+    __slots__ = ("end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix", "settings")
+
+    def __init__(self, plan: Plan, end: int, fmt: object, prefix: bytes = b"",
+                 parse_msg: bytes | None = None) -> None:
+        self.plan = plan
+        self.end = end  # bytes of s.inbuf it takes
+        self.fmt = fmt  # what else shapes the reply: protocol, parameters, formats
+        self.prefix = prefix  # replies of the group's Parse/Bind, before the cached part
+        self.parse_msg = parse_msg  # an unnamed Parse the group carries (it replaces s.unnamed)
+        self.settings: object = ()
+        self.names: tuple[str, ...] = ()
+        self.max_age: float | None = None
+
+
 def try_query(s: ClientSession) -> int:
     """The head of s.inbuf is a complete Query and s holds no server connection."""
-    cache = s.server.cache
-    assert cache is not None
     end = 1 + _I.unpack_from(s.inbuf, 1)[0]
     sql = bytes(s.inbuf[5:end - 1]).decode("utf-8", "replace")
     planner = s.planner or s.server.planner_for(s.database)
-    plan = planner.analyze(sql, s.facts)
+    return _try(s, Request(planner.analyze(sql, s.facts), end, _FORMAT_SIMPLE))
+
+
+def try_extended(s: ClientSession) -> int:
+    """The head of s.inbuf is a Parse or Bind and s holds no server connection: a group
+    [Parse (unnamed)] Bind [Describe portal] Execute Sync, complete, can be cached."""
+    try:
+        found = _statement(s)
+    except ProtocolError:
+        return PASS  # relay refuses it, with the error Postgres would give
+    if found is None:
+        return PASS
+    end, parse_msg, sql, types, bind_rest, describe = found
+    planner = s.planner or s.server.planner_for(s.database)
+    plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
+    prefix = (encode.PARSE_COMPLETE if parse_msg is not None else b"") + encode.BIND_COMPLETE
+    return _try(s, Request(plan, end, (b"X", types, bind_rest, describe), prefix, parse_msg))
+
+
+def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes, bool] | None:
+    group = _group(s)
+    if group is None:
+        return None
+    end, parse_msg, stmt, bind_rest, describe = group
+    if parse_msg is not None:
+        _name, sql, types = parse_parse(parse_msg[5:])
+    elif not stmt:
+        if s.unnamed is None:
+            return None
+        _name, sql, types = parse_parse(s.unnamed[5:])
+    else:
+        known = s.statements.get(stmt)
+        if known is None:
+            return None  # SQL-level PREPARE: Postgres knows it, we do not
+        _name, sql, types = parse_parse(known.parse_msg[5:])
+    return end, parse_msg, sql, types, bind_rest, describe
+
+
+def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | None:
+    """(end, unnamed Parse message or None, statement name, Bind parameters and formats,
+    Describe portal?) of a cacheable group at the head of s.inbuf, else None."""
+    buf = s.inbuf
+    n = len(buf)
+    pos = 0
+    parse_msg: bytes | None = None
+    stmt = bind_rest = b""
+    bound = described = executed = False
+    while n - pos >= 5:
+        code = buf[pos]
+        end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
+        if end > n:
+            return None
+        body = bytes(buf[pos + 5:end])
+        if code == codes.F_PARSE and pos == 0:
+            if body[:1] != b"\x00":
+                return None  # a named statement: Postgres must keep it
+            parse_msg = bytes(buf[pos:end])
+        elif code == codes.F_BIND and not bound:
+            portal, stmt, rest = parse_bind_names(body)
+            if portal or (parse_msg is not None and stmt):
+                return None
+            bind_rest, bound = body[rest:], True
+        elif code == codes.F_DESCRIBE and bound and not described and not executed:
+            if body != b"P\x00":
+                return None
+            described = True
+        elif code == codes.F_EXECUTE and bound and not executed:
+            if body != b"\x00\x00\x00\x00\x00":  # unnamed portal, all rows
+                return None
+            executed = True
+        elif code == codes.F_SYNC and executed:
+            return end, parse_msg, stmt, bind_rest, described
+        else:
+            return None
+        pos = end
+    return None
+
+
+def _try(s: ClientSession, req: Request) -> int:
+    cache = s.server.cache
+    assert cache is not None
+    plan = req.plan
+    if plan.kind is not Kind.READ:
+        return PASS
     settings, max_age = _key_settings(s)
     hinted = plan.hint("max_staleness")
     if hinted is not None:
         max_age = parse_duration(hinted)
-    if plan.kind is not Kind.READ:
-        return PASS
     reason = cache.admit(plan, s.database)
     if reason is None and max_age is not None and max_age <= 0:
         reason = "max_staleness=0"
@@ -111,67 +210,67 @@ def try_query(s: ClientSession) -> int:
         cache.stats.bypassed(reason)
         s.agent_stats.bypassed += 1
         return PASS
-    names = cache.version_names(s.database, plan.tables_read)
+    req.settings, req.max_age = settings, max_age
+    req.names = cache.version_names(s.database, plan.tables_read)
     if cache.needs_sync:
-        s.spawn_task(_lookup_after_sync(s, plan, settings, names, max_age, end))
+        s.spawn_task(_lookup_after_sync(s, req))
         return ASYNC
-    return _lookup(s, plan, settings, names, max_age, end)
+    return _lookup(s, req)
 
 
-def _key(s: ClientSession, plan: Plan, settings: object, names: tuple[str, ...]) -> object:
-    assert s.server.cache is not None
-    return make_key(s.database, s.user, s.facts.role_policy, settings, plan.fingerprint, plan.params,
-                    _FORMAT_SIMPLE, s.server.cache.current(names))
-
-
-def _lookup(s: ClientSession, plan: Plan, settings: object, names: tuple[str, ...],
-            max_age: float | None, end: int) -> int:
+def _lookup(s: ClientSession, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
-    key = _key(s, plan, settings, names)
-    value = cache.local.get(key, max_age)
+    plan = req.plan
+    key = make_key(s.database, s.user, s.facts.role_policy, req.settings, plan.fingerprint, plan.params,
+                   req.fmt, cache.current(req.names))
+    value = cache.local.get(key, req.max_age)
     if value is not None:
         cache.stats.hits += 1
         s.agent_stats.hits += 1
-        _reply(s, value, end)
+        _reply(s, value, req)
         return SERVED
     flight = cache.flights.get(key)
     if flight is not None:
-        s.spawn_task(_join(s, flight, end))
+        s.spawn_task(_join(s, flight, req))
         return ASYNC
     flight = cache.lead(key)
     s.agent_stats.misses += 1
     if cache.redis is not None and cache.redis.up:
-        s.spawn_task(_lead_via_redis(s, flight, max_age, end))
+        s.spawn_task(_lead_via_redis(s, flight, req))
         return ASYNC
     s.fill = Fill(flight, cache.settings.max_entry)
     return PASS
 
 
-def _reply(s: ClientSession, payload: bytes, end: int) -> None:
-    del s.inbuf[:end]
-    s.unnamed = None  # a simple Query destroys the unnamed statement
+def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
+    del s.inbuf[:req.end]
     s.queries += 1
     s.agent_stats.queries += 1
-    s.write(payload + _RFQ_IDLE)
+    if req.parse_msg is not None:  # as if the group's Parse had reached Postgres
+        s.unnamed = req.parse_msg
+        s.unnamed_gen += 1
+        s.unnamed_writes = frozenset()
+    elif not req.prefix:
+        s.unnamed = None  # a simple Query destroys the unnamed statement
+    s.write(req.prefix + payload + _RFQ_IDLE)
 
 
-async def _lookup_after_sync(s: ClientSession, plan: Plan, settings: object, names: tuple[str, ...],
-                             max_age: float | None, end: int) -> None:
+async def _lookup_after_sync(s: ClientSession, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
-    if not await cache.sync(names):
+    if not await cache.sync(req.names):
         cache.stats.bypassed("redis slow or down")
         s.agent_stats.bypassed += 1
         s.resume_pump(cache_done=True)
         return
-    result = _lookup(s, plan, settings, names, max_age, end)
+    result = _lookup(s, req)
     if result == ASYNC:
         return  # a join or a Redis look-up took over
     s.resume_pump(cache_done=result == PASS)
 
 
-async def _join(s: ClientSession, flight: Flight, end: int) -> None:
+async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     flight.waiters += 1
@@ -181,15 +280,15 @@ async def _join(s: ClientSession, flight: Flight, end: int) -> None:
         return
     cache.stats.coalesced += 1
     s.agent_stats.coalesced += 1
-    _reply(s, payload, end)
+    _reply(s, payload, req)
     s.resume_pump(cache_done=False)
 
 
-async def _lead_via_redis(s: ClientSession, flight: Flight, max_age: float | None, end: int) -> None:
+async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     try:
-        value = await cache.redis_get(flight, max_age)
+        value = await cache.redis_get(flight, req.max_age)
     except BaseException:
         cache.land(flight, None, False)
         raise
@@ -200,7 +299,7 @@ async def _lead_via_redis(s: ClientSession, flight: Flight, max_age: float | Non
         s.agent_stats.hits += 1
         s.agent_stats.misses -= 1
         cache.land(flight, value, False)
-        _reply(s, value, end)
+        _reply(s, value, req)
         s.resume_pump(cache_done=False)
         return
     s.fill = Fill(flight, cache.settings.max_entry)

@@ -43,6 +43,7 @@ log = logging.getLogger("pgsluice.session")
 _I = struct.Struct("!I")
 _PAUSE_AT = 1 << 20  # buffered client bytes while waiting for a backend
 _tokens = itertools.count(1)
+_CACHEABLE_HEADS = (codes.F_QUERY, codes.F_PARSE, codes.F_BIND)  # requests the cache may answer
 
 
 class ClientSession(asyncio.Protocol):
@@ -320,12 +321,12 @@ class ClientSession(asyncio.Protocol):
                 if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
                     relay.skip_to_sync(self)
                     continue
-                if code != codes.F_QUERY or self.server.cache is None or self.pinned:
+                if self.server.cache is None or self.pinned or code not in _CACHEABLE_HEADS:
                     break
                 if self._cache_done:
                     self._cache_done = False
                     break
-                outcome = caching.try_query(self)
+                outcome = caching.try_query(self) if code == codes.F_QUERY else caching.try_extended(self)
                 if outcome == caching.PASS:
                     break
                 if outcome == caching.ASYNC or self.closed:

@@ -276,6 +276,8 @@ def _anywhere(toks: list[_Tok]) -> str | None:
         if nxt == "(" and val in _ADVISORY:
             return "session advisory lock"
         if nxt == "(" and val == "set_config":
+            if i + 2 < len(toks) and toks[i + 2][:2] == ("s", "'jit'"):
+                continue  # asyncpg turns JIT off around type introspection: plans, not results
             return "set_config"
         if nxt == "." and _PG_TEMP.fullmatch(val.lower()):
             return "temporary table"

@@ -373,3 +373,62 @@ def test_copy_and_truncate_bump(proxy1: ProxyHandle) -> None:
     cur.execute("SELECT count(*) FROM copy_t")
     assert cur.fetchone() == (0,)
     conn.close()
+
+
+# ---- the extended protocol ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [
+    {"describe": "P"}, {"describe": ""}, {"describe": "P", "result_formats": [1]},
+    {"describe": "P", "param_types": [23]},
+])
+def test_extended_groups_are_cached_byte_for_byte(pg: EmbeddedPostgres, proxy1: ProxyHandle,
+                                                  shape: dict[str, object]) -> None:
+    sql = "SELECT id, v, length(v) FROM items WHERE id = $1 OR id = $2 ORDER BY id"
+    params = [b"11", b"12"]
+    with PgConn.connect(pg.host, pg.port, "postgres", "postgres", DB) as direct:
+        want = direct.extended(sql, params, **shape)  # type: ignore[arg-type]
+    before = calls(pg, DB, "OR id = $2")
+    with PgConn.connect(proxy1.host, proxy1.port, "postgres", "postgres", DB) as conn:
+        for _ in range(4):
+            assert conn.extended(sql, params, **shape) == want  # type: ignore[arg-type]
+        # other parameter values are other entries
+        other = conn.extended(sql, [b"13", b"14"], **shape)  # type: ignore[arg-type]
+        assert other != want and sqlstates(other) == []
+    assert calls(pg, DB, "OR id = $2") - before == 2
+
+
+async def test_asyncpg_prepared_statements_are_cached(pg: EmbeddedPostgres, proxy1: ProxyHandle) -> None:
+    import asyncpg
+    conn = await asyncpg.connect(proxy1.dsn(database=DB))
+    direct = await asyncpg.connect(pg.dsn(database=DB))
+    try:
+        before = calls(pg, DB, "FROM items WHERE id = ANY")
+        for _ in range(5):
+            for key in ([1, 2], [3], [1, 2]):
+                sql = "SELECT id, v FROM items WHERE id = ANY($1::int[]) ORDER BY id"
+                got, want = await conn.fetch(sql, key), await direct.fetch(sql, key)
+                assert got == want
+        # direct ran 15, pgsluice 2 (one per distinct parameter value)
+        assert calls(pg, DB, "FROM items WHERE id = ANY") - before == 15 + 2
+        # a write through pgsluice is seen by the next cached read
+        await conn.execute("UPDATE items SET v = 'changed' WHERE id = 3")
+        assert (await conn.fetchrow("SELECT id, v FROM items WHERE id = ANY($1::int[]) ORDER BY id",
+                                    [3]))["v"] == "changed"
+        await conn.execute("UPDATE items SET v = 'v3' WHERE id = 3")
+    finally:
+        await conn.close()
+        await direct.close()
+
+
+def test_psycopg3_parameters_and_writes(pg: EmbeddedPostgres, proxy1: ProxyHandle) -> None:
+    import psycopg
+    with psycopg.connect(proxy1.dsn(database=DB), autocommit=True) as conn:
+        before = calls(pg, DB, "FROM counters WHERE id = $1")
+        for i in range(20):
+            n = conn.execute("SELECT n FROM counters WHERE id = %s", (12,)).fetchone()
+            if i % 5 == 4:
+                conn.execute("UPDATE counters SET n = n + 1 WHERE id = %s", (12,))
+                after = conn.execute("SELECT n FROM counters WHERE id = %s", (12,)).fetchone()
+                assert after is not None and n is not None and after[0] == n[0] + 1
+        # 20 + 4 reads, 4 writes in between: at most one execution per version
+        assert calls(pg, DB, "FROM counters WHERE id = $1") - before <= 5
