@@ -34,6 +34,8 @@ TRIGGER = "pgsluice_change_feed"
 
 INSTALL = f"""
 CREATE SCHEMA IF NOT EXISTS pgsluice;
+-- the triggers run as whoever writes or creates a table
+GRANT USAGE ON SCHEMA pgsluice TO PUBLIC;
 
 CREATE OR REPLACE FUNCTION pgsluice.notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -36,7 +36,7 @@ _FORMAT_SIMPLE = b"Q"  # a simple Query's reply: text format, with RowDescriptio
 _ENDS_AT_READY = (0, 1, 2)  # relay.QUERY, SYNC, FUNC (relay checks)
 _CANCELED = b"\x00C57014\x00"
 _STORABLE = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,
-                       codes.B_EMPTY_QUERY_RESPONSE})
+                       codes.B_EMPTY_QUERY_RESPONSE, codes.B_NO_DATA, codes.B_PORTAL_SUSPENDED})
 _PROTOCOL_REPLIES = frozenset({codes.B_PARSE_COMPLETE, codes.B_BIND_COMPLETE, codes.B_CLOSE_COMPLETE})
 _SHAREABLE = _STORABLE | {codes.B_ERROR_RESPONSE, codes.B_NOTICE_RESPONSE}
 
@@ -180,9 +180,10 @@ def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | N
                 return None
             described = True
         elif code == codes.F_EXECUTE and bound and not executed:
-            if body != b"\x00\x00\x00\x00\x00":  # unnamed portal, all rows
+            if len(body) != 5 or body[0]:  # the unnamed portal (Sync closes it: the reply is whole)
                 return None
             executed = True
+            bind_rest += body[1:]  # max_rows (asyncpg's fetchval asks for 1) shapes the reply
         elif code == codes.F_SYNC and executed:
             return end, parse_msg, stmt, bind_rest, described
         else:

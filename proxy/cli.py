@@ -1,4 +1,4 @@
-"""The `pgsluice` command: serve, config, demo."""
+"""The `pgsluice` command: serve, config, explain, install-change-feed, demo."""
 
 from __future__ import annotations
 
@@ -68,6 +68,42 @@ async def serve(config: Config) -> None:
     await server.shutdown()
 
 
+async def install_change_feed(config: Config, databases: list[str] | None, uninstall: bool) -> int:
+    """`pgsluice install-change-feed`: needs a superuser (event triggers)."""
+    import asyncpg
+
+    from cache.feed import install
+    from cache.feed import uninstall as remove
+
+    from .config import mask_url, parse_upstream
+
+    url = parse_upstream(config.upstream)
+    for database in databases or [url.database]:
+        try:
+            conn = await asyncpg.connect(host=url.host, port=url.port, user=url.user,
+                                         password=url.password, database=database,
+                                         timeout=config.connect_timeout)
+        except (OSError, asyncpg.PostgresError) as exc:
+            print(f"pgsluice: cannot connect to {database} at {mask_url(config.upstream)}: {exc}",
+                  file=sys.stderr)
+            return 1
+        try:
+            if uninstall:
+                await remove(conn)
+                print(f"{database}: change feed removed")
+            else:
+                watched = await install(conn)
+                print(f"{database}: change feed installed; {watched} tables watched, "
+                      "new tables are watched as they are created")
+        except asyncpg.PostgresError as exc:
+            print(f"pgsluice: {database}: {exc} (the change feed needs a superuser: event triggers)",
+                  file=sys.stderr)
+            return 1
+        finally:
+            await conn.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgsluice", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pgsluice {__version__}")
@@ -85,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("--application-name", default="", help="picks the role policy, as at login")
     p_explain.add_argument("--search-path", default="\"$user\", public")
     p_explain.add_argument("--no-catalog", action="store_true", help="do not connect to Postgres")
+    p_feed = sub.add_parser("install-change-feed",
+                            help="install the change feed (triggers + NOTIFY) in the upstream databases")
+    _add_config_flags(p_feed)
+    p_feed.add_argument("--database", action="append", default=None,
+                        help="database to install into (repeatable; default: the upstream URL's)")
+    p_feed.add_argument("--uninstall", action="store_true", help="remove it instead")
     p_demo = sub.add_parser("demo", help="embedded Postgres + pgsluice + a scripted session")
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
@@ -102,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         from .explain import run_explain
         return run_explain(config, args)
+    if args.command == "install-change-feed":
+        return asyncio.run(install_change_feed(config, args.database, args.uninstall))
     if args.command == "config":
         masked: dict[str, Any] = config.masked()
         print(json.dumps(masked, indent=2) if args.json else to_toml(masked), end="")

@@ -76,6 +76,10 @@ def pg() -> Iterator[EmbeddedPostgres]:
         server.add_hba("host all trusted_user 127.0.0.1/32 trust")
         server.psql(_FIXTURE_SQL)
         server.psql("GRANT USAGE, CREATE ON SCHEMA public TO alice, bob;", db="app")
+        # the change feed in both databases: every test through pgsluice also runs its cache
+        from cache.feed import INSTALL
+        for db in ("postgres", "app"):
+            server.psql(INSTALL, db=db)
         yield server
     finally:
         server.stop()

@@ -379,7 +379,7 @@ def test_copy_and_truncate_bump(proxy1: ProxyHandle) -> None:
 
 @pytest.mark.parametrize("shape", [
     {"describe": "P"}, {"describe": ""}, {"describe": "P", "result_formats": [1]},
-    {"describe": "P", "param_types": [23]},
+    {"describe": "P", "param_types": [23]}, {"describe": "P", "max_rows": 1},
 ])
 def test_extended_groups_are_cached_byte_for_byte(pg: EmbeddedPostgres, proxy1: ProxyHandle,
                                                   shape: dict[str, object]) -> None:
@@ -415,6 +415,12 @@ async def test_asyncpg_prepared_statements_are_cached(pg: EmbeddedPostgres, prox
         assert (await conn.fetchrow("SELECT id, v FROM items WHERE id = ANY($1::int[]) ORDER BY id",
                                     [3]))["v"] == "changed"
         await conn.execute("UPDATE items SET v = 'v3' WHERE id = 3")
+        # fetchval asks for one row (Execute max_rows=1): cached as such, and fresh after writes
+        await conn.execute("UPDATE items SET v = 'v190' WHERE id = 190")
+        for i in range(3):
+            assert await conn.fetchval("SELECT v FROM items WHERE id = $1", 190) == f"v190{'x' * i}"
+            assert await conn.fetchval("SELECT v FROM items WHERE id = $1", 190) == f"v190{'x' * i}"
+            await conn.execute("UPDATE items SET v = v || 'x' WHERE id = 190")
     finally:
         await conn.close()
         await direct.close()
