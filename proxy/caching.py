@@ -14,13 +14,14 @@ sees it (with Redis, output to the client is gated until the bump is acknowledge
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 from typing import TYPE_CHECKING
 
 from cache.engine import Flight
 from cache.keys import make_key, parse_duration, relevant_settings, setting_value
 from cache.versions import GLOBAL
-from planner import Flag, Kind, Plan, Planner
+from planner import Flag, Kind, Plan, Planner, SessionFacts
 
 from .pgwire import codes, encode
 from .pgwire.decode import parse_bind_names, parse_parse
@@ -106,6 +107,18 @@ class Request:
         self.settings: object = ()
         self.names: tuple[str, ...] = ()
         self.max_age: float | None = None
+
+
+def settings_changed(s: ClientSession) -> None:
+    """s.settings moved (SET/RESET outside a transaction): names resolve through the new
+    search_path, so the planner's facts follow it."""
+    path = SessionFacts().search_path
+    for name, statement in s.settings:
+        if name == "search_path":
+            path = tuple(p.strip().strip("'\"") for p in setting_value(statement).split(",")
+                         if p.strip()) or path
+    if path != s.facts.search_path:
+        s.facts = dataclasses.replace(s.facts, search_path=path)
 
 
 def try_query(s: ClientSession) -> int:
@@ -196,7 +209,7 @@ def _try(s: ClientSession, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
     plan = req.plan
-    if plan.kind is not Kind.READ:
+    if plan.kind is not Kind.READ or not plan.verdict.allowed:
         return PASS
     settings, max_age = _key_settings(s)
     hinted = plan.hint("max_staleness")
@@ -275,7 +288,20 @@ async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     flight.waiters += 1
-    payload = await asyncio.shield(flight.future)
+    s.waiting = True
+    try:
+        payload = await asyncio.shield(flight.future)
+    except asyncio.CancelledError:
+        if s.closed:
+            raise
+        # a CancelRequest: answered as Postgres answers a cancelled statement
+        del s.inbuf[:req.end]
+        s.write(req.prefix + encode.error_response("57014", "canceling statement due to user request")
+                + _RFQ_IDLE)
+        s.resume_pump(cache_done=False)
+        return
+    finally:
+        s.waiting = False
     if payload is None:  # the leader gave up: look again (maybe leading this time)
         s.resume_pump(cache_done=False)
         return

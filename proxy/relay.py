@@ -662,6 +662,7 @@ def _apply_query(s: ClientSession, backend: Backend, info: QueryInfo) -> None:
         s.unnamed = None
     if info.changes and backend.status == codes.TXN_IDLE:
         s.settings = apply_changes(s.settings, s.startup_settings, info.changes)
+        caching.settings_changed(s)
         resets = any(value is None for _, value in info.changes)
         backend.applied = None if resets else s.settings
 

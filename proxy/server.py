@@ -179,6 +179,8 @@ class Server:
         backend = session.backend
         if backend is not None and session.entries:
             await send_cancel(self.upstream, backend.pid, backend.secret)
+        elif backend is None:
+            session.cancel_wait()  # waiting for an identical query in flight: stop waiting
 
     # ---- tasks ---------------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class ClientSession(asyncio.Protocol):
         self.held: list[bytes] = []  # output held back until the write's bump
         self._gate: list[bytes] | None = None  # output waiting for a bump in Redis
         self._cache_done = False  # the head Query already went through the cache
+        self.waiting = False  # for an identical query in flight (a CancelRequest stops that)
         self.key_source: object = None
         self.key_settings: tuple[tuple[str, str], ...] = ()
         self.max_staleness: float | None = None
@@ -395,6 +396,10 @@ class ClientSession(asyncio.Protocol):
     def spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` as this client's one pending task: pump waits until resume_pump."""
         self._task = asyncio.get_running_loop().create_task(coro)
+
+    def cancel_wait(self) -> None:
+        if self.waiting and self._task is not None and not self._task.done():
+            self._task.cancel()
 
     def resume_pump(self, cache_done: bool) -> None:
         self._task = None

@@ -208,13 +208,18 @@ def test_max_staleness_hint_and_setting(pg: EmbeddedPostgres, proxy1: ProxyHandl
     conn.close()
 
 
+KEYS: dict[Raw, tuple[int, bytes]] = {}  # each raw client's cancel key
+
+
 async def _raw_clients(proxy: ProxyHandle, n: int) -> list[Raw]:
     sem = asyncio.Semaphore(50)
 
     async def one() -> Raw:
         async with sem:
             raw = await Raw.open(proxy)
-            await raw.startup(encode.startup_message({"user": "trusted_user", "database": DB}))
+            msgs = await raw.startup(encode.startup_message({"user": "trusted_user", "database": DB}))
+            body = next(body for code, body in msgs if code == ord("K"))
+            KEYS[raw] = (int.from_bytes(body[:4], "big"), body[4:8])
             return raw
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
@@ -438,3 +443,47 @@ def test_psycopg3_parameters_and_writes(pg: EmbeddedPostgres, proxy1: ProxyHandl
                 assert after is not None and n is not None and after[0] == n[0] + 1
         # 20 + 4 reads, 4 writes in between: at most one execution per version
         assert calls(pg, DB, "FROM counters WHERE id = $1") - before <= 5
+
+
+def test_search_path_set_in_session_keys_and_invalidates(pg: EmbeddedPostgres, proxy1: ProxyHandle) -> None:
+    pg.psql("CREATE SCHEMA IF NOT EXISTS other; CREATE TABLE IF NOT EXISTS other.items (id int, v text);"
+            "TRUNCATE other.items; INSERT INTO other.items VALUES (1, 'other one');", db=DB)
+    pg.psql("SELECT pgsluice.watch('other.items')", db=DB)
+    time.sleep(0.3)  # DDL: catalog reload and feed coverage
+    conn = connect(proxy1, DB)
+    cur = conn.cursor()
+    cur.execute("SET search_path TO other, public")
+    for _ in range(2):
+        cur.execute("SELECT v FROM items WHERE id = 1")
+        assert cur.fetchone() == ("other one",)
+    pg.psql("UPDATE other.items SET v = 'changed outside' WHERE id = 1", db=DB)  # the change feed
+    deadline = time.monotonic() + 2
+    while True:
+        cur.execute("SELECT v FROM items WHERE id = 1")
+        if cur.fetchone() == ("changed outside",):
+            break
+        assert time.monotonic() < deadline, "a write to other.items never reached the key"
+    cur.execute("RESET search_path")
+    cur.execute("SELECT v FROM items WHERE id = 1")
+    row = cur.fetchone()
+    assert row is not None and row[0] != "changed outside"
+    conn.close()
+
+
+async def test_cancel_while_waiting_for_a_flight(proxy1: ProxyHandle) -> None:
+    clients = await _raw_clients(proxy1, 3)
+    try:
+        await clients[0].send(encode.query("SELECT slow_answer(5)"))
+        await asyncio.sleep(0.2)
+        await clients[1].send(encode.query("SELECT slow_answer(5)"))
+        await asyncio.sleep(0.2)
+        # clients[1] is waiting for clients[0]'s execution: its cancel ends only its wait
+        key = KEYS[clients[1]]
+        cancel = await Raw.open(proxy1)
+        await cancel.send(encode.cancel_request(*key))
+        await cancel.close()
+        assert sqlstates(await clients[1].read_until_ready(timeout=5)) == ["57014"]
+        assert sqlstates(await clients[0].read_until_ready(timeout=5)) == []
+    finally:
+        for c in clients:
+            c.writer.transport.abort()
