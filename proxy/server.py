@@ -127,6 +127,10 @@ class Server:
 
     def _feed_change(self, database: str, tables: list[str], pid: int) -> None:
         assert self.cache is not None
+        planner = self.planners.get(database)
+        if planner is not None and "*" not in tables:
+            # a write into a partition or child shows in its parents (and cascades)
+            tables = sorted({t for table in tables for t in (table, *planner.catalog.also_written(table))})
         self.cache.feed_change(database, tables, pid)
         if "*" in tables:
             self.ddl_seen(database)

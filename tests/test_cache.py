@@ -487,3 +487,24 @@ async def test_cancel_while_waiting_for_a_flight(proxy1: ProxyHandle) -> None:
     finally:
         for c in clients:
             c.writer.transport.abort()
+
+
+def test_external_write_into_a_partition_invalidates_the_parent(pg: EmbeddedPostgres,
+                                                                 proxy1: ProxyHandle) -> None:
+    pg.psql("CREATE TABLE IF NOT EXISTS measures (k int, v int) PARTITION BY RANGE (k);"
+            "CREATE TABLE IF NOT EXISTS measures_low PARTITION OF measures FOR VALUES FROM (0) TO (100);"
+            "TRUNCATE measures; INSERT INTO measures VALUES (1, 10);", db=DB)
+    time.sleep(0.5)  # DDL: catalog reload and feed coverage of the new tables
+    conn = connect(proxy1, DB)
+    cur = conn.cursor()
+    for _ in range(2):
+        cur.execute("SELECT sum(v) FROM measures")
+        assert cur.fetchone() == (10,)
+    pg.psql("INSERT INTO measures_low VALUES (2, 5)", db=DB)  # straight into the partition
+    deadline = time.monotonic() + 2
+    while True:
+        cur.execute("SELECT sum(v) FROM measures")
+        if cur.fetchone() == (15,):
+            break
+        assert time.monotonic() < deadline, "the parent's cached read never saw the partition's write"
+    conn.close()
