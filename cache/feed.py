@@ -30,6 +30,10 @@ import asyncpg
 log = logging.getLogger("pgsluice.cache.feed")
 
 CHANNEL = "pgsluice_changes"
+CLUSTER_WIDE = frozenset(f"pg_catalog.{name}" for name in (
+    "pg_authid", "pg_auth_members", "pg_roles", "pg_user", "pg_shadow", "pg_group", "pg_database",
+    "pg_db_role_setting", "pg_tablespace", "pg_shdescription", "pg_shdepend", "pg_shseclabel",
+    "pg_replication_origin", "pg_subscription", "pg_parameter_acl"))
 TRIGGER = "pgsluice_change_feed"
 
 INSTALL = f"""
@@ -129,11 +133,14 @@ class ChangeFeed:
         self._refresh: asyncio.Event | None = None
 
     def covers(self, tables: frozenset[str]) -> bool:
-        """Whether the feed is up and sees every write to all of `tables`."""
+        """Whether the feed is up and sees every write to all of `tables`. The catalog is
+        covered by the event triggers (any DDL bumps everything), except what roles and
+        databases change: those are cluster-wide objects, no event trigger fires for them."""
         if not self.up or not self.installed:
             return False
         covered = self.covered
-        return all(t in covered or t.startswith(("pg_catalog.", "information_schema.")) for t in tables)
+        return all(t in covered or (t.startswith(("pg_catalog.", "information_schema."))
+                                    and t not in CLUSTER_WIDE and "role" not in t) for t in tables)
 
     def start(self) -> None:
         if self._task is None:

@@ -508,3 +508,18 @@ def test_external_write_into_a_partition_invalidates_the_parent(pg: EmbeddedPost
             break
         assert time.monotonic() < deadline, "the parent's cached read never saw the partition's write"
     conn.close()
+
+
+def test_roles_catalog_is_not_cached(pg: EmbeddedPostgres, proxy1: ProxyHandle) -> None:
+    """CREATE ROLE fires no event trigger (roles are cluster-wide): never cache pg_roles."""
+    conn = connect(proxy1, DB)
+    cur = conn.cursor()
+    sql = "SELECT rolname FROM pg_roles WHERE rolname = 'late_role'"
+    cur.execute(sql)
+    cur.execute(sql)
+    assert cur.fetchall() == []
+    pg.psql("DROP ROLE IF EXISTS late_role; CREATE ROLE late_role")
+    cur.execute(sql)
+    assert cur.fetchall() == [("late_role",)]
+    pg.psql("DROP ROLE late_role")
+    conn.close()
