@@ -188,6 +188,11 @@ class ChangeFeed:
             await conn.add_listener(CHANNEL, self._notified)
             await self._load_coverage(conn)
         self._refresh = asyncio.Event()
+        if not self.installed and not self.reconnects:
+            log.warning("no change feed in database %s: its reads are not cached (run "
+                        "`pgsluice install-change-feed --database %s`, or set cache_requires_feed = "
+                        "false to cache with the TTL as the only bound for outside writes)",
+                        self.database, self.database)
         # anything may have changed while we were not listening
         self.on_change(self.database, ["*"], 0)
         self.up = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from planner import Kind, Plan, Verdict
@@ -269,36 +270,33 @@ _SHOW_CACHE = re.compile(rb"(?is)\s*show\s+cache\s*;?\s*")
 
 
 def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
-    if s.server.cache is not None and _SHOW_CACHE.fullmatch(sql):
-        return _values(s, backend, ("name", "value"), s.server.cache_rows())
-    return _show_plan(s, backend, sql)
-
-
-def _values(s: ClientSession, backend: Backend, columns: tuple[str, ...],
-            rows: list[tuple[str, str]]) -> Chunks:
-    """Answer with these rows: Postgres runs a VALUES list of them, so the reply and the
-    transaction state are exactly those of a query."""
+    """`SHOW CACHE` and `SHOW PLAN 'query'` (not Postgres syntax, so nothing is shadowed):
+    Postgres answers a VALUES list of pgsluice's rows, so the reply and the transaction
+    state are exactly those of a query."""
+    text = show_sql(s, sql)
+    if text is None:
+        return None
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
-    values = ", ".join("(" + ", ".join(encode.quote_literal(v) for v in row) + ")" for row in rows)
     s.entries.append((QUERY, None))
-    return [encode.query(f"SELECT * FROM (VALUES {values}) AS pgsluice({', '.join(columns)})")]
+    return [encode.query(text)]
 
 
-def _show_plan(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
-    """`SHOW PLAN 'query'` (not Postgres syntax, so nothing is shadowed): the planner's view
-    of the query, one line per row. Postgres answers a VALUES list of those lines, so the
-    reply and the transaction state are exactly those of a query."""
+def show_sql(s: ClientSession, sql: bytes) -> bytes | None:
+    """The query that answers a pgsluice SHOW (simple or extended protocol), else None."""
+    if s.server.cache is not None and _SHOW_CACHE.fullmatch(sql):
+        return _values(("name", "value"), s.server.cache_rows())
     m = _SHOW_PLAN.fullmatch(sql)
     if m is None:
         return None
     text = m.group(1)[1:-1].replace(b"''", b"'").decode("utf-8", "replace")
     plan = s.server.planner_for(s.database).analyze(text, s.facts)
-    s.unnamed = None  # a simple Query destroys the unnamed statement
-    backend.unnamed_owner = None
-    rows = ", ".join(f"({encode.quote_literal(line)})" for line in describe(plan).splitlines())
-    s.entries.append((QUERY, None))
-    return [encode.query(f"SELECT * FROM (VALUES {rows}) AS pgsluice(plan)")]
+    return _values(("plan",), [(line,) for line in describe(plan).splitlines()])
+
+
+def _values(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> bytes:
+    values = ", ".join("(" + ", ".join(encode.quote_literal(v) for v in row) + ")" for row in rows)
+    return f"SELECT * FROM (VALUES {values}) AS pgsluice({', '.join(columns)})".encode()
 
 
 def _tag_agent(s: ClientSession, sql: bytes) -> None:
@@ -398,6 +396,9 @@ def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rej
 def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
     s.agent_stats.queries += 1
+    if sql[:4].lower() == b"show" and (shown := show_sql(s, sql)) is not None:
+        sql = shown
+        msg = encode.parse(name, sql, types)
     if name and name in s.statements:  # as Postgres: the name is taken until Close
         text = name.decode("utf-8", "replace")
         return _refuse_parse(s, backend, name, Rejected(

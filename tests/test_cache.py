@@ -337,6 +337,11 @@ def test_change_feed_down_means_bypass_then_fresh(pg: EmbeddedPostgres, proxy1: 
 
 
 def test_show_cache_counts(proxy1: ProxyHandle) -> None:
+    conn = connect(proxy1, DB)
+    cur = conn.cursor()
+    cur.execute("SELECT v FROM items WHERE id = 199")
+    cur.execute("SELECT v, random() FROM items WHERE id = 199")  # a bypass
+    conn.close()
     rows = show_cache(proxy1, DB)
     for name in ("hits", "misses", "coalesced", "evictions", "bytes", "entries", "stores"):
         assert rows[name].isdigit()
@@ -523,3 +528,15 @@ def test_roles_catalog_is_not_cached(pg: EmbeddedPostgres, proxy1: ProxyHandle) 
     assert cur.fetchall() == [("late_role",)]
     pg.psql("DROP ROLE late_role")
     conn.close()
+
+
+async def test_show_cache_and_show_plan_over_the_extended_protocol(proxy1: ProxyHandle) -> None:
+    import asyncpg
+    conn = await asyncpg.connect(proxy1.dsn(database=DB))
+    try:
+        rows = dict(await conn.fetch("SHOW CACHE"))
+        assert rows["hits"].isdigit() and rows[f"change_feed {DB}"].startswith("up")
+        plan = [r["plan"] for r in await conn.fetch("SHOW PLAN 'SELECT v FROM items WHERE id = 1'")]
+        assert "cacheable:   yes" in plan
+    finally:
+        await conn.close()
