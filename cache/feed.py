@@ -54,6 +54,8 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = '{TRIGGER}') THEN
     EXECUTE format('CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE'
                    ' ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgsluice.notify_change()', rel);
+    -- also for logical replication's apply and session_replication_role = replica
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER {TRIGGER}', rel);
   END IF;
 END $$;
 

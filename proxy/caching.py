@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import struct
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ SERVED, ASYNC, PASS = range(3)
 _RFQ_IDLE = encode.ready_for_query()
 _FORMAT_SIMPLE = b"Q"  # a simple Query's reply: text format, with RowDescription
 _ENDS_AT_READY = (0, 1, 2)  # relay.QUERY, SYNC, FUNC (relay checks)
+_COMMIT_PREPARED = re.compile(r"(?i)\bcommit\s+prepared\b")
 _CANCELED = b"\x00C57014\x00"
 _STORABLE = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,
                        codes.B_EMPTY_QUERY_RESPONSE, codes.B_NO_DATA, codes.B_PORTAL_SUSPENDED})
@@ -363,6 +365,8 @@ def write_set(plan: Plan, planner: Planner) -> frozenset[str]:
             return frozenset({GLOBAL})  # a user function may write anything
         return frozenset()
     if kind is Kind.TXN:
+        if _COMMIT_PREPARED.search(plan.sql):
+            return frozenset({GLOBAL})  # a prepared transaction's writes show now; which, unknown
         return frozenset()
     if kind is Kind.SESSION:
         head = plan.sql.lstrip().split(None, 1)
