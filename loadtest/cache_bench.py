@@ -188,7 +188,8 @@ def measure(args: argparse.Namespace, tools: tuple[Path, Path], up: Endpoint, pg
         ctx: contextlib.AbstractContextManager[tuple[Endpoint, int | None]] = (
             contextlib.nullcontext((up, None)) if target == "direct"
             else pgbouncer(up, args.pool_size, ["simple"]) if target == "pgbouncer"
-            else pgsluice(up, args.pool_size))  # fmt: skip
+            else pgsluice(up, args.pool_size, extra=("--redis", args.redis) if args.redis else ())
+        )  # fmt: skip
         with ctx as (ep, pid), tempfile.TemporaryDirectory(prefix="pgsluice-cache-bench-log-") as logs:
             for wl in args.workloads:
                 if args.warmup:
@@ -264,6 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--upstream", help="existing server DSN (default: embedded PostgreSQL)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list of %(default)s")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of %(default)s")
+    p.add_argument("--redis", default="", metavar="URL",
+                   help="run pgsluice with this Redis (shared tier and versions); 'start' runs a "
+                        "redis-server of its own on a free port")
     p.add_argument("--duration", type=int, default=10, help="measured seconds per run (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per run (default 2)")
     p.add_argument("--scale", type=int, default=1, help="sample schema scale, 1 or 2 (default 1)")
@@ -280,13 +284,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+@contextlib.contextmanager
+def redis_server(args: argparse.Namespace) -> Iterator[None]:
+    """--redis start: a redis-server of our own (no persistence) while the targets run."""
+    if args.redis != "start":
+        yield
+        return
+    from loadtest.pgbouncer import free_port, stop_process, wait_for_port
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="pgsluice-bench-redis-") as tmp:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_for_port("127.0.0.1", port, proc, 10, "redis-server")
+            args.redis = f"redis://127.0.0.1:{port}/0"
+            print(f"  redis: {args.redis} (pgsluice's shared tier and versions)", flush=True)
+            yield
+        finally:
+            stop_process(proc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     command = shlex.join([sys.executable, "-m", "loadtest.cache_bench", *sys.argv[1:]])
     print(f"command: {command}\n  cores: {os.cpu_count()}\nloadavg: "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (before starting anything)", flush=True)
-    with server(args.upstream) as (up, bin_dir):
+    with server(args.upstream) as (up, bin_dir), redis_server(args):
         tools = find_pg_tool("pgbench", bin_dir), find_pg_tool("psql", bin_dir)
         info = versions(*tools, up)
         for k, val in info.items():

@@ -78,13 +78,14 @@ def upstream(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
 
 
 @contextlib.contextmanager
-def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30) -> Iterator[tuple[Endpoint, int | None]]:
+def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30,
+             extra: tuple[str, ...] = ()) -> Iterator[tuple[Endpoint, int | None]]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pgsluice-bench-proxy-") as tmp:
         log = Path(tmp) / "pgsluice.log"
         cmd = [
             sys.executable, "-m", "proxy", "serve", "--upstream", up.dsn(),
-            "--listen", f"127.0.0.1:{port}", "--pool-max-size", str(pool_size),
+            "--listen", f"127.0.0.1:{port}", "--pool-max-size", str(pool_size), *extra,
         ]  # fmt: skip
         with open(log, "wb") as logf:
             proc = subprocess.Popen(
