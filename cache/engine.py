@@ -122,6 +122,15 @@ class Cache:
 
     # ---- admission ----
 
+    def active(self, database: str) -> bool:
+        """Whether anything of `database` can be cached. When not (the change feed is
+        required and not installed there), pgsluice skips planning reads and tracking writes:
+        the feed's arrival is DDL, which bumps every version of the database."""
+        if not self.settings.requires_feed:
+            return True
+        feed = self.feeds.get(database)
+        return feed is not None and feed.installed
+
     def admit(self, plan: Plan, database: str) -> str | None:
         """None if this read may be answered from cache, else the bypass reason."""
         if not plan.cacheable:

@@ -225,7 +225,9 @@ class ChangeFeed:
     async def _load_coverage(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(_COVERED)
         self.covered = frozenset(r[0] for r in rows)
-        self.installed = bool(await conn.fetchval(_EVENT_TRIGGERS))
+        was, self.installed = self.installed, bool(await conn.fetchval(_EVENT_TRIGGERS))
+        if was and not self.installed:
+            self.on_change(self.database, ["*"], 0)  # removed: nothing cached so far is trusted
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         assert isinstance(payload, str)

@@ -125,6 +125,9 @@ def settings_changed(s: ClientSession) -> None:
 
 def try_query(s: ClientSession) -> int:
     """The head of s.inbuf is a complete Query and s holds no server connection."""
+    assert s.server.cache is not None
+    if not s.server.cache.active(s.database):
+        return PASS
     end = 1 + _I.unpack_from(s.inbuf, 1)[0]
     sql = bytes(s.inbuf[5:end - 1]).decode("utf-8", "replace")
     planner = s.planner or s.server.planner_for(s.database)
@@ -134,6 +137,9 @@ def try_query(s: ClientSession) -> int:
 def try_extended(s: ClientSession) -> int:
     """The head of s.inbuf is a Parse or Bind and s holds no server connection: a group
     [Parse (unnamed)] Bind [Describe portal] Execute Sync, complete, can be cached."""
+    assert s.server.cache is not None
+    if not s.server.cache.active(s.database):
+        return PASS
     try:
         found = _statement(s)
     except ProtocolError:
@@ -379,6 +385,8 @@ def write_set(plan: Plan, planner: Planner) -> frozenset[str]:
 
 
 def writes_of(s: ClientSession, sql: bytes) -> frozenset[str]:
+    if s.server.cache is None or not s.server.cache.active(s.database):
+        return frozenset()
     planner = s.planner or s.server.planner_for(s.database)
     plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
