@@ -48,6 +48,12 @@ class Planner:
         self._plans: OrderedDict[_Key, Plan] = OrderedDict()
         self._shapes: dict[tuple[str, SessionFacts], tuple[Plan, Canonical]] = {}
 
+    def set_policies(self, policies: Policies) -> None:
+        """New guardrails (RELOAD): plans carry verdicts, so they are made again."""
+        self.policies = {p.name: p for p in policies.roles}
+        self._plans.clear()
+        self._shapes.clear()
+
     def set_catalog(self, catalog: Catalog) -> None:
         """New catalog facts (after DDL): every plan made with the old ones is dropped."""
         self.catalog = catalog

@@ -268,7 +268,7 @@ def _lookup(s: ClientSession, req: Request) -> int:
 def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
     del s.inbuf[:req.end]
     s.queries += 1
-    s.agent_stats.queries += 1
+    s.note_query()
     if req.parse_msg is not None:  # as if the group's Parse had reached Postgres
         s.unnamed = req.parse_msg
         s.unnamed_gen += 1
@@ -276,6 +276,7 @@ def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
     elif not req.prefix:
         s.unnamed = None  # a simple Query destroys the unnamed statement
     s.write(req.prefix + payload + _RFQ_IDLE)
+    s.request_done()
 
 
 async def _lookup_after_sync(s: ClientSession, req: Request) -> None:

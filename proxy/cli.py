@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -35,14 +36,8 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def setup_logging(config: Config) -> None:
-    level = getattr(logging, config.log_level.upper(), logging.INFO)
-    if config.log_format == "json":
-        fmt = '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-    elif config.log_format == "logfmt":
-        fmt = 'ts=%(asctime)s level=%(levelname)s logger=%(name)s msg="%(message)s"'
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    from .logs import setup
+    setup(config.log_level, config.log_format)
 
 
 def install_loop(config: Config) -> None:
@@ -54,15 +49,17 @@ def install_loop(config: Config) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, reload_from: Callable[[], Config] | None = None) -> None:
     from .server import Server
 
     server = Server(config)
+    server.reload_config = reload_from
     await server.start()
-    stop = asyncio.Event()
+    stop = server.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     logging.getLogger("pgsluice").info("shutting down")
     await server.shutdown()
@@ -105,6 +102,11 @@ async def install_change_feed(config: Config, databases: list[str] | None, unins
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    return run(parser, parser.parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgsluice", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pgsluice {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("--application-name", default="", help="picks the role policy, as at login")
     p_explain.add_argument("--search-path", default="\"$user\", public")
     p_explain.add_argument("--no-catalog", action="store_true", help="do not connect to Postgres")
+    p_check = sub.add_parser("check-config", help="validate a config file (errors name file:line)")
+    p_check.add_argument("file", help="TOML config file")
     p_feed = sub.add_parser("install-change-feed",
                             help="install the change feed (triggers + NOTIFY) in the upstream databases")
     _add_config_flags(p_feed)
@@ -131,9 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
     p_demo.add_argument("--data-dir", default=None, help="keep the demo database here")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
+        if args.command == "check-config":
+            checked = load({}, env={}, file=args.file)
+            roles = len(checked.roles.roles)
+            print(f"{args.file}: ok ({roles} roles; upstream {checked.masked()['upstream']})")
+            return 0
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(once=args.once, port=args.port, data_dir=args.data_dir)
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config)
     install_loop(config)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, lambda: _config_from(args)))
     except OSError as exc:
         print(f"pgsluice: cannot listen on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

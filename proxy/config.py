@@ -50,6 +50,9 @@ class Config:
     change_feed: bool = True  # LISTEN to the change feed where it is installed
     redis: str = ""  # redis://[:password@]host:port/db: shared tier, versions and pub/sub
     redis_timeout_ms: float = 50.0  # never wait on Redis longer than this
+    slow_query_ms: float = 1000.0  # requests slower than this get a log line (0 = off)
+    admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
+    metrics_listen: str = "127.0.0.1:9187"  # Prometheus /metrics ("" = off)
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
 
     @property
@@ -156,7 +159,7 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
             return raw
         if not isinstance(raw, str):
             raise ValueError(raw)
-        if name == "listen":
+        if name == "listen" or (name == "metrics_listen" and raw):
             split_host_port(raw)
         elif name == "upstream":
             parse_upstream(raw)

@@ -13,6 +13,8 @@ import ipaddress
 import secrets
 from typing import TYPE_CHECKING, Protocol
 
+from .admin import ADMIN_DB
+from .admin import welcome as admin_welcome
 from .backend import Backend, Credentials, LoginError, NeedPassword, connect
 from .pgwire import codes, encode
 from .pgwire.decode import (
@@ -26,6 +28,7 @@ from .pgwire.decode import (
 )
 from .pgwire.errors import (
     FEATURE_NOT_SUPPORTED,
+    INSUFFICIENT_PRIVILEGE,
     INVALID_AUTHORIZATION,
     INVALID_PASSWORD,
     PROTOCOL_VIOLATION,
@@ -51,9 +54,11 @@ class LoginIO(Protocol):
 
 
 class LoginResult:
+    """pool None: the admin console."""
+
     __slots__ = ("database", "params", "pool", "settings", "user", "welcome")
 
-    def __init__(self, user: str, database: str, params: dict[str, str], pool: Pool,
+    def __init__(self, user: str, database: str, params: dict[str, str], pool: Pool | None,
                  settings: tuple[tuple[str, str], ...], welcome: dict[str, str]) -> None:
         self.user = user
         self.database = database
@@ -104,6 +109,9 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
     if len(server.clients) > server.config.max_client_conn:
         raise PgError(TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL")
     settings = settings_from_startup(params)
+    if database == ADMIN_DB:
+        await _admin_login(io, server, user)
+        return LoginResult(user, database, params, None, (), admin_welcome(server))
 
     mode = server.config.auth_mode
     if mode == "passthrough":
@@ -121,6 +129,24 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
             server.pools.pop(pool.key, None)  # a mistyped database leaves no pool behind
         raise
     return LoginResult(user, database, params, pool, settings, welcome)
+
+
+async def _admin_login(io: LoginIO, server: Server, user: str) -> None:
+    """The admin console: the user authenticates as for any database (in passthrough mode,
+    Postgres checks the password against the upstream URL's database), then must be an admin."""
+    mode = server.config.auth_mode
+    if mode == "passthrough":
+        pool, probe = await _passthrough(io, server, user, server.admin_database())
+        if probe is not None:
+            pool.release(probe)
+    elif mode == "auth_file":
+        await _auth_file(io, server, user)
+        io.write(encode.auth_ok())
+    else:
+        io.write(encode.auth_ok())
+    if user not in server.admin_users():
+        raise PgError(INSUFFICIENT_PRIVILEGE, f'pgsluice: user "{user}" may not use the admin console',
+                      severity="FATAL", hint="Admins are listed in the admin_users setting.")
 
 
 # ---- passthrough: Postgres decides ---------------------------------------------------------

@@ -15,6 +15,7 @@ Everything else is passed through as ranges of the original bytes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import struct
 from collections.abc import Sequence
@@ -25,8 +26,15 @@ from planner.explain import describe
 from planner.normalize import comment_hints
 
 from . import caching, sqlscan
+from .logs import fields
 from .pgwire import codes, encode
-from .pgwire.decode import parse_bind_names, parse_parameter_status, parse_parse, parse_target
+from .pgwire.decode import (
+    parse_bind_names,
+    parse_error_fields,
+    parse_parameter_status,
+    parse_parse,
+    parse_target,
+)
 from .pgwire.errors import ProtocolError
 from .settings import apply_changes
 
@@ -35,6 +43,7 @@ if TYPE_CHECKING:
     from .session import ClientSession
 
 _I = struct.Struct("!I")
+log = logging.getLogger("pgsluice.queries")
 
 # Entry kinds.
 QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
@@ -152,6 +161,7 @@ def forward(s: ClientSession) -> None:
         if code == codes.F_EXECUTE:
             if not s.skipping:
                 entries.append((EXECUTE, None))
+                s.server.stats.upstream_queries += 1
         elif code == codes.F_SYNC:
             entries.append((SYNC, None))
             s.skipping = False
@@ -160,7 +170,9 @@ def forward(s: ClientSession) -> None:
                 sql = bytes(buf[pos + 5:end - 1])
                 if b"agent=" in sql:
                     _tag_agent(s, sql)
-                s.agent_stats.queries += 1
+                s.note_query()
+                s.server.stats.upstream_queries += 1
+                s.last_sql = sql[:300].decode("utf-8", "replace")
                 head = sql[:10].lower()
                 swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
                     _show(s, backend, sql) if head[:4] == b"show" else None
@@ -316,6 +328,8 @@ def _plan(s: ClientSession, sql: bytes) -> Plan:
 def _rejected(s: ClientSession, verdict: Verdict) -> Rejected:
     s.agent_stats.rejected += 1
     s.server.stats.rejected += 1
+    log.info("query rejected", extra=fields(client=s.token, agent=s.agent, rule=verdict.rule,
+                                            sqlstate=verdict.sqlstate, sql=s.last_sql))
     return Rejected(verdict)
 
 
@@ -395,7 +409,8 @@ def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rej
 
 def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
-    s.agent_stats.queries += 1
+    s.note_query()
+    s.last_sql = sql[:300].decode("utf-8", "replace")
     if sql[:4].lower() == b"show" and (shown := show_sql(s, sql)) is not None:
         sql = shown
         msg = encode.parse(name, sql, types)
@@ -587,6 +602,8 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     tag = bytes(buf[pos + 5:end - 1])
                     info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
         elif code == codes.B_ERROR_RESPONSE:
+            s.server.stats.error(buf[pos + 5:end])
+            _log_failure(s, bytes(buf[pos + 5:end]))
             rejected = entries[0][1] if entries else None
             if isinstance(rejected, Rejected) and rejected.code in buf[pos + 5:end]:
                 out.append(buf[start:pos])  # our guardrail's error, without PL/pgSQL's context
@@ -618,8 +635,18 @@ def backward(s: ClientSession, backend: Backend) -> None:
         s.held.clear()
     if data:
         s.write(data)
-    if ready and not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
-        s.release()
+    if ready:
+        s.request_done()
+        if not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
+            s.release()
+
+
+def _log_failure(s: ClientSession, body: bytes) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    err = parse_error_fields(body)
+    log.info("query failed", extra=fields(client=s.token, agent=s.agent, sqlstate=err.get("C", ""),
+                                          error=err.get("M", ""), sql=s.last_sql))
 
 
 def _cut_notice(s: ClientSession, tag: bytes) -> Chunks:

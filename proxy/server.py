@@ -7,22 +7,25 @@ up to `shutdown_timeout`, then close the rest with 57P01.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
 import struct
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
 
 from cache.engine import Cache, CacheSettings
 from cache.feed import ChangeFeed
-from planner import Catalog, Planner
+from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
 
 from .backend import Credentials, Upstream, send_cancel
 from .config import Config, parse_upstream
+from .metrics import MetricsServer
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
@@ -54,6 +57,12 @@ class Server:
         self._janitor: asyncio.Task[None] | None = None
         self._next_pid = secrets.randbelow(1 << 20) + 1000
         self.planners: dict[str, Planner] = {}
+        self.started = time.monotonic()
+        self.paused = False
+        self.parked: set[ClientSession] = set()
+        self.stop_requested = asyncio.Event()
+        self.reload_config: Callable[[], Config] | None = None  # set by `pgsluice serve`
+        self.metrics: MetricsServer | None = None
         self._catalog_refresh: set[str] = set()
         self._catalog_gen: dict[str, int] = {}
         c = config
@@ -165,6 +174,60 @@ class Server:
             return  # DDL went by while reading: the newer reload decides
         self.planners[database].set_catalog(catalog)
 
+    # ---- admin console -------------------------------------------------------------------------
+
+    def admin_users(self) -> set[str]:
+        users = {u.strip() for u in self.config.admin_users.split(",") if u.strip()}
+        return users or {self.upstream_user}
+
+    def admin_database(self) -> str:
+        """The database the admin console's logins and SHOW PLAN use: the upstream URL's."""
+        return parse_upstream(self.config.upstream).database
+
+    def admin_facts(self) -> SessionFacts:
+        return SessionFacts(self.admin_database(), self.upstream_user)
+
+    def pause(self) -> str:
+        self.paused = True
+        active = sum(1 for c in self.clients if c.backend is not None)
+        return f"paused: new transactions wait for RESUME (cache hits go on); {active} in progress"
+
+    def resume(self) -> str:
+        self.paused = False
+        parked, self.parked = self.parked, set()
+        for client in parked:
+            client.pump()
+        return f"resumed: {len(parked)} waiting clients released"
+
+    def request_shutdown(self) -> str:
+        self.stop_requested.set()
+        return "shutting down: draining transactions"
+
+    def reload(self) -> str:
+        """Apply what can change safely: pool sizes and timeouts, guardrails, log level."""
+        if self.reload_config is None:
+            return "nothing to reload: no config source"
+        from .config import ConfigError
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            log.error("configuration not reloaded: %s", exc)
+            return f"not reloaded: {exc}"
+        self.config = dataclasses.replace(
+            self.config, pool_min_size=new.pool_min_size, pool_max_size=new.pool_max_size,
+            pool_acquire_timeout=new.pool_acquire_timeout, server_idle_timeout=new.server_idle_timeout,
+            server_lifetime=new.server_lifetime, max_client_conn=new.max_client_conn,
+            log_level=new.log_level, roles=new.roles, admin_users=new.admin_users)
+        settings = self.pool_settings()
+        for pool in self.pools.values():
+            pool.settings = settings
+            pool._wake_for_capacity()
+        for planner in self.planners.values():
+            planner.set_policies(new.roles)
+        logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
+        log.info("configuration reloaded")
+        return "reloaded: pool sizes and timeouts, guardrails, log level, admin users"
+
     # ---- cancel --------------------------------------------------------------------------------
 
     def new_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
@@ -222,6 +285,13 @@ class Server:
         self._janitor = loop.create_task(self._janitor_loop())
         if self.cache is not None:
             self.cache.start()
+        if self.config.metrics_listen:
+            self.metrics = MetricsServer(self)
+            try:
+                await self.metrics.start(self.config.metrics_listen)
+            except OSError as exc:
+                log.error("metrics not served on %s: %s", self.config.metrics_listen, exc)
+                self.metrics = None
         log.info("pgsluice listening on %s:%d, upstream %s:%d", host, port,
                  self.upstream.host, self.upstream.port)
 
@@ -234,6 +304,8 @@ class Server:
         self.shutting_down = True
         for server in self._servers:
             server.close()
+        if self.metrics is not None:
+            self.metrics.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any, cast
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 
-from . import caching, relay
+from . import admin, caching, relay
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
+from .logs import fields
 from .pgwire import codes, encode
 from .pgwire.decode import StartupReader
 from .pgwire.errors import (
@@ -102,6 +104,14 @@ class ClientSession(asyncio.Protocol):
         self.key_source: object = None
         self.key_settings: tuple[tuple[str, str], ...] = ()
         self.max_staleness: float | None = None
+        # operations (issue 5)
+        self.connected_at = time.monotonic()
+        self.last_sql = ""  # the last statement text sent (for the logs), truncated
+        self.request_started = self.connected_at
+        self.admin_failed = False
+        self.admin_statements: dict[bytes, str] = {}
+        self.admin_portals: dict[bytes, str] = {}
+        self.admin_formats: dict[bytes, tuple[int, ...]] = {}
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -109,6 +119,7 @@ class ClientSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         self.server.clients.add(self)
+        self.server.stats.clients_total += 1
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
@@ -125,7 +136,12 @@ class ClientSession(asyncio.Protocol):
                 return
             self._wake()
             return
+        if not self.entries and self.backend is None and self._task is None:
+            self.request_started = time.monotonic()
         self.inbuf += data
+        if self.state == "admin":
+            self._admin()
+            return
         self.pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,6 +150,10 @@ class ClientSession(asyncio.Protocol):
         self.server.cancel_keys.pop(self.key, None)
         if self.fill is not None:
             caching.abandon(self)
+        if self.state != "login":
+            log.info("client disconnected", extra=fields(
+                client=self.token, user=self.user, database=self.database, agent=self.agent,
+                queries=self.queries, seconds=round(time.monotonic() - self.connected_at, 3)))
         self._wake()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -238,6 +258,9 @@ class ClientSession(asyncio.Protocol):
                     return code, body
             await self._wait()
 
+    def _refused(self, sqlstate: str, message: str) -> None:
+        log.info("login refused", extra=fields(peer=_peer(self.peer), sqlstate=sqlstate, error=message))
+
     async def _login(self) -> None:
         try:
             async with asyncio.timeout(self.server.config.login_timeout):
@@ -246,10 +269,12 @@ class ClientSession(asyncio.Protocol):
             self.close()
             return
         except LoginError as err:
+            self._refused(err.fields.get("C", ""), err.fields.get("M", ""))
             self.write(err.raw)
             self.close()
             return
         except PgError as err:
+            self._refused(err.sqlstate, err.message)
             self.write(encode.error_response(err.sqlstate, err.message, severity="FATAL",
                                              detail=err.detail, hint=err.hint))
             self.close()
@@ -266,6 +291,12 @@ class ClientSession(asyncio.Protocol):
         self._start(result)
 
     def _start(self, result: LoginResult) -> None:
+        log.info("client connected", extra=fields(client=self.token, peer=_peer(self.peer), user=result.user,
+                                                  database=result.database,
+                                                  agent=result.params.get("application_name", "")))
+        if result.pool is None:  # the admin console
+            self._start_admin(result)
+            return
         self.user, self.database, self.pool = result.user, result.database, result.pool
         self.startup_settings = self.settings = result.settings
         app = result.params.get("application_name", "")
@@ -294,6 +325,29 @@ class ClientSession(asyncio.Protocol):
         self.state = "ready"
         self._task = None
         self.pump()
+
+    def _start_admin(self, result: LoginResult) -> None:
+        self.user, self.database = result.user, result.database
+        self.set_agent("pgsluice admin")
+        self.key = self.server.new_cancel_key(self)
+        self.write(encode.parameter_statuses(result.welcome)
+                   + encode.backend_key_data(self.key[0], _I.unpack(self.key[1])[0])
+                   + encode.ready_for_query())
+        if not self._startup_done:
+            self._startup_done = True
+            self.inbuf += self.startup.take_rest()
+        self.state = "admin"
+        self._task = None
+        self._admin()
+
+    def _admin(self) -> None:
+        try:
+            admin.handle(self)
+        except ProtocolError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except Exception:
+            log.exception("admin console failed")
+            self.fatal("XX000", "pgsluice: internal error in the admin console")
 
     # ---- relay: client -> backend ----------------------------------------------------------------
 
@@ -333,6 +387,9 @@ class ClientSession(asyncio.Protocol):
                 if outcome == caching.ASYNC or self.closed:
                     return
             assert self.pool is not None
+            if self.server.paused:  # PAUSE: cache hits go on, new transactions wait for RESUME
+                self.server.parked.add(self)
+                return
             pool = self.pool
             backend = pool.try_acquire()
             if backend is not None and backend.applied == self.settings:
@@ -407,6 +464,26 @@ class ClientSession(asyncio.Protocol):
         if len(self.inbuf) < _PAUSE_AT:
             self.resume_reading()
         self.pump()
+
+    @property
+    def busy(self) -> bool:
+        """Waiting for a server connection, or for a cache look-up or an identical query."""
+        return self._task is not None or self._queued is not None
+
+    def note_query(self) -> None:
+        self.agent_stats.queries += 1
+        self.agent_stats.count(time.monotonic())
+
+    def request_done(self) -> None:
+        """A reply ended with ReadyForQuery: the time since the request came in."""
+        now = time.monotonic()
+        elapsed = now - self.request_started
+        self.agent_stats.latency.observe(elapsed)
+        self.request_started = now
+        slow = self.server.config.slow_query_ms
+        if slow and elapsed * 1000 >= slow:
+            log.warning("slow query", extra=fields(client=self.token, agent=self.agent,
+                                                   ms=round(elapsed * 1000, 1), sql=self.last_sql))
 
     def set_agent(self, name: str) -> None:
         if name != self.agent:
@@ -570,6 +647,12 @@ def _pg_error(exc: BaseException) -> PgError:
     if isinstance(exc, LoginError):
         return PgError(exc.fields.get("C", CONNECTION_FAILURE), exc.fields.get("M", "login failed"))
     return PgError(CONNECTION_FAILURE, f"pgsluice: cannot connect to the server: {exc}")
+
+
+def _peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "")
 
 
 def _search_path(params: dict[str, str]) -> tuple[str, ...]:

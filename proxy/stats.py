@@ -1,20 +1,75 @@
-"""Counters the server keeps: global, and per agent."""
+"""Counters the server keeps: global, and per agent (what SHOW STATS / SHOW AGENTS and
+/metrics read). Cheap to update on the hot path: integer adds and one bucket index."""
 
 from __future__ import annotations
 
+import bisect
+import time
 from dataclasses import dataclass, field
+
+# latency buckets (seconds): 50 µs doubling up to ~52 s
+BUCKETS: tuple[float, ...] = tuple(0.00005 * 2 ** i for i in range(21))
+
+
+class Histogram:
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding quantile q (None when empty)."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank and n:
+                return BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1] * 2
+        return BUCKETS[-1] * 2
 
 
 @dataclass(slots=True)
 class AgentStats:
     """Per agent (a `/* agent=... */` tag, else application_name, else user)."""
 
-    queries: int = 0  # Query and Parse messages
+    queries: int = 0  # Query messages and extended-protocol executions
     rejected: int = 0  # refused by a guardrail
     hits: int = 0  # answered from cache
     misses: int = 0  # looked up, not found: ran upstream as the leader
     coalesced: int = 0  # waited for an identical query in flight
     bypassed: int = 0  # not looked up (not cacheable, max_staleness=0, feed or Redis down...)
+    latency: Histogram = field(default_factory=Histogram)  # request in -> reply out
+    _second: int = 0
+    _recent: list[int] = field(default_factory=lambda: [0] * 11)  # queries per second, ring
+
+    def count(self, now: float) -> None:
+        """One query, for the rate over the last 10 s."""
+        sec = int(now)
+        if sec != self._second:
+            self._advance(sec)
+        self._recent[sec % 11] += 1
+
+    def _advance(self, sec: int) -> None:
+        gap = sec - self._second
+        for i in range(1, min(gap, 11) + 1):
+            self._recent[(self._second + i) % 11] = 0
+        self._second = sec
+
+    def rate(self, now: float) -> float:
+        """Queries per second over the last 10 complete seconds."""
+        sec = int(now)
+        if sec != self._second:
+            self._advance(sec)
+        return sum(self._recent[(sec - i) % 11] for i in range(1, 11)) / 10.0
 
 
 @dataclass(slots=True)
@@ -23,6 +78,8 @@ class ServerStats:
     pinned: int = 0
     cancels: int = 0
     rejected: int = 0
+    upstream_queries: int = 0  # Query and Execute messages sent to Postgres for clients
+    errors: dict[str, int] = field(default_factory=dict)  # ErrorResponses to clients by SQLSTATE class
     agents: dict[str, AgentStats] = field(default_factory=dict)
 
     def agent(self, name: str) -> AgentStats:
@@ -30,3 +87,20 @@ class ServerStats:
         if stats is None:
             stats = self.agents[name] = AgentStats()
         return stats
+
+    def error(self, body: bytes | bytearray) -> None:
+        """Count an ErrorResponse (its body) by SQLSTATE class."""
+        pos = 0
+        while pos < len(body) and body[pos]:
+            end = body.find(b"\x00", pos + 1)
+            if end < 0:
+                break
+            if body[pos] == 0x43:  # 'C'
+                cls = bytes(body[pos + 1:pos + 3]).decode("ascii", "replace")
+                self.errors[cls] = self.errors.get(cls, 0) + 1
+                return
+            pos = end + 1
+
+
+def monotonic() -> float:
+    return time.monotonic()

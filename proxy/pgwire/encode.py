@@ -6,7 +6,7 @@ Every function returns one complete message (type byte, int32 length, body).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from . import codes
 
@@ -83,6 +83,29 @@ def negotiate_protocol_version(minor: int, unrecognized: Iterable[str]) -> bytes
     names = list(unrecognized)
     body = _I.pack(minor) + _I.pack(len(names)) + b"".join(cstr(n) for n in names)
     return message(codes.B_NEGOTIATE_PROTOCOL_VERSION, body)
+
+
+def row_description(columns: Iterable[tuple[str, int]], formats: Sequence[int] = ()) -> bytes:
+    """RowDescription: (name, type OID) per column; formats as a Bind gives them (none: text,
+    one: all columns, else one per column)."""
+    cols = list(columns)
+    out = [struct.pack("!h", len(cols))]
+    for i, (name, oid) in enumerate(cols):
+        fmt = formats[0] if len(formats) == 1 else formats[i] if len(formats) > i else 0
+        out.append(cstr(name) + struct.pack("!IhIhih", 0, 0, oid, -1, -1, fmt))
+    return message(codes.B_ROW_DESCRIPTION, b"".join(out))
+
+
+def data_row(values: Iterable[bytes | None]) -> bytes:
+    vals = list(values)
+    out = [struct.pack("!h", len(vals))]
+    for v in vals:
+        out.append(struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v)
+    return message(codes.B_DATA_ROW, b"".join(out))
+
+
+def command_complete(tag: str) -> bytes:
+    return message(codes.B_COMMAND_COMPLETE, cstr(tag))
 
 
 PARSE_COMPLETE = message(codes.B_PARSE_COMPLETE)
