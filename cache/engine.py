@@ -27,7 +27,7 @@ from planner import Plan
 from .feed import ChangeFeed
 from .local import LocalCache
 from .redis_tier import RedisDown, RedisTier
-from .versions import GLOBAL, Versions, name
+from .versions import GLOBAL, SharedCounters, Versions, name
 
 log = logging.getLogger("pgsluice.cache")
 OWN_WRITE_WINDOW = 5.0  # seconds: a feed notification of our own recent write is not re-bumped
@@ -80,10 +80,11 @@ def redis_key(key: Hashable) -> str:
 
 
 class Cache:
-    def __init__(self, settings: CacheSettings) -> None:
+    def __init__(self, settings: CacheSettings, shared: SharedCounters | None = None) -> None:
         self.settings = settings
         self.local = LocalCache(settings.max_bytes, settings.max_entry, settings.ttl)
-        self.versions = Versions()
+        # several workers without Redis share versions in memory; with Redis, Redis does
+        self.versions = Versions(shared if not settings.redis else None)
         self.stats = CacheStats()
         self.flights: dict[Hashable, Flight] = {}
         self.feeds: dict[str, ChangeFeed] = {}

@@ -10,6 +10,7 @@ ordinary result sets (text columns), over the simple protocol (psql) or the exte
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import time
@@ -96,6 +97,7 @@ def _stats(server: Server) -> Rows:
     st = server.stats
     agents = st.agents.values()
     rows: list[tuple[object, ...]] = [
+        ("worker", server.worker), ("workers", server.config.workers), ("worker_pid", os.getpid()),
         ("uptime_seconds", round(time.monotonic() - server.started, 1)),
         ("clients_now", len(server.clients)), ("clients_total", st.clients_total),
         ("queries", sum(a.queries for a in agents)),

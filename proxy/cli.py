@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from cache.versions import SharedCounters
+
 from . import __version__
 from .config import FIELD_KINDS, Config, ConfigError, load, to_toml
 
@@ -49,10 +51,11 @@ def install_loop(config: Config) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: Config, reload_from: Callable[[], Config] | None = None) -> None:
+async def serve(config: Config, reload_from: Callable[[], Config] | None = None,
+                shared: SharedCounters | None = None, worker: int = 0) -> None:
     from .server import Server
 
-    server = Server(config)
+    server = Server(config, shared, worker)
     server.reload_config = reload_from
     await server.start()
     stop = server.stop_requested
@@ -163,6 +166,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
     setup_logging(config)
     install_loop(config)
+    if config.workers > 1:
+        from .workers import run_workers
+        return run_workers(config, lambda: _config_from(args), serve)
     try:
         asyncio.run(serve(config, lambda: _config_from(args)))
     except OSError as exc:

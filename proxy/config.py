@@ -51,6 +51,7 @@ class Config:
     redis: str = ""  # redis://[:password@]host:port/db: shared tier, versions and pub/sub
     redis_timeout_ms: float = 50.0  # never wait on Redis longer than this
     slow_query_ms: float = 1000.0  # requests slower than this get a log line (0 = off)
+    workers: int = 1  # processes serving the same ports (SO_REUSEPORT); see README
     admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
     metrics_listen: str = "127.0.0.1:9187"  # Prometheus /metrics ("" = off)
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
@@ -256,6 +257,8 @@ def validate(config: Config) -> None:
         raise ConfigError("auth_mode = auth_file needs auth_file = PATH")
     if config.max_message_size < 1024:
         raise ConfigError("max_message_size must be at least 1024")
+    if not 1 <= config.workers <= 256:
+        raise ConfigError("workers must be between 1 and 256")
     if config.cache_max_bytes < 1 or config.cache_max_entry < 1:
         raise ConfigError("cache_max_bytes and cache_max_entry must be positive")
     for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):

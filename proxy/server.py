@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import secrets
 import socket
 import struct
@@ -20,11 +21,12 @@ import asyncpg
 
 from cache.engine import Cache, CacheSettings
 from cache.feed import ChangeFeed
+from cache.versions import SharedCounters
 from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
 
 from .backend import Credentials, Upstream, send_cancel
-from .config import Config, parse_upstream
+from .config import Config, parse_upstream, split_host_port
 from .metrics import MetricsServer
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
@@ -38,8 +40,9 @@ _I = struct.Struct("!I")
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedCounters | None = None, worker: int = 0) -> None:
         self.config = config
+        self.worker = worker  # index among config.workers processes
         url = parse_upstream(config.upstream)
         self.upstream = Upstream(url.host, url.port)
         self.upstream_user = url.user
@@ -69,7 +72,7 @@ class Server:
         self.cache: Cache | None = Cache(CacheSettings(
             enabled=True, max_bytes=c.cache_max_bytes, max_entry=c.cache_max_entry, ttl=c.cache_ttl,
             redis=c.redis, redis_timeout=c.redis_timeout_ms / 1000.0,
-            requires_feed=c.cache_requires_feed)) if c.cache else None
+            requires_feed=c.cache_requires_feed), shared) if c.cache else None
         if self.cache is not None:
             self.cache.own_pid = lambda pid: any(pid in p.pids for p in self.pools.values())
 
@@ -117,7 +120,7 @@ class Server:
         """SHOW CACHE: the cache's counters, and whether each database's catalog is loaded
         (until it is, nothing of that database is cacheable)."""
         assert self.cache is not None
-        rows = self.cache.rows()
+        rows = [("worker_pid", str(os.getpid())), *self.cache.rows()]
         for db, planner in sorted(self.planners.items()):
             state = "loaded" if planner.catalog.loaded else "loading"
             rows.append((f"catalog {db}", f"{state}, {planner.stats.hits} plan hits, "
@@ -276,8 +279,8 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.config.listen_host, self.config.listen_port
-        server = await loop.create_server(lambda: ClientSession(self), host, port,
-                                          reuse_address=True, backlog=1024)
+        server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
+                                          reuse_port=self.config.workers > 1, backlog=1024)
         for sock in server.sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -287,8 +290,9 @@ class Server:
             self.cache.start()
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self)
-            try:
-                await self.metrics.start(self.config.metrics_listen)
+            mhost, mport = split_host_port(self.config.metrics_listen)
+            try:  # worker i serves its own metrics on port + i (labelled by the port it is on)
+                await self.metrics.start(f"{mhost}:{mport + self.worker if mport else 0}")
             except OSError as exc:
                 log.error("metrics not served on %s: %s", self.config.metrics_listen, exc)
                 self.metrics = None

@@ -86,3 +86,19 @@ def wait_feed(proxy: ProxyHandle, database: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"change feed not up: {rows}")
         time.sleep(0.05)
+
+
+def wait_feed_on(conn: psycopg2.extensions.connection, database: str, timeout: float = 10.0) -> None:
+    """wait_feed, through one open connection (so: its worker)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        with conn.cursor() as cur:
+            cur.execute("SHOW CACHE")
+            rows = dict(cur.fetchall())
+        if rows.get(f"change_feed {database}", "").startswith("up") and \
+                rows.get(f"catalog {database}", "").startswith("loaded"):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"change feed not up: {rows}")
+        time.sleep(0.05)

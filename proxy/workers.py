@@ -1,0 +1,81 @@
+"""`--workers N`: N processes on the same ports (SO_REUSEPORT), one event loop each.
+
+The parent forks the workers before any event loop exists, forwards SIGTERM/SIGINT/SIGHUP
+to them, restarts a worker that dies unexpectedly, and exits when they have all stopped.
+Consistency across workers (DESIGN.md): with Redis, versions are there; without it, the
+workers share table versions in a shared memory mapping made before the fork
+(cache.versions.SharedCounters), so a write through one worker is never followed by a
+stale read through another. Each worker serves its own metrics on metrics port + its index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from types import FrameType
+from typing import Any
+
+from cache.versions import SharedCounters
+
+from .config import Config
+
+log = logging.getLogger("pgsluice.workers")
+Serve = Callable[..., Coroutine[Any, Any, None]]
+
+
+def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve) -> int:
+    shared = SharedCounters() if config.cache and not config.redis else None
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def start(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                asyncio.run(serve(config, reload_from, shared, index))
+            except BaseException:
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = index
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for index in range(config.workers):
+        start(index)
+    failures = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, -1)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or index < 0:
+            continue
+        failures += 1
+        log.error("worker %d (pid %d) exited with %d: restarting", index, pid, code)
+        time.sleep(min(5.0, 0.2 * failures))
+        start(index)
+    return 0
