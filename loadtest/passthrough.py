@@ -85,7 +85,8 @@ def pgsluice(up: Endpoint, pool_size: int, timeout: float = 30,
         log = Path(tmp) / "pgsluice.log"
         cmd = [
             sys.executable, "-m", "proxy", "serve", "--upstream", up.dsn(),
-            "--listen", f"127.0.0.1:{port}", "--pool-max-size", str(pool_size), *extra,
+            "--listen", f"127.0.0.1:{port}", "--pool-max-size", str(pool_size),
+            *(() if "--workers" in extra else ("--workers", "1")), *extra,
         ]  # fmt: skip
         with open(log, "wb") as logf:
             proc = subprocess.Popen(

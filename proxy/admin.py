@@ -23,6 +23,8 @@ from planner.statements import split
 from .pgwire import codes, encode
 from .pgwire.decode import parse_parse
 from .pgwire.errors import ProtocolError
+from .snapshot import view
+from .stats import quantile
 
 if TYPE_CHECKING:
     from .server import Server
@@ -94,29 +96,29 @@ def _help(_server: Server) -> Rows:
 
 
 def _stats(server: Server) -> Rows:
-    st = server.stats
-    agents = st.agents.values()
+    v = view(server)
+    totals, agents = v["totals"], v["agents"].values()
     rows: list[tuple[object, ...]] = [
-        ("worker", server.worker), ("workers", server.config.workers), ("worker_pid", os.getpid()),
+        ("workers_reporting", v["workers"]), ("worker", server.worker), ("worker_pid", os.getpid()),
         ("uptime_seconds", round(time.monotonic() - server.started, 1)),
-        ("clients_now", len(server.clients)), ("clients_total", st.clients_total),
-        ("queries", sum(a.queries for a in agents)),
-        ("upstream_queries", st.upstream_queries),
-        ("cache_hits", sum(a.hits for a in agents)), ("cache_misses", sum(a.misses for a in agents)),
-        ("coalesced", sum(a.coalesced for a in agents)), ("bypassed", sum(a.bypassed for a in agents)),
-        ("rejected", st.rejected), ("pinned_clients", st.pinned), ("cancels", st.cancels),
-        ("errors", sum(st.errors.values())),
+        ("clients_now", v["clients"]), ("clients_total", totals["clients_total"]),
+        ("queries", sum(a["queries"] for a in agents)),
+        ("upstream_queries", totals["upstream_queries"]),
+        ("cache_hits", sum(a["hits"] for a in agents)), ("cache_misses", sum(a["misses"] for a in agents)),
+        ("coalesced", sum(a["coalesced"] for a in agents)), ("bypassed", sum(a["bypassed"] for a in agents)),
+        ("rejected", totals["rejected"]), ("pinned_clients", totals["pinned"]),
+        ("cancels", totals["cancels"]), ("errors", sum(v["errors"].values())),
     ]
-    rows += [(f"errors_class_{cls}", n) for cls, n in sorted(st.errors.items())]
+    rows += [(f"errors_class_{cls}", n) for cls, n in sorted(v["errors"].items())]
     return ("stat", "value"), rows
 
 
 def _pools(server: Server) -> Rows:
     rows: list[tuple[object, ...]] = []
-    for (db, user), p in sorted(server.pools.items()):
-        rows.append((db, user, p.size, p.held, len(p.idle), sum(1 for w in p.waiters if not w.done()),
-                     p.settings.max_size, p.stats.acquires, p.stats.waits,
-                     round(p.stats.wait_time * 1000, 1), p.stats.timeouts, p.stats.connects))
+    for key, p in sorted(view(server)["pools"].items()):
+        db, user = key.split("\x00", 1)
+        rows.append((db, user, p["size"], p["held"], p["idle"], p["waiting"], p["max_size"], p["acquires"],
+                     p["waits"], round(p["wait_time"] * 1000, 1), p["timeouts"], p["connects"]))
     return ("database", "user", "server_conns", "active", "idle", "waiting", "max_size", "acquires",
             "waits", "wait_ms_total", "timeouts", "connects"), rows
 
@@ -151,10 +153,10 @@ def _servers(server: Server) -> Rows:
 
 def _agents(server: Server) -> Rows:
     rows: list[tuple[object, ...]] = []
-    now = time.monotonic()
-    for name, a in sorted(server.stats.agents.items()):
-        rows.append((name, a.queries, round(a.rate(now), 1), a.hits, a.coalesced, a.bypassed, a.misses,
-                     a.rejected, _ms(a.latency.quantile(0.5)), _ms(a.latency.quantile(0.99))))
+    for name, a in sorted(view(server)["agents"].items()):
+        rows.append((name, a["queries"], round(a["rate"], 1), a["hits"], a["coalesced"], a["bypassed"],
+                     a["misses"], a["rejected"], _ms(quantile(a["lat_counts"], 0.5)),
+                     _ms(quantile(a["lat_counts"], 0.99))))
     return ("agent", "queries", "qps_10s", "hits", "coalesced", "bypassed", "misses", "rejected",
             "p50_ms", "p99_ms"), rows
 
@@ -184,7 +186,7 @@ _SHOWS: dict[str, Callable[[Server], Rows]] = {
     "agents": _agents, "cache": _cache, "config": _config,
 }
 _ACTIONS: dict[str, Callable[[Server], str]] = {
-    "reload": lambda s: s.reload(), "pause": lambda s: s.pause(), "resume": lambda s: s.resume(),
+    "reload": lambda s: s.reload_all(), "pause": lambda s: s.pause(), "resume": lambda s: s.resume(),
     "shutdown": lambda s: s.request_shutdown(),
 }
 

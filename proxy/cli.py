@@ -52,10 +52,10 @@ def install_loop(config: Config) -> None:
 
 
 async def serve(config: Config, reload_from: Callable[[], Config] | None = None,
-                shared: SharedCounters | None = None, worker: int = 0) -> None:
+                shared: SharedCounters | None = None, worker: int = 0, stats_dir: str | None = None) -> None:
     from .server import Server
 
-    server = Server(config, shared, worker)
+    server = Server(config, shared, worker, stats_dir)
     server.reload_config = reload_from
     await server.start()
     stop = server.stop_requested
@@ -63,6 +63,8 @@ async def serve(config: Config, reload_from: Callable[[], Config] | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    loop.add_signal_handler(signal.SIGUSR1, server.pause_here)  # from the workers' parent
+    loop.add_signal_handler(signal.SIGUSR2, server.resume_here)
     await stop.wait()
     logging.getLogger("pgsluice").info("shutting down")
     await server.shutdown()

@@ -51,7 +51,7 @@ class Config:
     redis: str = ""  # redis://[:password@]host:port/db: shared tier, versions and pub/sub
     redis_timeout_ms: float = 50.0  # never wait on Redis longer than this
     slow_query_ms: float = 1000.0  # requests slower than this get a log line (0 = off)
-    workers: int = 1  # processes serving the same ports (SO_REUSEPORT); see README
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes on the same ports
     admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
     metrics_listen: str = "127.0.0.1:9187"  # Prometheus /metrics ("" = off)
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role

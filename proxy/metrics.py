@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import split_host_port
-from .stats import BUCKETS, AgentStats, Histogram
+from .snapshot import Snap, merge, view
+from .stats import BUCKETS
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
@@ -30,92 +31,83 @@ log = logging.getLogger("pgsluice.metrics")
 TOP_AGENTS = 20
 
 
-def _agents(server: Server) -> list[tuple[str, AgentStats]]:
+def _agents(agents: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """The busiest TOP_AGENTS by name, and "other" for the rest."""
-    ranked = sorted(server.stats.agents.items(), key=lambda kv: -kv[1].queries)
+    ranked = sorted(agents.items(), key=lambda kv: -kv[1]["queries"])
     top = ranked[:TOP_AGENTS]
     rest = [a for _, a in ranked[TOP_AGENTS:]]
     if rest:
-        other = AgentStats()
-        for a in rest:
-            other.queries += a.queries
-            other.hits += a.hits
-            other.misses += a.misses
-            other.coalesced += a.coalesced
-            other.bypassed += a.bypassed
-            other.rejected += a.rejected
-            for i, n in enumerate(a.latency.counts):
-                other.latency.counts[i] += n
-            other.latency.count += a.latency.count
-            other.latency.sum += a.latency.sum
-        top.append(("other", other))
+        top.append(("other", merge(rest)))
     return top
 
 
-def _buckets(h: Histogram) -> list[tuple[str, float]]:
+def _buckets(counts: list[int], count: int) -> list[tuple[str, float]]:
     out, total = [], 0
-    for bound, n in zip(BUCKETS, h.counts, strict=False):
+    for bound, n in zip(BUCKETS, counts, strict=False):
         total += n
         out.append((repr(bound), float(total)))
-    out.append(("+Inf", float(h.count)))
+    out.append(("+Inf", float(count)))
     return out
 
 
+_AGENT_COUNTERS = (
+    ("queries", "pgsluice_queries", "Queries received (Query messages and extended-protocol statements)"),
+    ("hits", "pgsluice_cache_hits", "Answered from cache"),
+    ("misses", "pgsluice_cache_misses", "Looked up, not found: run upstream"),
+    ("coalesced", "pgsluice_cache_coalesced", "Waited for an identical query in flight"),
+    ("bypassed", "pgsluice_cache_bypassed", "Not looked up in the cache"),
+    ("rejected", "pgsluice_rejected", "Refused by a guardrail"),
+)
+
+
 class ServerCollector(Collector):
+    """Everything summed over the workers (see snapshot.py)."""
+
     def __init__(self, server: Server) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._agents()
-        yield from self._server()
-        yield from self._pools()
-        yield from self._cache()
+        v = view(self.server)
+        yield from self._agents(v)
+        yield from self._server(v)
+        yield from self._pools(v)
+        yield from self._cache(v)
 
-    def _agents(self) -> Iterable[Metric]:
-        agents = _agents(self.server)
-        families = {
-            "queries": CounterMetricFamily("pgsluice_queries", "Queries received (Query messages and "
-                                           "extended-protocol statements)", labels=["agent"]),
-            "hits": CounterMetricFamily("pgsluice_cache_hits", "Answered from cache", labels=["agent"]),
-            "misses": CounterMetricFamily("pgsluice_cache_misses", "Looked up, not found: run upstream",
-                                          labels=["agent"]),
-            "coalesced": CounterMetricFamily("pgsluice_cache_coalesced", "Waited for an identical query "
-                                             "in flight", labels=["agent"]),
-            "bypassed": CounterMetricFamily("pgsluice_cache_bypassed", "Not looked up in the cache",
-                                            labels=["agent"]),
-            "rejected": CounterMetricFamily("pgsluice_rejected", "Refused by a guardrail", labels=["agent"]),
-        }
+    def _agents(self, v: Snap) -> Iterable[Metric]:
+        families = {attr: CounterMetricFamily(name, doc, labels=["agent"])
+                    for attr, name, doc in _AGENT_COUNTERS}
         latency = HistogramMetricFamily("pgsluice_request_duration_seconds",
                                         "Request received to ReadyForQuery sent", labels=["agent"])
-        for name, a in agents:
+        for name, a in _agents(v["agents"]):
             for attr, fam in families.items():
-                fam.add_metric([name], getattr(a, attr))
-            latency.add_metric([name], _buckets(a.latency), a.latency.sum)
+                fam.add_metric([name], a[attr])
+            latency.add_metric([name], _buckets(a["lat_counts"], a["lat_count"]), a["lat_sum"])
         yield from families.values()
         yield latency
 
-    def _server(self) -> Iterable[Metric]:
-        st = self.server.stats
+    def _server(self, v: Snap) -> Iterable[Metric]:
+        totals = v["totals"]
+        yield GaugeMetricFamily("pgsluice_workers_reporting", "Worker processes summed here",
+                                value=v["workers"])
         yield CounterMetricFamily("pgsluice_upstream_queries", "Query and Execute messages sent to "
-                                  "Postgres for clients", value=st.upstream_queries)
-        yield GaugeMetricFamily("pgsluice_clients", "Client connections now", value=len(self.server.clients))
+                                  "Postgres for clients", value=totals["upstream_queries"])
+        yield GaugeMetricFamily("pgsluice_clients", "Client connections now", value=v["clients"])
         yield CounterMetricFamily("pgsluice_clients_accepted", "Client connections since start",
-                                  value=st.clients_total)
-        yield CounterMetricFamily("pgsluice_cancels", "Cancel requests routed", value=st.cancels)
+                                  value=totals["clients_total"])
+        yield CounterMetricFamily("pgsluice_cancels", "Cancel requests routed", value=totals["cancels"])
         errors = CounterMetricFamily("pgsluice_errors", "ErrorResponses sent to clients, by SQLSTATE class",
                                      labels=["sqlstate_class"])
-        for cls, n in sorted(st.errors.items()):
+        for cls, n in sorted(v["errors"].items()):
             errors.add_metric([cls], n)
         yield errors
         plans = CounterMetricFamily("pgsluice_planner_plans", "Planner look-ups by outcome",
                                     labels=["database", "outcome"])
-        for db, planner in sorted(self.server.planners.items()):
-            ps = planner.stats
-            for outcome, n in (("hit", ps.hits), ("shape_hit", ps.shape_hits), ("parsed", ps.misses)):
+        for db, ps in sorted(v["planners"].items()):
+            for outcome, n in sorted(ps.items()):
                 plans.add_metric([db, outcome], n)
         yield plans
 
-    def _pools(self) -> Iterable[Metric]:
+    def _pools(self, v: Snap) -> Iterable[Metric]:
         conns = GaugeMetricFamily("pgsluice_pool_server_connections", "Server connections",
                                   labels=["database", "user", "state"])
         waiting = GaugeMetricFamily("pgsluice_pool_waiting_clients", "Clients waiting for a server "
@@ -124,36 +116,39 @@ class ServerCollector(Collector):
                                    "connection", labels=["database", "user"])
         timeouts = CounterMetricFamily("pgsluice_pool_timeouts", "Waits that ended in 53300",
                                        labels=["database", "user"])
-        for (db, user), p in sorted(self.server.pools.items()):
-            conns.add_metric([db, user, "active"], p.held)
-            conns.add_metric([db, user, "idle"], len(p.idle))
-            waiting.add_metric([db, user], sum(1 for w in p.waiters if not w.done()))
-            wait.add_metric([db, user], p.stats.wait_time)
-            timeouts.add_metric([db, user], p.stats.timeouts)
+        for key, p in sorted(v["pools"].items()):
+            db, user = key.split("\x00", 1)
+            conns.add_metric([db, user, "active"], p["held"])
+            conns.add_metric([db, user, "idle"], p["idle"])
+            waiting.add_metric([db, user], p["waiting"])
+            wait.add_metric([db, user], p["wait_time"])
+            timeouts.add_metric([db, user], p["timeouts"])
         yield from (conns, waiting, wait, timeouts)
 
-    def _cache(self) -> Iterable[Metric]:
-        cache = self.server.cache
-        if cache is None:
+    def _cache(self, v: Snap) -> Iterable[Metric]:
+        c = v.get("cache")
+        if c is None:
             return
-        ls, cs = cache.local.stats, cache.stats
-        yield GaugeMetricFamily("pgsluice_cache_bytes", "Bytes held by the in-process tier", value=ls.bytes)
-        yield GaugeMetricFamily("pgsluice_cache_entries", "Entries in the in-process tier", value=ls.entries)
-        yield CounterMetricFamily("pgsluice_cache_evictions", "Entries evicted for room", value=ls.evictions)
-        yield CounterMetricFamily("pgsluice_cache_stores", "Replies stored", value=cs.stores)
+        yield GaugeMetricFamily("pgsluice_cache_bytes", "Bytes in the in-process tiers", value=c["bytes"])
+        yield GaugeMetricFamily("pgsluice_cache_entries", "Entries in the in-process tiers",
+                                value=c["entries"])
+        yield CounterMetricFamily("pgsluice_cache_evictions", "Entries evicted for room",
+                                  value=c["evictions"])
+        yield CounterMetricFamily("pgsluice_cache_stores", "Replies stored", value=c["stores"])
         yield CounterMetricFamily("pgsluice_cache_version_bumps", "Table version bumps (writes and feed)",
-                                  value=cs.bumps)
+                                  value=c["bumps"])
         reasons = CounterMetricFamily("pgsluice_cache_bypass_reasons", "Reads not looked up, by reason",
                                       labels=["reason"])
-        for reason, n in sorted(cs.bypass.items()):
+        for reason, n in sorted(c["bypass"].items()):
             reasons.add_metric([reason], n)
         yield reasons
-        if cache.redis is not None:
-            yield GaugeMetricFamily("pgsluice_redis_up", "1 if Redis is reachable", value=int(cache.redis.up))
-        feeds = GaugeMetricFamily("pgsluice_change_feed_up", "1 if the change feed is listening",
+        if "redis_up" in c:
+            yield GaugeMetricFamily("pgsluice_redis_up", "1 if Redis is reachable (by every worker)",
+                                    value=c["redis_up"])
+        feeds = GaugeMetricFamily("pgsluice_change_feed_up", "Workers whose change feed is listening",
                                   labels=["database"])
-        for db, feed in sorted(cache.feeds.items()):
-            feeds.add_metric([db], int(feed.up and feed.installed))
+        for db, up in sorted(c["feeds"].items()):
+            feeds.add_metric([db], up)
         yield feeds
 
 
@@ -163,9 +158,10 @@ class MetricsServer:
         self.registry.register(ServerCollector(server))
         self._server: asyncio.Server | None = None
 
-    async def start(self, listen: str) -> None:
+    async def start(self, listen: str, reuse_port: bool = False) -> None:
         host, port = split_host_port(listen)
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True,
+                                                  reuse_port=reuse_port)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     @property

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import socket
 import struct
 import time
@@ -26,12 +27,13 @@ from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
 
 from .backend import Credentials, Upstream, send_cancel
-from .config import Config, parse_upstream, split_host_port
+from .config import Config, parse_upstream
 from .metrics import MetricsServer
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
 from .session import ClientSession
+from .snapshot import publish
 from .stats import ServerStats
 from .userlist import Credential, load_userlist
 
@@ -40,9 +42,11 @@ _I = struct.Struct("!I")
 
 
 class Server:
-    def __init__(self, config: Config, shared: SharedCounters | None = None, worker: int = 0) -> None:
+    def __init__(self, config: Config, shared: SharedCounters | None = None, worker: int = 0,
+                 stats_dir: str | None = None) -> None:
         self.config = config
         self.worker = worker  # index among config.workers processes
+        self.stats_dir = stats_dir  # where the workers publish their counters (snapshot.py)
         url = parse_upstream(config.upstream)
         self.upstream = Upstream(url.host, url.port)
         self.upstream_user = url.user
@@ -66,6 +70,7 @@ class Server:
         self.stop_requested = asyncio.Event()
         self.reload_config: Callable[[], Config] | None = None  # set by `pgsluice serve`
         self.metrics: MetricsServer | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self._catalog_refresh: set[str] = set()
         self._catalog_gen: dict[str, int] = {}
         c = config
@@ -190,12 +195,29 @@ class Server:
     def admin_facts(self) -> SessionFacts:
         return SessionFacts(self.admin_database(), self.upstream_user)
 
+    def _to_all_workers(self, sig: int) -> bool:
+        """With several workers, an admin action goes to the parent, which signals them all."""
+        if self.config.workers > 1 and self.stats_dir is not None:
+            os.kill(os.getppid(), sig)
+            return True
+        return False
+
     def pause(self) -> str:
+        if self._to_all_workers(signal.SIGUSR1):
+            return f"pausing all {self.config.workers} workers: new transactions wait for RESUME"
+        return self.pause_here()
+
+    def pause_here(self) -> str:
         self.paused = True
         active = sum(1 for c in self.clients if c.backend is not None)
         return f"paused: new transactions wait for RESUME (cache hits go on); {active} in progress"
 
     def resume(self) -> str:
+        if self._to_all_workers(signal.SIGUSR2):
+            return f"resuming all {self.config.workers} workers"
+        return self.resume_here()
+
+    def resume_here(self) -> str:
         self.paused = False
         parked, self.parked = self.parked, set()
         for client in parked:
@@ -203,8 +225,14 @@ class Server:
         return f"resumed: {len(parked)} waiting clients released"
 
     def request_shutdown(self) -> str:
-        self.stop_requested.set()
+        if not self._to_all_workers(signal.SIGTERM):
+            self.stop_requested.set()
         return "shutting down: draining transactions"
+
+    def reload_all(self) -> str:
+        if self._to_all_workers(signal.SIGHUP):
+            return f"reloading all {self.config.workers} workers"
+        return self.reload()
 
     def reload(self) -> str:
         """Apply what can change safely: pool sizes and timeouts, guardrails, log level."""
@@ -288,11 +316,12 @@ class Server:
         self._janitor = loop.create_task(self._janitor_loop())
         if self.cache is not None:
             self.cache.start()
+        if self.stats_dir is not None:
+            self._publisher = loop.create_task(publish(self))
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self)
-            mhost, mport = split_host_port(self.config.metrics_listen)
-            try:  # worker i serves its own metrics on port + i (labelled by the port it is on)
-                await self.metrics.start(f"{mhost}:{mport + self.worker if mport else 0}")
+            try:  # every worker on the same port: each answers with the sum over all of them
+                await self.metrics.start(self.config.metrics_listen, reuse_port=self.config.workers > 1)
             except OSError as exc:
                 log.error("metrics not served on %s: %s", self.config.metrics_listen, exc)
                 self.metrics = None
@@ -320,6 +349,8 @@ class Server:
             client.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         if self._janitor is not None:
             self._janitor.cancel()
+        if self._publisher is not None:
+            self._publisher.cancel()
         for pool in self.pools.values():
             pool.close()
         if self.cache is not None:

@@ -25,16 +25,21 @@ class Histogram:
         self.sum += seconds
 
     def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding quantile q (None when empty)."""
-        if not self.count:
-            return None
-        rank = q * self.count
-        seen = 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank and n:
-                return BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1] * 2
-        return BUCKETS[-1] * 2
+        return quantile(self.counts, q)
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The upper bound of the bucket holding quantile q of a histogram (None when empty)."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank and n:
+            return BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1] * 2
+    return BUCKETS[-1] * 2
 
 
 @dataclass(slots=True)

@@ -5,7 +5,9 @@ to them, restarts a worker that dies unexpectedly, and exits when they have all 
 Consistency across workers (DESIGN.md): with Redis, versions are there; without it, the
 workers share table versions in a shared memory mapping made before the fork
 (cache.versions.SharedCounters), so a write through one worker is never followed by a
-stale read through another. Each worker serves its own metrics on metrics port + its index.
+stale read through another. The workers publish their counters to a directory this parent
+makes (snapshot.py): the admin console and /metrics of any worker report the sum. Admin
+actions (RELOAD, PAUSE, RESUME, SHUTDOWN) come back here as signals and go to every worker.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from types import FrameType
@@ -25,11 +29,22 @@ from cache.versions import SharedCounters
 from .config import Config
 
 log = logging.getLogger("pgsluice.workers")
+# SIGUSR1 / SIGUSR2: PAUSE / RESUME from the admin console of any worker
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 Serve = Callable[..., Coroutine[Any, Any, None]]
 
 
 def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve) -> int:
     shared = SharedCounters() if config.cache and not config.redis else None
+    stats_dir = tempfile.mkdtemp(prefix="pgsluice-workers-")
+    try:
+        return _run(config, reload_from, serve, shared, stats_dir)
+    finally:
+        shutil.rmtree(stats_dir, ignore_errors=True)
+
+
+def _run(config: Config, reload_from: Callable[[], Config], serve: Serve, shared: SharedCounters | None,
+         stats_dir: str) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -38,9 +53,9 @@ def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve)
         if pid == 0:  # the worker
             code = 0
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in _FORWARDED:
                     signal.signal(sig, signal.SIG_DFL)
-                asyncio.run(serve(config, reload_from, shared, index))
+                asyncio.run(serve(config, reload_from, shared, index, stats_dir))
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -58,7 +73,7 @@ def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in _FORWARDED:
         signal.signal(sig, forward)
     for index in range(config.workers):
         start(index)

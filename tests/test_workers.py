@@ -67,3 +67,43 @@ def test_sigterm_stops_every_worker(two_workers: ProxyHandle) -> None:
     conn.close()
     two_workers.proc.send_signal(signal.SIGTERM)
     assert two_workers.proc.wait(20) == 0
+
+
+def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    import time
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.embedded import free_port
+    cachedb.create(pg, DB)
+    mport = free_port()
+    proxy = proxy_factory("--workers", "2", "--metrics-listen", f"127.0.0.1:{mport}")
+    pids = set()
+    conns = []
+    for _ in range(40):
+        conn = cachedb.connect(proxy, DB, application_name="summed-agent")
+        pids.add(_worker(conn))
+        conns.append(conn)
+    assert len(pids) == 2, "all connections landed on one worker"
+    for conn in conns:
+        conn.cursor().execute("SELECT 1")
+        conn.close()
+    time.sleep(1.5)  # the workers publish their counters every second
+    for _ in range(4):  # the admin connection lands on either worker: both report the sum
+        admin = psycopg2.connect(proxy.dsn(database="pgsluice"))
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SHOW STATS")
+            stats = dict(cur.fetchall())
+            cur.execute("SHOW AGENTS")
+            agents = {row[0]: row for row in cur.fetchall()}
+        admin.close()
+        assert stats["workers_reporting"] == 2
+        assert agents["summed-agent"][1] == 80  # SHOW CACHE + SELECT 1 on each of 40 connections
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    assert families["pgsluice_workers_reporting"].samples[0].value == 2
+    queries = {s.labels.get("agent"): s.value for s in families["pgsluice_queries"].samples
+               if s.name == "pgsluice_queries_total"}
+    assert queries["summed-agent"] == 80
