@@ -47,10 +47,11 @@ _SHAREABLE = _STORABLE | {codes.B_ERROR_RESPONSE, codes.B_NOTICE_RESPONSE}
 class Fill:
     """Collects the leader's reply for its Flight."""
 
-    __slots__ = ("flight", "limit", "parts", "shareable", "size", "storable")
+    __slots__ = ("extended", "flight", "limit", "parts", "shareable", "size", "storable")
 
-    def __init__(self, flight: Flight, limit: int) -> None:
+    def __init__(self, flight: Flight, limit: int, extended: bool = False) -> None:
         self.flight = flight
+        self.extended = extended  # a Parse/Bind group: an error may come before BindComplete
         self.parts: list[bytes] = []
         self.size = 0
         self.limit = limit
@@ -64,8 +65,10 @@ class Fill:
             self.storable = False
             if code not in _SHAREABLE:
                 return  # ParameterStatus, NotificationResponse...: this client's alone
-            if code == codes.B_ERROR_RESPONSE and _CANCELED in message:
-                self.shareable = False  # cancelled for the leader, not for the waiters
+            if code == codes.B_ERROR_RESPONSE and (_CANCELED in message or self.extended):
+                # cancelled for the leader, not for the waiters; or, in a Parse/Bind group, an
+                # error whose place in the reply we do not know: the waiters run it themselves
+                self.shareable = False
                 return
         self.size += len(message)
         if self.size > self.limit:
@@ -261,7 +264,7 @@ def _lookup(s: ClientSession, req: Request) -> int:
     if cache.redis is not None and cache.redis.up:
         s.spawn_task(_lead_via_redis(s, flight, req))
         return ASYNC
-    s.fill = Fill(flight, cache.settings.max_entry)
+    s.fill = Fill(flight, cache.settings.max_entry, extended=bool(req.prefix))
     return PASS
 
 
@@ -338,7 +341,7 @@ async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> Non
         _reply(s, value, req)
         s.resume_pump(cache_done=False)
         return
-    s.fill = Fill(flight, cache.settings.max_entry)
+    s.fill = Fill(flight, cache.settings.max_entry, extended=bool(req.prefix))
     s.resume_pump(cache_done=True)
 
 

@@ -540,3 +540,28 @@ async def test_show_cache_and_show_plan_over_the_extended_protocol(proxy1: Proxy
         assert "cacheable:   yes" in plan
     finally:
         await conn.close()
+
+
+async def test_extended_group_errors_keep_their_place_for_coalesced_clients(pg: EmbeddedPostgres,
+                                                                            proxy1: ProxyHandle) -> None:
+    from tests import rawpg
+    group = b"".join([rawpg.parse(b"", "SELECT slow_failure($1::int)"), rawpg.bind(params=[b"3"]),
+                      rawpg.execute(), rawpg.sync()])
+    direct = await Raw.open((pg.host, pg.port))
+    await direct.startup(encode.startup_message({"user": "trusted_user", "database": DB}))
+    await direct.send(group)
+    want = [t for t, _ in await direct.read_until_ready(timeout=30)]  # the function folds at Bind
+    await direct.close()
+    clients = await _raw_clients(proxy1, 4)
+    try:
+        await clients[0].send(group)
+        await asyncio.sleep(0.2)
+        for c in clients[1:]:
+            await c.send(group)
+        replies = await asyncio.gather(*(c.read_until_ready(timeout=30) for c in clients))
+        for msgs in replies:  # each exactly as from Postgres, the error in its place
+            assert [t for t, _ in msgs] == want
+            assert sqlstates(msgs) == ["22012"]
+    finally:
+        for c in clients:
+            c.writer.transport.abort()
