@@ -15,7 +15,8 @@ from tests.util import port_open, wait_until
 class RedisServer:
     """redis-server on 127.0.0.1:<port>, no persistence; kill() and start() again at will."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, password: str = "") -> None:
+        self.password = password
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: scripts/test installs it "
@@ -28,13 +29,15 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
+                 "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
+                 *(["--requirepass", self.password] if self.password else [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_until(lambda: port_open("127.0.0.1", self.port), timeout=10)
 

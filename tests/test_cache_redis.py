@@ -231,3 +231,26 @@ def test_frozen_redis_costs_at_most_the_timeout(pair: tuple[ProxyHandle, ProxyHa
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     _wait_redis(a, "up")
     conn.close()
+
+
+def test_redis_with_a_password(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    server = RedisServer(password="s3cret-pw")
+    server.start()
+    try:
+        a = proxy_factory("--redis", server.url)
+        b = proxy_factory("--redis", server.url)
+        for p in (a, b):
+            connect(p, DB).close()
+            cachedb.wait_feed(p, DB)
+            _wait_redis(p, "up")
+        ca, cb = connect(a, DB), connect(b, DB)
+        for i in range(20):
+            ca.cursor().execute(f"UPDATE items SET v = 'pw{i}' WHERE id = 150")
+            cur = cb.cursor()
+            cur.execute("SELECT v FROM items WHERE id = 150")
+            assert cur.fetchone() == (f"pw{i}",)
+        assert "s3cret-pw" not in show_cache(a, DB).get("redis", "")
+        ca.close()
+        cb.close()
+    finally:
+        server.stop()
