@@ -10,7 +10,8 @@ read by a subscriber connection of our own (plain RESP). Read-your-writes across
 needs one more thing: before a lookup, every bump another instance finished before the
 lookup began must have reached the mirror. A PING on the subscriber connection gives
 exactly that — Redis answers it after delivering every message published before it — and
-one PING serves every lookup that arrived before it was sent (`barrier`).
+one PING serves every lookup that arrived before it was sent (`barrier`). At most one PING
+is in flight: look-ups that arrive meanwhile share the next one, sent when it returns.
 """
 
 from __future__ import annotations
@@ -185,17 +186,31 @@ class RedisTier:
                 fut = self._pongs.popleft()
                 if not fut.done():
                     fut.set_result(None)
+                if not self._pongs and self._next is not None:
+                    self._send_ping()  # the look-ups that came while it was in flight: one PING
 
     # ---- the barrier ----
 
-    async def barrier(self) -> None:
-        """Return once every bump published before this call is in the mirror."""
+    def barrier_future(self) -> asyncio.Future[None] | None:
+        """A future done once every bump published before this call is in the mirror (its
+        exception: RedisDown); None when Redis is down. The caller owns the timeout."""
         if not self.up or self._writer is None:
-            raise RedisDown("redis is down")
+            return None
         fut = self._next
         if fut is None:
             fut = self._next = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._send_ping)
+            if not self._pongs:  # else it goes when the PING in flight comes back
+                asyncio.get_running_loop().call_soon(self._send_ping)
+        return fut
+
+    def barrier_answered(self) -> None:
+        self._slow = 0
+
+    async def barrier(self) -> None:
+        """Return once every bump published before this call is in the mirror."""
+        fut = self.barrier_future()
+        if fut is None:
+            raise RedisDown("redis is down")
         try:
             async with asyncio.timeout(self.timeout):
                 await asyncio.shield(fut)
@@ -213,6 +228,10 @@ class RedisTier:
             return
         self._pongs.append(fut)
         self._writer.write(_resp("PING"))
+
+    def slow_answer(self) -> None:
+        """A look-up gave up waiting for Redis (after enough of them, reconnect)."""
+        self._slow_answer()
 
     def _slow_answer(self) -> None:
         self.errors += 1

@@ -238,9 +238,61 @@ def _try(s: ClientSession, req: Request) -> int:
     req.settings, req.max_age = settings, max_age
     req.names = cache.version_names(s.database, plan.tables_read)
     if cache.needs_sync:
-        s.spawn_task(_lookup_after_sync(s, req))
-        return ASYNC
+        return _after_barrier(s, req)
     return _lookup(s, req)
+
+
+def _after_barrier(s: ClientSession, req: Request) -> int:
+    """With Redis: the look-up continues once the version barrier is passed — by callback, no
+    task, in the common case where the mirror already knows every version the key needs."""
+    cache = s.server.cache
+    assert cache is not None and cache.redis is not None
+    if cache.versions.known(req.names):
+        s.spawn_task(_lookup_after_sync(s, req))  # first sight of a table: load its versions
+        return ASYNC
+    barrier = cache.redis.barrier_future()
+    if barrier is None:
+        return _redis_bypass(s)
+    loop = asyncio.get_running_loop()
+    marker: asyncio.Future[None] = loop.create_future()
+    s.hold(marker)
+
+    def timed_out() -> None:
+        if not marker.done():
+            marker.set_result(None)
+            assert cache.redis is not None
+            cache.redis.slow_answer()
+            cache.stats.redis_errors += 1
+            _redis_bypass(s)
+            s.resume_pump(cache_done=True)
+
+    timer = loop.call_later(cache.settings.redis_timeout, timed_out)
+
+    def passed(fut: asyncio.Future[None]) -> None:
+        timer.cancel()
+        if marker.done():
+            return  # timed out, or the client went away
+        marker.set_result(None)
+        if fut.cancelled() or fut.exception() is not None:
+            cache.stats.redis_errors += 1
+            _redis_bypass(s)
+            s.resume_pump(cache_done=True)
+            return
+        assert cache.redis is not None
+        cache.redis.barrier_answered()
+        result = _lookup(s, req)
+        if result != ASYNC:
+            s.resume_pump(cache_done=result == PASS)
+
+    barrier.add_done_callback(passed)
+    return ASYNC
+
+
+def _redis_bypass(s: ClientSession) -> int:
+    assert s.server.cache is not None
+    s.server.cache.stats.bypassed("redis slow or down")
+    s.agent_stats.bypassed += 1
+    return PASS
 
 
 def _lookup(s: ClientSession, req: Request) -> int:

@@ -89,7 +89,7 @@ class ClientSession(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._queued: asyncio.Future[Backend] | None = None  # in the pool's queue, no task
         self._deadline: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Future[None] | None = None  # a task, or a cache look-up's marker
         self._paused = False
         self._writing = True
         # cache (issue 4): see caching.py
@@ -449,6 +449,10 @@ class ClientSession(asyncio.Protocol):
         self._bind(backend)
         self.resume_reading()
         self.pump()
+
+    def hold(self, marker: asyncio.Future[None]) -> None:
+        """Busy until resume_pump: `marker` is cancelled if the client goes away."""
+        self._task = marker
 
     def spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` as this client's one pending task: pump waits until resume_pump."""
