@@ -10,7 +10,7 @@ import pytest
 
 from proxy.embedded import EmbeddedPostgres
 from tests import cachedb
-from tests.util import ProxyFactory, ProxyHandle
+from tests.util import ProxyFactory, ProxyHandle, wait_until
 
 DB = "workertest"
 
@@ -70,7 +70,6 @@ def test_sigterm_stops_every_worker(two_workers: ProxyHandle) -> None:
 
 
 def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
-    import time
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -89,8 +88,7 @@ def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory:
     for conn in conns:
         conn.cursor().execute("SELECT 1")
         conn.close()
-    time.sleep(1.5)  # the workers publish their counters every second
-    for _ in range(4):  # the admin connection lands on either worker: both report the sum
+    def summed() -> tuple[object, object]:
         admin = psycopg2.connect(proxy.dsn(database="pgsluice"))
         admin.autocommit = True
         with admin.cursor() as cur:
@@ -99,8 +97,12 @@ def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory:
             cur.execute("SHOW AGENTS")
             agents = {row[0]: row for row in cur.fetchall()}
         admin.close()
-        assert stats["workers_reporting"] == 2
-        assert agents["summed-agent"][1] == 80  # SHOW CACHE + SELECT 1 on each of 40 connections
+        return stats["workers_reporting"], agents["summed-agent"][1]
+
+    # the workers publish their counters every second; each admin connection lands on either
+    # worker, and each must report the sum (SHOW CACHE + SELECT 1 on each of 40 connections)
+    for _ in range(4):
+        wait_until(lambda: summed() == (2, 80), timeout=10, message="sum over both workers")
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as resp:
         families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
     assert families["pgsluice_workers_reporting"].samples[0].value == 2
