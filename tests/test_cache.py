@@ -194,13 +194,13 @@ def test_max_staleness_hint_and_setting(pg: EmbeddedPostgres, proxy1: ProxyHandl
     cur.execute("SET pgsluice.max_staleness = '0'")
     cur.execute(sql)
     assert calls(pg, DB, "FROM items WHERE id = $1") - before == 3
-    cur.execute("SET pgsluice.max_staleness = '300ms'")
-    time.sleep(0.4)
-    cur.execute(sql)  # the entry is older than 300 ms: asked again, stored anew
+    cur.execute("SET pgsluice.max_staleness = '1s'")
+    time.sleep(1.1)
+    cur.execute(sql)  # the entry is older than 1 s: asked again, stored anew
     cur.execute(sql)
     assert calls(pg, DB, "FROM items WHERE id = $1") - before == 4
-    time.sleep(0.4)
-    cur.execute(sql)  # older than 300 ms: asked again
+    time.sleep(1.1)
+    cur.execute(sql)  # older than 1 s: asked again
     assert calls(pg, DB, "FROM items WHERE id = $1") - before == 5
     cur.execute("RESET pgsluice.max_staleness")
     cur.execute(sql)
