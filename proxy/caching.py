@@ -305,6 +305,7 @@ def _lookup(s: ClientSession, req: Request) -> int:
     if value is not None:
         cache.stats.hits += 1
         s.agent_stats.hits += 1
+        s.served = "cache"
         _reply(s, value, req)
         return SERVED
     flight = cache.flights.get(key)
@@ -371,6 +372,7 @@ async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
         return
     cache.stats.coalesced += 1
     s.agent_stats.coalesced += 1
+    s.served = "coalesced"
     _reply(s, payload, req)
     s.resume_pump(cache_done=False)
 
@@ -389,6 +391,7 @@ async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> Non
         cache.stats.misses -= 1
         s.agent_stats.hits += 1
         s.agent_stats.misses -= 1
+        s.served = "cache"
         cache.land(flight, value, False)
         _reply(s, value, req)
         s.resume_pump(cache_done=False)

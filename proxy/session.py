@@ -101,6 +101,7 @@ class ClientSession(asyncio.Protocol):
         self._gate: list[bytes] | None = None  # output waiting for a bump in Redis
         self._cache_done = False  # the head Query already went through the cache
         self.waiting = False  # for an identical query in flight (a CancelRequest stops that)
+        self.served = "executed"  # how the last cacheable request was answered (internal clients)
         self.key_source: object = None
         self.key_settings: tuple[tuple[str, str], ...] = ()
         self.max_staleness: float | None = None

@@ -1,0 +1,181 @@
+"""A client of the pipeline without a socket: the way non-wire doors (gRPC, tools) go through
+exactly what the wire door does — planner, guardrails, cache, single-flight, pool.
+
+    client = InternalClient(server, user="app", database="shop", password="...")
+    reply = await client.query("SELECT name FROM customers WHERE id = $1", ["42"])
+    reply.columns, reply.rows, reply.tag, reply.served, reply.error
+
+Each InternalClient is one ClientSession (same counters, same policies, same transaction
+pooling) whose transport is a sink in memory. Requests go in as the extended protocol
+(Parse, Bind with text parameters, Describe portal, Execute, Sync), replies come back as
+the wire messages the session would have sent a socket, parsed here; one request at a
+time per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .login import LoginResult
+from .pgwire import codes, encode
+from .pgwire.decode import parse_error_fields
+from .session import ClientSession
+from .settings import settings_from_startup
+
+if TYPE_CHECKING:
+    from .server import Server
+
+_I = struct.Struct("!I")
+_H = struct.Struct("!h")
+_i = struct.Struct("!i")
+
+
+@dataclass(slots=True)
+class Column:
+    name: str
+    type_oid: int
+
+
+@dataclass(slots=True)
+class Reply:
+    columns: list[Column] = field(default_factory=list)
+    rows: list[list[bytes | None]] = field(default_factory=list)  # text-format values
+    tag: str = ""
+    error: dict[str, str] | None = None  # ErrorResponse fields: C (SQLSTATE), M, D, H, P...
+    served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight)
+
+
+class _Sink(asyncio.Transport):
+    def __init__(self, client: InternalClient) -> None:
+        super().__init__()
+        self._client = client
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._client._received(bytes(data))
+
+    def close(self) -> None:
+        self._closing = True
+
+    def abort(self) -> None:
+        self._closing = True
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("internal", 0) if name == "peername" else default
+
+
+class InternalClient:
+    def __init__(self, server: Server, user: str, database: str, password: str | None = None,
+                 application_name: str = "") -> None:
+        params = {"user": user, "database": database}
+        if application_name:
+            params["application_name"] = application_name
+        pool = server.pool(database, user)
+        if password is not None and pool.creds.password is None and not pool.creds.md5:
+            pool.creds.password = password
+        session = self.session = ClientSession(server)
+        session.transport = _Sink(self)
+        session.peer = ("internal", 0)
+        server.clients.add(session)
+        server.stats.clients_total += 1
+        self._buf = bytearray()
+        self._reply: Reply | None = None
+        self._done: asyncio.Future[Reply] | None = None
+        self._lock = asyncio.Lock()
+        self._welcomed = False
+        session._startup_done = True
+        session._start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
+
+    async def query(self, sql: str, params: list[str | None] | None = None) -> Reply:
+        """Run one statement (parameters as text, NULL as None); the reply as Postgres gave it."""
+        async with self._lock:
+            if self.session.closed:
+                raise ConnectionError("internal client closed")
+            self._reply = Reply()
+            self._done = asyncio.get_running_loop().create_future()
+            self.session.served = "executed"
+            values = params or []
+            bind = [b"\x00\x00", _H.pack(0), _H.pack(len(values))]
+            for v in values:
+                bind.append(_i.pack(-1) if v is None else _i.pack(len(v.encode())) + v.encode())
+            bind.append(_H.pack(0))
+            self.session.data_received(b"".join((
+                encode.parse(b"", sql.encode()), encode.message(codes.F_BIND, b"".join(bind)),
+                encode.message(codes.F_DESCRIBE, b"P\x00"),
+                encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0)), encode.sync())))
+            reply = await self._done
+            reply.served = self.session.served
+            return reply
+
+    def close(self) -> None:
+        self.session.data_received(encode.terminate())
+        self.session.connection_lost(None)
+
+    # ---- replies ----
+
+    def _received(self, data: bytes) -> None:
+        self._buf += data
+        buf = self._buf
+        while len(buf) >= 5:
+            length = _I.unpack_from(buf, 1)[0]
+            if len(buf) < length + 1:
+                break
+            code, body = buf[0], bytes(buf[5:length + 1])
+            del buf[:length + 1]
+            if not self._welcomed:  # the login's ParameterStatus .. ReadyForQuery
+                self._welcomed = code == codes.B_READY_FOR_QUERY
+                continue
+            self._message(code, body)
+
+    def _message(self, code: int, body: bytes) -> None:
+        reply = self._reply
+        if reply is None:
+            return
+        if code == codes.B_ROW_DESCRIPTION:
+            reply.columns = _columns(body)
+        elif code == codes.B_DATA_ROW:
+            reply.rows.append(_values(body))
+        elif code == codes.B_COMMAND_COMPLETE:
+            reply.tag = body.rstrip(b"\x00").decode()
+        elif code == codes.B_ERROR_RESPONSE:
+            reply.error = parse_error_fields(body)
+        elif code == codes.B_READY_FOR_QUERY and self._done is not None and not self._done.done():
+            self._done.set_result(reply)
+
+
+def _columns(body: bytes) -> list[Column]:
+    (n,) = _H.unpack_from(body)
+    pos, out = 2, list[Column]()
+    for _ in range(n):
+        end = body.index(b"\x00", pos)
+        name = body[pos:end].decode()
+        oid = _I.unpack_from(body, end + 7)[0]
+        out.append(Column(name, oid))
+        pos = end + 19
+    return out
+
+
+def _values(body: bytes) -> list[bytes | None]:
+    (n,) = _H.unpack_from(body)
+    pos, out = 2, list[bytes | None]()
+    for _ in range(n):
+        (length,) = _i.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(body[pos:pos + length])
+            pos += length
+    return out
