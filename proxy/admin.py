@@ -10,6 +10,7 @@ ordinary result sets (text columns), over the simple protocol (psql) or the exte
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import struct
@@ -270,7 +271,7 @@ def handle(s: ClientSession) -> None:
     """Answer every complete message in s.inbuf (simple and extended protocol)."""
     buf = s.inbuf
     out: list[bytes] = []
-    while len(buf) >= 5:
+    while len(buf) >= 5 and not s.admin_busy:
         code = buf[0]
         length = _I.unpack_from(buf, 1)[0]
         if length < 4 or length > codes.DEFAULT_MAX_MESSAGE:
@@ -289,6 +290,12 @@ def handle(s: ClientSession) -> None:
             continue
         if s.admin_failed and code != codes.F_QUERY:
             continue  # after an error, skip to Sync as Postgres does
+        if code == codes.F_QUERY and _PAUSE.fullmatch(body.rstrip(b"\x00")):
+            # PgBouncer's PAUSE: the reply comes once no transaction is running anywhere
+            s.admin_busy = True
+            message = s.server.pause()
+            s.spawn_task(_pause_reply(s, message))
+            break
         try:
             out.append(_message(s, code, body))
         except AdminError as err:
@@ -299,6 +306,28 @@ def handle(s: ClientSession) -> None:
                 s.admin_failed = True
     if out:
         s.write(b"".join(out))
+
+
+_PAUSE = re.compile(rb"(?is)\s*pause\s*;?\s*")
+
+
+async def _pause_reply(s: ClientSession, message: str) -> None:
+    """Wait until no server connection is held (summed over workers), up to shutdown_timeout."""
+    server = s.server
+    deadline = time.monotonic() + server.config.shutdown_timeout
+    busy = _transactions(server)
+    while busy and time.monotonic() < deadline and server.paused_anywhere():
+        await asyncio.sleep(0.05)
+        busy = _transactions(server)
+    note = "all transactions finished" if not busy else f"{busy} transactions still running"
+    s.admin_busy = False
+    s.resume_pump_admin()
+    s.write(_reply("PAUSE", (("result",), [(f"{message}; {note}",)])) + encode.ready_for_query())
+    handle(s)
+
+
+def _transactions(server: Server) -> int:
+    return int(sum(p["held"] for p in view(server)["pools"].values()))
 
 
 def _message(s: ClientSession, code: int, body: bytes) -> bytes:

@@ -207,6 +207,10 @@ class Server:
             return f"pausing all {self.config.workers} workers: new transactions wait for RESUME"
         return self.pause_here()
 
+    def paused_anywhere(self) -> bool:
+        """Still paused (a RESUME ends the wait of a PAUSE)."""
+        return self.paused or (self.config.workers > 1 and self.stats_dir is not None)
+
     def pause_here(self) -> str:
         self.paused = True
         active = sum(1 for c in self.clients if c.backend is not None)

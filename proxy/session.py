@@ -110,6 +110,7 @@ class ClientSession(asyncio.Protocol):
         self.last_sql = ""  # the last statement text sent (for the logs), truncated
         self.request_started = self.connected_at
         self.admin_failed = False
+        self.admin_busy = False  # PAUSE waits for transactions before it replies
         self.admin_statements: dict[bytes, str] = {}
         self.admin_portals: dict[bytes, str] = {}
         self.admin_formats: dict[bytes, tuple[int, ...]] = {}
@@ -458,6 +459,9 @@ class ClientSession(asyncio.Protocol):
     def spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` as this client's one pending task: pump waits until resume_pump."""
         self._task = asyncio.get_running_loop().create_task(coro)
+
+    def resume_pump_admin(self) -> None:
+        self._task = None
 
     def cancel_wait(self) -> None:
         if self.waiting and self._task is not None and not self._task.done():

@@ -168,3 +168,23 @@ def test_agent_series_are_bounded(proxy: ProxyHandle) -> None:
         conn.close()
     agents = {dict(k).get("agent") for k in _scrape(proxy)["pgsluice_queries_total"]}
     assert "other" in agents and len(agents) <= 21
+
+
+def test_pause_replies_once_running_transactions_end(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
+    import threading
+    conn = cachedb.connect(proxy, DB)
+    cur = conn.cursor()
+    cur.execute("BEGIN")
+    cur.execute("UPDATE counters SET n = n + 1 WHERE id = 19")
+    replied: list[str] = []
+    t = threading.Thread(target=lambda: replied.append(_psql(pg, proxy, "PAUSE").stdout))
+    t.start()
+    try:
+        time.sleep(0.5)
+        assert not replied, "PAUSE replied while a transaction was running"
+        cur.execute("COMMIT")
+        t.join(10)
+        assert replied and "all transactions finished" in replied[0]
+    finally:
+        assert _psql(pg, proxy, "RESUME").returncode == 0
+        conn.close()
