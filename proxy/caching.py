@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .session import ClientSession
 
 _I = struct.Struct("!I")
+_H = struct.Struct("!h")
+_i = struct.Struct("!i")
 SERVED, ASYNC, PASS = range(3)
 _RFQ_IDLE = encode.ready_for_query()
 _FORMAT_SIMPLE = b"Q"  # a simple Query's reply: text format, with RowDescription
@@ -175,6 +177,29 @@ def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes
     return end, parse_msg, sql, types, bind_rest, describe
 
 
+def _normal_bind(rest: bytes) -> bytes:
+    """A Bind's formats, parameters and result formats, with the all-text spellings made one
+    (libpq sends one result format 0, others none: the same reply), for the cache key."""
+    pos = 0
+    (n,) = _H.unpack_from(rest, pos)
+    formats = rest[pos + 2:pos + 2 + 2 * n]
+    pos += 2 + 2 * n
+    (count,) = _H.unpack_from(rest, pos)
+    start = pos
+    pos += 2
+    for _ in range(count):
+        (length,) = _i.unpack_from(rest, pos)
+        pos += 4 + max(length, 0)
+    params = rest[start:pos]
+    (n,) = _H.unpack_from(rest, pos)
+    results = rest[pos + 2:pos + 2 + 2 * n]
+    if pos + 2 + 2 * n != len(rest):
+        raise ProtocolError("invalid Bind message")
+    parts = (b"" if formats.strip(b"\x00") == b"" else formats, params,
+             b"" if results.replace(b"\x00\x00", b"") == b"" else results)
+    return b"".join(_I.pack(len(p)) + p for p in parts)  # length-prefixed: unambiguous
+
+
 def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | None:
     """(end, unnamed Parse message or None, statement name, Bind parameters and formats,
     Describe portal?) of a cacheable group at the head of s.inbuf, else None."""
@@ -198,7 +223,7 @@ def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | N
             portal, stmt, rest = parse_bind_names(body)
             if portal or (parse_msg is not None and stmt):
                 return None
-            bind_rest, bound = body[rest:], True
+            bind_rest, bound = _normal_bind(body[rest:]), True
         elif code == codes.F_DESCRIBE and bound and not described and not executed:
             if body != b"P\x00":
                 return None

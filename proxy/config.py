@@ -22,6 +22,17 @@ LogFormat = Literal["text", "json", "logfmt"]
 
 
 @dataclass(frozen=True, slots=True)
+class AgentAuth:
+    """[pgsluice.agents.NAME]: a bearer token for the gRPC door and who it runs as."""
+
+    name: str
+    token: str
+    user: str
+    password: str | None = None
+    database: str = ""  # default database ("" = the upstream URL's)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     upstream: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     listen: str = "127.0.0.1:6543"
@@ -54,7 +65,9 @@ class Config:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes on the same ports
     admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
     metrics_listen: str = "127.0.0.1:9187"  # Prometheus /metrics ("" = off)
+    grpc_listen: str = "127.0.0.1:50051"  # the gRPC door ("" = off)
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
+    agents: tuple[AgentAuth, ...] = ()  # [pgsluice.agents.NAME]: gRPC bearer tokens
 
     @property
     def listen_host(self) -> str:
@@ -66,11 +79,14 @@ class Config:
 
     def masked(self) -> dict[str, Any]:
         """The config as a dict with every secret replaced by ***."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "roles"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("roles", "agents")}
         out["upstream"] = mask_url(self.upstream)
         out["redis"] = mask_url(self.redis)
         if self.roles.roles:
             out["roles"] = {r.name: _role_dict(r) for r in self.roles.roles}
+        if self.agents:
+            out["agents"] = {a.name: {"token": "***", "user": a.user, "database": a.database,
+                                      "password": "***" if a.password else ""} for a in self.agents}
         return out
 
 
@@ -160,7 +176,7 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
             return raw
         if not isinstance(raw, str):
             raise ValueError(raw)
-        if name == "listen" or (name == "metrics_listen" and raw):
+        if name == "listen" or (name in ("metrics_listen", "grpc_listen") and raw):
             split_host_port(raw)
         elif name == "upstream":
             parse_upstream(raw)
@@ -179,7 +195,7 @@ _field_types: dict[str, Any] = {
 def _field_kinds() -> dict[str, Any]:
     kinds: dict[str, Any] = {}
     for f in fields(Config):
-        if f.name == "roles":  # a table in the TOML file only
+        if f.name in ("roles", "agents"):  # tables in the TOML file only
             continue
         kinds[f.name] = f.type
         _field_types.setdefault(f.name, str)
@@ -220,10 +236,31 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             except PolicyError as exc:
                 raise ConfigError(f"{p}: {exc}") from None
             continue
+        if name == "agents":
+            out["agents"] = _agents(value, f"{p}:{_toml_line(text, key)}")
+            continue
         if name not in FIELD_KINDS:
             raise ConfigError(f"{where}: unknown setting {key!r}")
         out[name] = _coerce(name, value, FIELD_KINDS[name], where)
     return out
+
+
+def _agents(table: Any, where: str) -> tuple[AgentAuth, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [pgsluice.agents] must be a table of agents")
+    out = []
+    for name, spec in table.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("token"), str) or not spec["token"] \
+                or not isinstance(spec.get("user"), str):
+            raise ConfigError(f"{where}: agent {name!r} needs token = \"...\" and user = \"...\"")
+        unknown = set(spec) - {"token", "user", "password", "database"}
+        if unknown:
+            raise ConfigError(f"{where}: agent {name!r}: unknown keys {sorted(unknown)}")
+        out.append(AgentAuth(str(name), spec["token"], spec["user"], spec.get("password"),
+                             spec.get("database", "")))
+    if len({a.token for a in out}) != len(out):
+        raise ConfigError(f"{where}: two agents share a token")
+    return tuple(out)
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
@@ -279,7 +316,7 @@ def _toml_value(value: Any) -> str:
 def to_toml(values: Mapping[str, Any]) -> str:
     lines = ["[pgsluice]"]
     for key, value in values.items():
-        if key != "roles":
+        if key not in ("roles", "agents"):
             lines.append(f"{key} = {_toml_value(value)}")
     for name, role in (values.get("roles") or {}).items():
         lines += ["", f"[pgsluice.roles.{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in role.items()]

@@ -78,8 +78,8 @@ class _Sink(asyncio.Transport):
 
 class InternalClient:
     def __init__(self, server: Server, user: str, database: str, password: str | None = None,
-                 application_name: str = "") -> None:
-        params = {"user": user, "database": database}
+                 application_name: str = "", settings: dict[str, str] | None = None) -> None:
+        params = {"user": user, "database": database, **(settings or {})}
         if application_name:
             params["application_name"] = application_name
         pool = server.pool(database, user)

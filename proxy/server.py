@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -29,6 +29,9 @@ from planner.catalog import load as load_catalog
 from .backend import Credentials, Upstream, send_cancel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
+
+if TYPE_CHECKING:
+    from .grpc_door import GrpcDoor
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
@@ -70,6 +73,7 @@ class Server:
         self.stop_requested = asyncio.Event()
         self.reload_config: Callable[[], Config] | None = None  # set by `pgsluice serve`
         self.metrics: MetricsServer | None = None
+        self.grpc: GrpcDoor | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._catalog_refresh: set[str] = set()
         self._catalog_gen: dict[str, int] = {}
@@ -322,6 +326,14 @@ class Server:
             self.cache.start()
         if self.stats_dir is not None:
             self._publisher = loop.create_task(publish(self))
+        if self.config.grpc_listen:
+            from .grpc_door import GrpcDoor
+            self.grpc = GrpcDoor(self)
+            try:
+                await self.grpc.start(self.config.grpc_listen)
+            except (OSError, RuntimeError) as exc:
+                log.error("gRPC door not served on %s: %s", self.config.grpc_listen, exc)
+                self.grpc = None
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self)
             try:  # every worker on the same port: each answers with the sum over all of them
@@ -343,6 +355,8 @@ class Server:
             server.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:

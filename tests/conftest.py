@@ -116,7 +116,8 @@ def _start_proxy(pg: EmbeddedPostgres, log_dir: Path, started: list[ProxyHandle]
            "--listen", f"{host}:{port}", *extra_args]  # fmt: skip
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath,
-                "PGSLUICE_METRICS_LISTEN": "127.0.0.1:0", "PGSLUICE_WORKERS": "1", **(env or {})}
+                "PGSLUICE_METRICS_LISTEN": "127.0.0.1:0", "PGSLUICE_WORKERS": "1",
+                "PGSLUICE_GRPC_LISTEN": "", **(env or {})}
     log_path = log_dir / f"proxy-{len(started)}-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

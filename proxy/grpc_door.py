@@ -1,0 +1,243 @@
+"""The gRPC door: `pgsluice.v1.Sluice` on `grpc_listen`, plus grpc.health.v1 and reflection.
+
+Every call goes through an InternalClient (proxy/internal.py), so it shares the planner,
+guardrails, cache, single-flight and pool with the wire door; a query cached by a psql
+client is a hit for a gRPC agent with the same role and settings, and the other way round.
+Agents authenticate with `authorization: Bearer <token>` ([pgsluice.agents.NAME] in the
+config); Postgres errors come back as gRPC status codes with the SQLSTATE, message,
+detail, hint and position in the trailing metadata (`pgsluice-sqlstate`, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from planner import SessionFacts
+from planner.explain import describe
+from protos.pgsluice.v1 import sluice_pb2 as pb
+from protos.pgsluice.v1 import sluice_pb2_grpc
+
+from . import values
+from .config import AgentAuth
+from .internal import InternalClient, Reply
+from .snapshot import view
+from .stats import quantile
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("pgsluice.grpc")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+SERVICE = "pgsluice.v1.Sluice"
+_SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
+_BY_SQLSTATE = {
+    "42501": grpc.StatusCode.PERMISSION_DENIED, "25006": grpc.StatusCode.PERMISSION_DENIED,
+    "23505": grpc.StatusCode.ALREADY_EXISTS, "57014": grpc.StatusCode.CANCELLED,
+    "53300": grpc.StatusCode.RESOURCE_EXHAUSTED, "57P01": grpc.StatusCode.UNAVAILABLE,
+    "28P01": grpc.StatusCode.UNAUTHENTICATED, "28000": grpc.StatusCode.UNAUTHENTICATED,
+}
+_BY_CLASS = {
+    "08": grpc.StatusCode.UNAVAILABLE, "22": grpc.StatusCode.INVALID_ARGUMENT,
+    "23": grpc.StatusCode.FAILED_PRECONDITION, "25": grpc.StatusCode.FAILED_PRECONDITION,
+    "40": grpc.StatusCode.ABORTED, "42": grpc.StatusCode.INVALID_ARGUMENT,
+    "53": grpc.StatusCode.RESOURCE_EXHAUSTED, "54": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "57": grpc.StatusCode.UNAVAILABLE, "XX": grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(sqlstate: str, timed_out: bool = False) -> grpc.StatusCode:
+    if sqlstate == "57014" and timed_out:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return _BY_SQLSTATE.get(sqlstate) or _BY_CLASS.get(sqlstate[:2], grpc.StatusCode.UNKNOWN)
+
+
+class SluiceService(sluice_pb2_grpc.SluiceServicer):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._idle: dict[tuple[str, str], list[InternalClient]] = {}
+
+    # ---- plumbing ----
+
+    async def _agent(self, context: Ctx) -> AgentAuth:
+        tokens = {a.token: a for a in self.server.config.agents}
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                agent = tokens.get(value[7:].strip())
+                if agent is not None:
+                    return agent
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "pgsluice: missing or unknown bearer token")
+        raise AssertionError("unreachable")
+
+    def _database(self, agent: AgentAuth, requested: str) -> str:
+        return requested or agent.database or self.server.admin_database()
+
+    def _take(self, agent: AgentAuth, database: str) -> InternalClient:
+        idle = self._idle.get((agent.name, database))
+        while idle:
+            client = idle.pop()
+            if not client.session.closed:
+                return client
+        return InternalClient(self.server, agent.user, database, password=agent.password,
+                              application_name=agent.name, settings={"client_encoding": "UTF8"})
+
+    def _give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
+        if client.session.closed:
+            return
+        idle = self._idle.setdefault((agent.name, database), [])
+        if len(idle) < 64:
+            idle.append(client)
+        else:
+            client.close()
+
+    async def _run(self, agent: AgentAuth, database: str, sql: str, params: list[str | None],
+                   timeout: float = 0.0) -> tuple[Reply, bool]:
+        client = self._take(agent, database)
+        timed_out = False
+        try:
+            task = asyncio.ensure_future(client.query(sql, params))
+            if timeout > 0:
+                done, _ = await asyncio.wait({task}, timeout=timeout)
+                if not done:  # cancel the statement (or the wait for an identical one)
+                    timed_out = True
+                    await self.server.cancel(*client.session.key)
+            reply = await task
+        except BaseException:
+            client.close()
+            raise
+        self._give_back(agent, database, client)
+        return reply, timed_out
+
+    @staticmethod
+    async def _fail(context: Ctx, error: dict[str, str], timed_out: bool) -> None:
+        code = error.get("C", "XX000")
+        trailers: list[tuple[str, str | bytes]] = [("pgsluice-sqlstate", code)]
+        for field, key in (("M", "message"), ("D", "detail"), ("H", "hint")):
+            if error.get(field):
+                trailers.append((f"pgsluice-{key}-bin", error[field].encode()))
+        if error.get("P"):
+            trailers.append(("pgsluice-position", error["P"]))
+        context.set_trailing_metadata(tuple(trailers))
+        await context.abort(status_for(code, timed_out), f"{code}: {error.get('M', '')}")
+
+    # ---- RPCs ----
+
+    async def Query(self, request: pb.QueryRequest, context: Ctx) -> pb.QueryResponse:
+        agent = await self._agent(context)
+        database = self._database(agent, request.database)
+        sql = request.sql
+        hints = request.hints
+        if hints.HasField("max_staleness_seconds"):
+            sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {sql}"
+        params = [values.encode(v) for v in request.params]
+        started = time.perf_counter()
+        reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
+        if reply.error is not None:
+            await self._fail(context, reply.error, timed_out)
+        rows = reply.rows
+        truncated = bool(hints.max_rows) and len(rows) > hints.max_rows
+        if truncated:
+            rows = rows[:hints.max_rows]
+        types = [c.type_oid for c in reply.columns]
+        tail = reply.tag.rsplit(" ", 1)[-1]
+        plan = self.server.planner_for(database).analyze(request.sql, SessionFacts(database, agent.user))
+        return pb.QueryResponse(
+            columns=[pb.Column(name=c.name, type_oid=c.type_oid, type_name=values.type_name(c.type_oid))
+                     for c in reply.columns],
+            rows=[pb.Row(values=[values.decode(v, t) for v, t in zip(row, types, strict=True)])
+                  for row in rows],
+            command_tag=reply.tag, rows_affected=int(tail) if tail.isdigit() else 0,
+            served=_SERVED.get(reply.served, pb.EXECUTED), elapsed_ms=(time.perf_counter() - started) * 1000,
+            fingerprint=plan.fingerprint, truncated=truncated)
+
+    async def Explain(self, request: pb.ExplainRequest, context: Ctx) -> pb.ExplainResponse:
+        agent = await self._agent(context)
+        database = self._database(agent, request.database)
+        plan = self.server.planner_for(database).analyze(request.sql, SessionFacts(database, agent.user))
+        v = plan.verdict
+        out = pb.ExplainResponse(
+            fingerprint=plan.fingerprint, canonical_sql=plan.canonical, kind=plan.kind.value,
+            cacheable=plan.cacheable, why_not=plan.why_not, tables_read=sorted(plan.tables_read),
+            tables_written=sorted(plan.tables_written), text=describe(plan),
+            verdict="allow" if v.allowed else f"reject {v.sqlstate} [{v.rule}] {v.message}")
+        if request.postgres_explain:
+            reply, _ = await self._run(agent, database, "EXPLAIN (FORMAT JSON) " + request.sql, [])
+            if reply.error is not None:
+                await self._fail(context, reply.error, False)
+            out.postgres_plan_json = (reply.rows[0][0] or b"").decode() if reply.rows else ""
+        return out
+
+    async def Invalidate(self, request: pb.InvalidateRequest,
+                         context: Ctx) -> pb.InvalidateResponse:
+        agent = await self._agent(context)
+        database = self._database(agent, request.database)
+        cache = self.server.cache
+        tables = list(request.tables) or ["*"]
+        if cache is not None:
+            task = cache.bump(database, tables)
+            if task is not None:
+                await task
+        return pb.InvalidateResponse(tables=len(tables))
+
+    async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
+        await self._agent(context)
+        v = view(self.server)
+        agents = [pb.AgentStats(agent=name, queries=a["queries"], hits=a["hits"], coalesced=a["coalesced"],
+                                misses=a["misses"], bypassed=a["bypassed"], rejected=a["rejected"],
+                                p50_ms=(quantile(a["lat_counts"], 0.5) or 0) * 1000,
+                                p99_ms=(quantile(a["lat_counts"], 0.99) or 0) * 1000)
+                  for name, a in sorted(v["agents"].items())]
+        cache = v.get("cache") or {}
+        return pb.StatsResponse(agents=agents, upstream_queries=v["totals"]["upstream_queries"],
+                                cache_hits=sum(a.hits for a in agents), cache_entries=cache.get("entries", 0),
+                                cache_bytes=cache.get("bytes", 0))
+
+
+class GrpcDoor:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", server.config.max_message_size),
+            ("grpc.max_send_message_length", server.config.max_message_size),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)])
+        sluice_pb2_grpc.add_SluiceServicer_to_server(SluiceService(server), self.grpc)  # type: ignore[no-untyped-call]
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = (pb.DESCRIPTOR.services_by_name["Sluice"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc)
+        self.port = 0
+        self._checker: asyncio.Task[None] | None = None
+
+    async def start(self, listen: str) -> None:
+        self.port = self.grpc.add_insecure_port(listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {listen}")
+        await self.grpc.start()
+        self._checker = asyncio.get_running_loop().create_task(self._check())
+        log.info("gRPC door on %s", listen)
+
+    async def _check(self) -> None:
+        """NOT_SERVING while Postgres cannot be reached."""
+        while True:
+            try:
+                async with asyncio.timeout(2):
+                    conn = await self.server._connect(self.server.admin_database())
+                    await conn.close()
+                status = health_pb2.HealthCheckResponse.SERVING
+            except Exception:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE):
+                await self.health.set(name, status)
+            await asyncio.sleep(1.0)
+
+    async def stop(self, grace: float) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+        await self.grpc.stop(grace)

@@ -1,0 +1,203 @@
+"""The gRPC door against real Postgres: typed values equal asyncpg's, a wire query then the same
+over gRPC is a cache hit, auth, error mapping with SQLSTATE in trailing metadata, health,
+reflection, Explain/Invalidate/Stats."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.pgsluice.v1 import sluice_pb2 as pb
+from protos.pgsluice.v1 import sluice_pb2_grpc
+from proxy import values
+from proxy.embedded import EmbeddedPostgres, free_port
+from tests import cachedb
+from tests.util import ProxyFactory, ProxyHandle
+
+DB = "grpctest"
+TOKEN = "agent-token-123"
+
+
+@pytest.fixture(scope="module")
+def door(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyHandle, int]]:
+    cachedb.create(pg, DB)
+    pg.psql("CREATE TABLE uniq (k int PRIMARY KEY); INSERT INTO uniq VALUES (1)", db=DB)
+    config = tmp_path_factory.mktemp("grpc") / "pgsluice.toml"
+    config.write_text(f'[pgsluice.agents.analyst]\ntoken = "{TOKEN}"\nuser = "postgres"\n'
+                      f'password = "postgres"\ndatabase = "{DB}"\n')
+    port = free_port()
+    handle = proxy_factory_module("--config", str(config), "--grpc-listen", f"127.0.0.1:{port}")
+    cachedb.connect(handle, DB).close()
+    cachedb.wait_feed(handle, DB)
+    yield handle, port
+
+
+@pytest.fixture
+async def stub(door: tuple[ProxyHandle, int]) -> AsyncIterator[Any]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{door[1]}")
+    yield sluice_pb2_grpc.SluiceStub(channel)
+    await channel.close()
+
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+TYPED = """SELECT true AS b, 32767::int2 AS i2, 2147483647 AS i4, 9223372036854775807::int8 AS i8,
+ 1.5::float8 AS f, 'NaN'::float8 AS nan, '-Infinity'::float8 AS ninf, 12345.678900::numeric AS n,
+ 'héllo'::text AS t, 'x'::varchar(3) AS vc, '\\x00ff10'::bytea AS by, '2024-02-29'::date AS d,
+ '13:45:01.5'::time AS tm, '2024-02-29 13:45:01'::timestamp AS ts,
+ '2024-02-29 13:45:01+02'::timestamptz AS tstz, '1 day 02:03:04'::interval AS iv,
+ 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS u, '{"a": [1, 2]}'::jsonb AS j,
+ ARRAY[[1, 2], [3, NULL]]::int[] AS arr, ARRAY['a b', 'q"u', NULL]::text[] AS tarr,
+ '10.0.0.1/8'::inet AS other, NULL::int AS nothing"""
+
+
+def _plain(v: pb.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "null":
+        return None
+    if kind == "array":
+        return [_plain(x) for x in v.array.values]
+    if kind == "other":
+        return v.other.text
+    return getattr(v, kind)
+
+
+async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any) -> None:
+    reply = await stub.Query(pb.QueryRequest(sql=TYPED), metadata=AUTH)
+    got = {c.name: _plain(v) for c, v in zip(reply.columns, reply.rows[0].values, strict=True)}
+    conn = await asyncpg.connect(pg.dsn(database=DB))
+    await conn.execute("SET TimeZone = 'UTC'")
+    row = await conn.fetchrow(TYPED)
+    await conn.close()
+    assert got["b"] is True and got["i2"] == row["i2"] and got["i4"] == row["i4"] and got["i8"] == row["i8"]
+    assert got["f"] == 1.5 and math.isnan(got["nan"]) and got["ninf"] == -math.inf
+    assert got["n"] == "12345.678900" and str(row["n"]) == "12345.678900"
+    assert got["t"] == row["t"] == "héllo" and got["vc"] == "x"
+    assert got["by"] == row["by"] == b"\x00\xff\x10"
+    import datetime as dt
+    assert dt.date.fromisoformat(got["d"]) == row["d"] and dt.time.fromisoformat(got["tm"]) == row["tm"]
+    assert dt.datetime.fromisoformat(got["ts"]) == row["ts"]
+    assert got["tstz"].startswith("2024-02-29 11:45:01")  # the session's TimeZone (UTC here)
+    assert got["iv"] == "1 day 02:03:04" and got["u"] == str(row["u"])
+    assert got["j"] == row["j"] == '{"a": [1, 2]}'
+    assert got["arr"] == [[1, 2], [3, None]] and got["tarr"] == ["a b", 'q"u', None]
+    assert got["other"] == "10.0.0.1/8" and got["nothing"] is None
+    types = {c.name: c.type_name for c in reply.columns}
+    assert types["i8"] == "int8" and types["arr"] == "_int4" and types["other"].startswith("oid ")
+
+
+async def test_parameters_are_bound_and_typed_both_ways(stub: Any) -> None:
+    params = [pb.Value(int64=7), pb.Value(text="it's"), pb.Value(null=True), pb.Value(bytea=b"\x01\x02"),
+              pb.Value(array=pb.Array(values=[pb.Value(int64=1), pb.Value(null=True)])),
+              pb.Value(double=math.inf)]
+    reply = await stub.Query(pb.QueryRequest(
+        sql="SELECT $1::int8 + 1 AS a, $2::text AS b, $3::text AS c, $4::bytea AS d, $5::int[] AS e, "
+            "$6::float8 AS f", params=params), metadata=AUTH)
+    assert [_plain(v) for v in reply.rows[0].values] == [8, "it's", None, b"\x01\x02", [1, None], math.inf]
+    assert values.encode(pb.Value(text='a"b')) == 'a"b'
+
+
+async def test_wire_then_grpc_is_a_cache_hit(pg: EmbeddedPostgres, door: tuple[ProxyHandle, int],
+                                           stub: Any) -> None:
+    proxy = door[0]
+    sql = "SELECT id, v FROM items WHERE id = $1"
+    env = {**os.environ, "PGPASSWORD": "postgres", "PGCLIENTENCODING": "UTF8"}
+    out = await asyncio.to_thread(
+        subprocess.run, [str(pg.bin_dir / "psql"), "-X", "-At", "-h", proxy.host, "-p", str(proxy.port),
+                         "-U", "postgres", "-d", DB, "-f", "-"],
+        input=f"{sql} \\bind 33 \\g\n", env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "33|v33", out.stderr
+    reply = await stub.Query(pb.QueryRequest(sql=sql, params=[pb.Value(text="33")]), metadata=AUTH)
+    assert reply.served == pb.CACHE_HIT
+    assert [_plain(v) for v in reply.rows[0].values] == [33, "v33"]
+    again = await stub.Query(pb.QueryRequest(sql=sql, params=[pb.Value(text="33")],
+                                             hints=pb.Hints(max_staleness_seconds=0)), metadata=AUTH)
+    assert again.served == pb.EXECUTED
+
+
+async def test_auth(stub: Any) -> None:
+    for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Query(pb.QueryRequest(sql="SELECT 1"), metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("sql", "code", "sqlstate"), [
+    ("SELEC 1", grpc.StatusCode.INVALID_ARGUMENT, "42601"),
+    ("INSERT INTO uniq VALUES (1)", grpc.StatusCode.ALREADY_EXISTS, "23505"),
+    ("SELECT 1/0", grpc.StatusCode.INVALID_ARGUMENT, "22012"),
+])
+async def test_errors_map_to_status_codes(stub: Any, sql: str, code: grpc.StatusCode, sqlstate: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH)
+    assert info.value.code() == code
+    trailers = dict(info.value.trailing_metadata() or ())
+    assert trailers["pgsluice-sqlstate"] == sqlstate and trailers["pgsluice-message-bin"]
+
+
+async def test_timeout_hint_cancels_the_statement(stub: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Query(pb.QueryRequest(sql="SELECT pg_sleep(5)", hints=pb.Hints(timeout_seconds=0.3)),
+                         metadata=AUTH, timeout=10)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "57014"
+    ok = await stub.Query(pb.QueryRequest(sql="SELECT 2"), metadata=AUTH)  # the session goes on
+    assert _plain(ok.rows[0].values[0]) == 2
+
+
+async def test_explain_invalidate_stats_health_reflection(door: tuple[ProxyHandle, int], stub: Any) -> None:
+    ex = await stub.Explain(pb.ExplainRequest(sql="SELECT v FROM items WHERE id = 3", postgres_explain=True),
+                            metadata=AUTH)
+    assert ex.cacheable and ex.kind == "read" and list(ex.tables_read) == ["public.items"]
+    assert '"Plan"' in ex.postgres_plan_json
+    sql = "SELECT v FROM items WHERE id = 4"
+    await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH)
+    assert (await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH)).served == pb.CACHE_HIT
+    assert (await stub.Invalidate(pb.InvalidateRequest(tables=["public.items"]), metadata=AUTH)).tables == 1
+    assert (await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH)).served == pb.EXECUTED
+    stats = await stub.Stats(pb.StatsRequest(), metadata=AUTH)
+    assert any(a.agent == "analyst" and a.queries > 0 for a in stats.agents)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{door[1]}")
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service="pgsluice.v1.Sluice"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for resp in refl.ServerReflectionInfo(iter([request])):
+        names = {s.name for s in resp.list_services_response.service}
+        assert "pgsluice.v1.Sluice" in names
+        break
+    await channel.close()
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([str(root / "scripts" / "gen-protos"), str(tmp_path)], check=True, cwd=root,
+                   env={**os.environ, "PYTHON": str(Path(os.sys.executable))})
+    for name in ("sluice_pb2.py", "sluice_pb2.pyi", "sluice_pb2_grpc.py"):
+        fresh = (tmp_path / "protos" / "pgsluice" / "v1" / name).read_text()
+        committed = (root / "protos" / "pgsluice" / "v1" / name).read_text()
+        assert fresh == committed, f"{name} is stale: run scripts/gen-protos"
+
+
+async def test_the_python_client(door: tuple[ProxyHandle, int]) -> None:
+    from proxy.client import SluiceClient, SluiceError
+    async with SluiceClient(f"127.0.0.1:{door[1]}", token=TOKEN) as db:
+        rows = await db.query("SELECT id, v, $2::int[] AS tags FROM items WHERE id = $1", 12, [1, 2])
+        assert rows == [{"id": 12, "v": "v12", "tags": [1, 2]}]
+        await db.query("SELECT id, v, $2::int[] AS tags FROM items WHERE id = $1", 12, [1, 2])
+        assert db.last is not None and db.last.served == pb.CACHE_HIT
+        with pytest.raises(SluiceError) as info:
+            await db.query("SELECT nope FROM items")
+        assert info.value.sqlstate == "42703" and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
