@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgsluice.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "pgsluice.v1.Sluice"
+BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _BY_SQLSTATE = {
     "42501": grpc.StatusCode.PERMISSION_DENIED, "25006": grpc.StatusCode.PERMISSION_DENIED,
@@ -131,15 +132,31 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
     async def Query(self, request: pb.QueryRequest, context: Ctx) -> pb.QueryResponse:
         agent = await self._agent(context)
         database = self._database(agent, request.database)
+        outcome, reply, timed_out = await self._execute(agent, database, request)
+        if reply.error is not None:
+            await self._fail(context, reply.error, timed_out)
+        assert isinstance(outcome, pb.QueryResponse)
+        return outcome
+
+    async def _execute(self, agent: AgentAuth, database: str, request: pb.QueryRequest,
+                       client: InternalClient | None = None
+                       ) -> tuple[pb.QueryResponse | pb.Error, Reply, bool]:
+        """Run one statement (on `client`, or on one taken from the idle ones)."""
         sql = request.sql
         hints = request.hints
         if hints.HasField("max_staleness_seconds"):
             sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {sql}"
         params = [values.encode(v) for v in request.params]
         started = time.perf_counter()
-        reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
+        if client is None:
+            reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
+        else:
+            reply, timed_out = await client.query(sql, params), False
         if reply.error is not None:
-            await self._fail(context, reply.error, timed_out)
+            err = reply.error
+            return pb.Error(sqlstate=err.get("C", ""), message=err.get("M", ""), detail=err.get("D", ""),
+                            hint=err.get("H", ""), position=err.get("P", ""),
+                            status_code=status_for(err.get("C", ""), timed_out).value[0]), reply, timed_out
         rows = reply.rows
         truncated = bool(hints.max_rows) and len(rows) > hints.max_rows
         if truncated:
@@ -154,7 +171,50 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
                   for row in rows],
             command_tag=reply.tag, rows_affected=int(tail) if tail.isdigit() else 0,
             served=_SERVED.get(reply.served, pb.EXECUTED), elapsed_ms=(time.perf_counter() - started) * 1000,
-            fingerprint=plan.fingerprint, truncated=truncated)
+            fingerprint=plan.fingerprint, truncated=truncated), reply, timed_out
+
+    async def Batch(self, request: pb.BatchRequest, context: Ctx) -> pb.BatchResponse:
+        agent = await self._agent(context)
+        default = self._database(agent, request.database)
+        if request.transaction:
+            return await self._transaction(agent, request, default)
+        gate = asyncio.Semaphore(BATCH_CONCURRENCY)
+
+        async def one(statement: pb.QueryRequest) -> pb.BatchItem:
+            async with gate:
+                outcome, _, _ = await self._execute(agent, statement.database or default, statement)
+            return _item(outcome)
+
+        items = await asyncio.gather(*(one(st) for st in request.statements))
+        return pb.BatchResponse(items=items)
+
+    async def _transaction(self, agent: AgentAuth, request: pb.BatchRequest,
+                           database: str) -> pb.BatchResponse:
+        if any(st.database and st.database != database for st in request.statements):
+            return pb.BatchResponse(items=[_item(pb.Error(
+                sqlstate="0A000", message="a transaction batch runs in one database",
+                status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0]))] * len(request.statements))
+        client = self._take(agent, database)
+        items: list[pb.BatchItem] = []
+        try:
+            begin = await client.query("BEGIN")
+            failed = begin.error is not None
+            for statement in request.statements:
+                if failed:
+                    items.append(_item(pb.Error(
+                        sqlstate="25P02", message="not run: an earlier statement of the transaction failed",
+                        status_code=grpc.StatusCode.ABORTED.value[0])))
+                    continue
+                outcome, reply, _ = await self._execute(agent, database, statement, client)
+                items.append(_item(outcome))
+                failed = reply.error is not None
+            end = await client.query("ROLLBACK" if failed else "COMMIT")
+            committed = not failed and end.error is None and end.tag == "COMMIT"
+        except BaseException:
+            client.close()
+            raise
+        self._give_back(agent, database, client)
+        return pb.BatchResponse(items=items, committed=committed)
 
     async def Explain(self, request: pb.ExplainRequest, context: Ctx) -> pb.ExplainResponse:
         agent = await self._agent(context)
@@ -197,6 +257,12 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
         return pb.StatsResponse(agents=agents, upstream_queries=v["totals"]["upstream_queries"],
                                 cache_hits=sum(a.hits for a in agents), cache_entries=cache.get("entries", 0),
                                 cache_bytes=cache.get("bytes", 0))
+
+
+def _item(outcome: pb.QueryResponse | pb.Error) -> pb.BatchItem:
+    if isinstance(outcome, pb.Error):
+        return pb.BatchItem(error=outcome)
+    return pb.BatchItem(result=outcome)
 
 
 class GrpcDoor:

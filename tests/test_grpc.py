@@ -201,3 +201,41 @@ async def test_the_python_client(door: tuple[ProxyHandle, int]) -> None:
         with pytest.raises(SluiceError) as info:
             await db.query("SELECT nope FROM items")
         assert info.value.sqlstate == "42703" and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_batch_of_200_with_20_distinct_executes_20(pg: EmbeddedPostgres, stub: Any) -> None:
+    def calls() -> int:
+        out = pg.psql("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                      "WHERE query LIKE '%AS batch_tag FROM items%'", db=DB)
+        return int(out.strip())
+
+    before = calls()
+    # (pg_stat_statements folds queries differing only in aliases: a shape of its own)
+    statements = [pb.QueryRequest(sql=f"SELECT v, 'probe' AS batch_tag FROM items WHERE id = {i % 20 + 1}")
+                  for i in range(200)]
+    reply = await stub.Batch(pb.BatchRequest(statements=statements), metadata=AUTH)
+    assert len(reply.items) == 200
+    for i, item in enumerate(reply.items):
+        assert item.WhichOneof("outcome") == "result"
+        assert [_plain(v) for v in item.result.rows[0].values] == [f"v{i % 20 + 1}", "probe"]
+    assert sum(1 for item in reply.items if item.result.served == pb.EXECUTED) == 20
+    assert calls() - before == 20
+    bad = await stub.Batch(pb.BatchRequest(statements=[pb.QueryRequest(sql="SELECT 1"),
+                                                       pb.QueryRequest(sql="SELECT nope")]), metadata=AUTH)
+    assert bad.items[0].WhichOneof("outcome") == "result" and bad.items[1].error.sqlstate == "42703"
+
+
+async def test_batch_transaction_is_all_or_nothing(pg: EmbeddedPostgres, stub: Any) -> None:
+    failing = [pb.QueryRequest(sql="INSERT INTO uniq VALUES (10)"),
+               pb.QueryRequest(sql="INSERT INTO uniq VALUES (1)"),
+               pb.QueryRequest(sql="INSERT INTO uniq VALUES (11)")]
+    reply = await stub.Batch(pb.BatchRequest(statements=failing, transaction=True), metadata=AUTH)
+    assert not reply.committed
+    assert [i.WhichOneof("outcome") for i in reply.items] == ["result", "error", "error"]
+    assert reply.items[1].error.sqlstate == "23505" and reply.items[2].error.sqlstate == "25P02"
+    assert pg.psql("SELECT count(*) FROM uniq WHERE k IN (10, 11)", db=DB).strip() == "0"
+    good = [pb.QueryRequest(sql="INSERT INTO uniq VALUES (12)"),
+            pb.QueryRequest(sql="SELECT count(*) FROM uniq WHERE k = 12")]
+    reply = await stub.Batch(pb.BatchRequest(statements=good, transaction=True), metadata=AUTH)
+    assert reply.committed and _plain(reply.items[1].result.rows[0].values[0]) == 1
+    assert pg.psql("SELECT count(*) FROM uniq WHERE k = 12", db=DB).strip() == "1"

@@ -126,6 +126,48 @@ class QueryResponse(_message.Message):
     truncated: bool
     def __init__(self, columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., command_tag: _Optional[str] = ..., rows_affected: _Optional[int] = ..., served: _Optional[_Union[Served, str]] = ..., elapsed_ms: _Optional[float] = ..., fingerprint: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
+class Error(_message.Message):
+    __slots__ = ("sqlstate", "message", "detail", "hint", "position", "status_code")
+    SQLSTATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    sqlstate: str
+    message: str
+    detail: str
+    hint: str
+    position: str
+    status_code: int
+    def __init__(self, sqlstate: _Optional[str] = ..., message: _Optional[str] = ..., detail: _Optional[str] = ..., hint: _Optional[str] = ..., position: _Optional[str] = ..., status_code: _Optional[int] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("statements", "transaction", "database")
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_FIELD_NUMBER: _ClassVar[int]
+    statements: _containers.RepeatedCompositeFieldContainer[QueryRequest]
+    transaction: bool
+    database: str
+    def __init__(self, statements: _Optional[_Iterable[_Union[QueryRequest, _Mapping]]] = ..., transaction: _Optional[bool] = ..., database: _Optional[str] = ...) -> None: ...
+
+class BatchItem(_message.Message):
+    __slots__ = ("result", "error")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    result: QueryResponse
+    error: Error
+    def __init__(self, result: _Optional[_Union[QueryResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class BatchResponse(_message.Message):
+    __slots__ = ("items", "committed")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
+    committed: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., committed: _Optional[bool] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
     __slots__ = ("sql", "database", "postgres_explain")
     SQL_FIELD_NUMBER: _ClassVar[int]

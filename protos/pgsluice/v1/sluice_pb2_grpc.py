@@ -39,6 +39,11 @@ class SluiceStub:
                 request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.SerializeToString,
                 response_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.Batch = channel.unary_unary(
+                '/pgsluice.v1.Sluice/Batch',
+                request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchRequest.SerializeToString,
+                response_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchResponse.FromString,
+                _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/pgsluice.v1.Sluice/Explain',
                 request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.ExplainRequest.SerializeToString,
@@ -61,6 +66,15 @@ class SluiceServicer:
 
     def Query(self, request, context):
         """One statement; parameters are bound ($1, $2, ...), never interpolated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Batch(self, request, context):
+        """Many statements in one call: run concurrently (identical reads run once), each with its
+        own result or error; or, with transaction = true, in order in one transaction that
+        commits only if every statement succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +108,11 @@ def add_SluiceServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.FromString,
                     response_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryResponse.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchRequest.FromString,
+                    response_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
@@ -138,6 +157,33 @@ class Sluice:
             '/pgsluice.v1.Sluice/Query',
             protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.SerializeToString,
             protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pgsluice.v1.Sluice/Batch',
+            protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchRequest.SerializeToString,
+            protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
