@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -173,6 +174,41 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
             served=_SERVED.get(reply.served, pb.EXECUTED), elapsed_ms=(time.perf_counter() - started) * 1000,
             fingerprint=plan.fingerprint, truncated=truncated), reply, timed_out
 
+    async def QueryStream(self, request: pb.QueryRequest, context: Ctx) -> AsyncIterator[pb.QueryChunk]:
+        agent = await self._agent(context)
+        database = self._database(agent, request.database)
+        sql = request.sql
+        if request.hints.HasField("max_staleness_seconds"):
+            sql = f"/* pgsluice: max_staleness={request.hints.max_staleness_seconds}s */ {sql}"
+        client = self._take(agent, database)
+        types: list[int] = []
+        sent = 0
+        limit = request.hints.max_rows
+        ended = False
+        try:
+            async for kind, payload in client.stream(sql, [values.encode(v) for v in request.params]):
+                if kind == "columns":
+                    types = [c.type_oid for c in payload]
+                    yield pb.QueryChunk(columns=[pb.Column(name=c.name, type_oid=c.type_oid,
+                                                           type_name=values.type_name(c.type_oid))
+                                                 for c in payload])
+                elif kind == "rows":
+                    rows = payload if not limit else payload[:max(0, limit - sent)]
+                    sent += len(rows)
+                    if rows:
+                        yield pb.QueryChunk(rows=[_row(row, types) for row in rows])
+                else:
+                    ended = True
+                    if payload.error is not None:
+                        await self._fail(context, payload.error, False)
+                    served = _SERVED.get(payload.served, pb.EXECUTED)
+                    yield pb.QueryChunk(command_tag=payload.tag, served=served)
+        finally:
+            if ended:
+                self._give_back(agent, database, client)
+            else:
+                client.close()
+
     async def Batch(self, request: pb.BatchRequest, context: Ctx) -> pb.BatchResponse:
         agent = await self._agent(context)
         default = self._database(agent, request.database)
@@ -257,6 +293,10 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
         return pb.StatsResponse(agents=agents, upstream_queries=v["totals"]["upstream_queries"],
                                 cache_hits=sum(a.hits for a in agents), cache_entries=cache.get("entries", 0),
                                 cache_bytes=cache.get("bytes", 0))
+
+
+def _row(row: list[bytes | None], types: list[int]) -> pb.Row:
+    return pb.Row(values=[values.decode(v, t) for v, t in zip(row, types, strict=True)])
 
 
 def _item(outcome: pb.QueryResponse | pb.Error) -> pb.BatchItem:

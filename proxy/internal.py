@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,11 @@ class InternalClient:
         self._done: asyncio.Future[Reply] | None = None
         self._lock = asyncio.Lock()
         self._welcomed = False
+        self._chunks: asyncio.Queue[tuple[str, Any]] | None = None  # streaming: (kind, payload)
+        self._chunk: list[list[bytes | None]] = []
+        self._chunk_rows = 0
+        self._buffered = 0  # rows queued for the consumer
+        self._paused = False
         session._startup_done = True
         session._start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
 
@@ -106,18 +112,56 @@ class InternalClient:
             self._reply = Reply()
             self._done = asyncio.get_running_loop().create_future()
             self.session.served = "executed"
-            values = params or []
-            bind = [b"\x00\x00", _H.pack(0), _H.pack(len(values))]
-            for v in values:
-                bind.append(_i.pack(-1) if v is None else _i.pack(len(v.encode())) + v.encode())
-            bind.append(_H.pack(0))
-            self.session.data_received(b"".join((
-                encode.parse(b"", sql.encode()), encode.message(codes.F_BIND, b"".join(bind)),
-                encode.message(codes.F_DESCRIBE, b"P\x00"),
-                encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0)), encode.sync())))
+            self._send(sql, params or [])
             reply = await self._done
             reply.served = self.session.served
             return reply
+
+    async def stream(self, sql: str, params: list[str | None] | None = None, chunk_rows: int = 1000,
+                     max_buffered: int = 20_000) -> AsyncIterator[tuple[str, Any]]:
+        """("columns", [Column]), then ("rows", [[value...]]) chunks, then ("end", Reply) with the
+        tag and error. Past `max_buffered` rows not yet taken, the server connection's reads
+        pause (the session's own flow control) until the consumer catches up."""
+        async with self._lock:
+            if self.session.closed:
+                raise ConnectionError("internal client closed")
+            queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+            self._chunks, self._chunk, self._chunk_rows = queue, [], chunk_rows
+            self._buffered, self._paused = 0, False
+            self._reply = Reply()
+            self._done = asyncio.get_running_loop().create_future()
+            self.session.served = "executed"
+            self._send(sql, params or [])
+            try:
+                while True:
+                    kind, payload = await queue.get()
+                    if kind == "rows":
+                        self._buffered -= len(payload)
+                        if self._paused and self._buffered < max_buffered // 2:
+                            self._paused = False
+                            self.session.resume_writing()
+                    yield kind, payload
+                    if kind == "end":
+                        return
+                    if not self._paused and self._buffered > max_buffered:
+                        self._paused = True
+                        self.session.pause_writing()
+            finally:
+                self._chunks = None
+                if self._paused:
+                    self.session.resume_writing()
+                if self._done is not None and not self._done.done():
+                    self.close()  # left mid-result: the session (and its statement) goes
+
+    def _send(self, sql: str, values: list[str | None]) -> None:
+        bind = [b"\x00\x00", _H.pack(0), _H.pack(len(values))]
+        for v in values:
+            bind.append(_i.pack(-1) if v is None else _i.pack(len(v.encode())) + v.encode())
+        bind.append(_H.pack(0))
+        self.session.data_received(b"".join((
+            encode.parse(b"", sql.encode()), encode.message(codes.F_BIND, b"".join(bind)),
+            encode.message(codes.F_DESCRIBE, b"P\x00"),
+            encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0)), encode.sync())))
 
     def close(self) -> None:
         self.session.data_received(encode.terminate())
@@ -143,16 +187,34 @@ class InternalClient:
         reply = self._reply
         if reply is None:
             return
+        chunks = self._chunks
         if code == codes.B_ROW_DESCRIPTION:
             reply.columns = _columns(body)
+            if chunks is not None:
+                chunks.put_nowait(("columns", reply.columns))
         elif code == codes.B_DATA_ROW:
-            reply.rows.append(_values(body))
+            if chunks is None:
+                reply.rows.append(_values(body))
+            else:
+                self._chunk.append(_values(body))
+                if len(self._chunk) >= self._chunk_rows:
+                    self._flush(chunks)
         elif code == codes.B_COMMAND_COMPLETE:
             reply.tag = body.rstrip(b"\x00").decode()
         elif code == codes.B_ERROR_RESPONSE:
             reply.error = parse_error_fields(body)
         elif code == codes.B_READY_FOR_QUERY and self._done is not None and not self._done.done():
             self._done.set_result(reply)
+            if chunks is not None:
+                self._flush(chunks)
+                reply.served = self.session.served
+                chunks.put_nowait(("end", reply))
+
+    def _flush(self, chunks: asyncio.Queue[tuple[str, Any]]) -> None:
+        if self._chunk:
+            self._buffered += len(self._chunk)
+            chunks.put_nowait(("rows", self._chunk))
+            self._chunk = []
 
 
 def _columns(body: bytes) -> list[Column]:

@@ -239,3 +239,35 @@ async def test_batch_transaction_is_all_or_nothing(pg: EmbeddedPostgres, stub: A
     reply = await stub.Batch(pb.BatchRequest(statements=good, transaction=True), metadata=AUTH)
     assert reply.committed and _plain(reply.items[1].result.rows[0].values[0]) == 1
     assert pg.psql("SELECT count(*) FROM uniq WHERE k = 12", db=DB).strip() == "1"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_stream_a_million_rows_with_bounded_proxy_memory(door: tuple[ProxyHandle, int],
+                                                               stub: Any) -> None:
+    pid = door[0].proc.pid
+    before = _rss_mb(pid)
+    peak, rows, chunks, tag = before, 0, 0, ""
+    call = stub.QueryStream(pb.QueryRequest(
+        sql="SELECT g, repeat('x', 40) AS pad FROM generate_series(1, 1000000) AS g"), metadata=AUTH)
+    async for chunk in call:
+        rows += len(chunk.rows)
+        chunks += 1
+        if chunk.command_tag:
+            tag = chunk.command_tag
+        if chunks % 50 == 0:
+            peak = max(peak, _rss_mb(pid))
+            if chunks < 300:
+                await asyncio.sleep(0.05)  # a slow reader for a while: pgsluice must not buffer it all
+    assert rows == 1_000_000 and tag == "SELECT 1000000"
+    # the whole result is ~60 MB of rows (and several times that as Python objects): bounded
+    # memory means the proxy grew by a small fraction of it
+    assert peak - before < 80, f"pgsluice grew from {before:.0f} MB to {peak:.0f} MB while streaming"
+    first = stub.QueryStream(pb.QueryRequest(sql="SELECT 1 AS one"), metadata=AUTH)
+    got = [c async for c in first]
+    assert got[0].columns[0].name == "one" and _plain(got[1].rows[0].values[0]) == 1

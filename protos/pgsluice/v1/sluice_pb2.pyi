@@ -168,6 +168,18 @@ class BatchResponse(_message.Message):
     committed: bool
     def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., committed: _Optional[bool] = ...) -> None: ...
 
+class QueryChunk(_message.Message):
+    __slots__ = ("columns", "rows", "command_tag", "served")
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_TAG_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedCompositeFieldContainer[Column]
+    rows: _containers.RepeatedCompositeFieldContainer[Row]
+    command_tag: str
+    served: Served
+    def __init__(self, columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., command_tag: _Optional[str] = ..., served: _Optional[_Union[Served, str]] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
     __slots__ = ("sql", "database", "postgres_explain")
     SQL_FIELD_NUMBER: _ClassVar[int]

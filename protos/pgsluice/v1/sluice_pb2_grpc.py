@@ -39,6 +39,11 @@ class SluiceStub:
                 request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.SerializeToString,
                 response_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.QueryStream = channel.unary_stream(
+                '/pgsluice.v1.Sluice/QueryStream',
+                request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.SerializeToString,
+                response_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryChunk.FromString,
+                _registered_method=True)
         self.Batch = channel.unary_unary(
                 '/pgsluice.v1.Sluice/Batch',
                 request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.BatchRequest.SerializeToString,
@@ -66,6 +71,14 @@ class SluiceServicer:
 
     def Query(self, request, context):
         """One statement; parameters are bound ($1, $2, ...), never interpolated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryStream(self, request, context):
+        """The same, rows streamed in chunks; a slow reader slows the read from Postgres (bounded
+        memory in pgsluice), it does not make pgsluice buffer the whole result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +121,11 @@ def add_SluiceServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.FromString,
                     response_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryResponse.SerializeToString,
+            ),
+            'QueryStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryStream,
+                    request_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.FromString,
+                    response_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryChunk.SerializeToString,
             ),
             'Batch': grpc.unary_unary_rpc_method_handler(
                     servicer.Batch,
@@ -157,6 +175,33 @@ class Sluice:
             '/pgsluice.v1.Sluice/Query',
             protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.SerializeToString,
             protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pgsluice.v1.Sluice/QueryStream',
+            protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryRequest.SerializeToString,
+            protos_dot_pgsluice_dot_v1_dot_sluice__pb2.QueryChunk.FromString,
             options,
             channel_credentials,
             insecure,
