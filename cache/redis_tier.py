@@ -273,6 +273,10 @@ class RedisTier:
         stamp = int(time.time() * 1000).to_bytes(_STAMP, "big")
         await self._call(self.client.set(PREFIX + "c:" + key, stamp + value, px=max(1, int(ttl * 1000))))
 
+    async def call(self, coro: object) -> object:
+        """A command under the timeout; RedisDown if Redis is down, slow or failing."""
+        return await self._call(coro)
+
     async def _call(self, coro: object) -> object:
         if not self.up:
             if asyncio.iscoroutine(coro):

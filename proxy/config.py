@@ -66,6 +66,7 @@ class Config:
     admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
     metrics_listen: str = "127.0.0.1:9187"  # Prometheus /metrics ("" = off)
     grpc_listen: str = "127.0.0.1:50051"  # the gRPC door ("" = off)
+    idempotency_window: float = 600.0  # seconds a gRPC idempotency key is remembered
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
     agents: tuple[AgentAuth, ...] = ()  # [pgsluice.agents.NAME]: gRPC bearer tokens
 

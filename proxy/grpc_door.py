@@ -27,6 +27,7 @@ from protos.pgsluice.v1 import sluice_pb2_grpc
 
 from . import values
 from .config import AgentAuth
+from .idempotency import Idempotency
 from .internal import InternalClient, Reply
 from .snapshot import view
 from .stats import quantile
@@ -64,6 +65,8 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
     def __init__(self, server: Server) -> None:
         self.server = server
         self._idle: dict[tuple[str, str], list[InternalClient]] = {}
+        redis = server.cache.redis if server.cache is not None else None
+        self.idempotency = Idempotency(server.config.idempotency_window, redis)
 
     # ---- plumbing ----
 
@@ -133,11 +136,25 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
     async def Query(self, request: pb.QueryRequest, context: Ctx) -> pb.QueryResponse:
         agent = await self._agent(context)
         database = self._database(agent, request.database)
-        outcome, reply, timed_out = await self._execute(agent, database, request)
-        if reply.error is not None:
-            await self._fail(context, reply.error, timed_out)
-        assert isinstance(outcome, pb.QueryResponse)
-        return outcome
+        failure: list[tuple[dict[str, str], bool]] = []
+
+        async def work() -> bytes | None:
+            outcome, reply, timed_out = await self._execute(agent, database, request)
+            if reply.error is not None:
+                failure.append((reply.error, timed_out))
+                return None
+            assert isinstance(outcome, pb.QueryResponse)
+            return bytes(outcome.SerializeToString())
+
+        if request.idempotency_key:
+            stored = await self.idempotency.run(f"{agent.name}:{request.idempotency_key}", work)
+        else:
+            stored = await work()
+        if stored is None:
+            error, timed_out = failure[0]
+            await self._fail(context, error, timed_out)
+        assert stored is not None
+        return pb.QueryResponse.FromString(stored)
 
     async def _execute(self, agent: AgentAuth, database: str, request: pb.QueryRequest,
                        client: InternalClient | None = None

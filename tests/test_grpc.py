@@ -271,3 +271,23 @@ async def test_stream_a_million_rows_with_bounded_proxy_memory(door: tuple[Proxy
     first = stub.QueryStream(pb.QueryRequest(sql="SELECT 1 AS one"), metadata=AUTH)
     got = [c async for c in first]
     assert got[0].columns[0].name == "one" and _plain(got[1].rows[0].values[0]) == 1
+
+
+async def test_idempotent_writes_run_once_under_concurrent_retries(pg: EmbeddedPostgres, stub: Any) -> None:
+    pg.psql("CREATE TABLE IF NOT EXISTS idem_log (n serial PRIMARY KEY, note text)", db=DB)
+    request = pb.QueryRequest(sql="INSERT INTO idem_log (note) VALUES ($1) RETURNING n",
+                              params=[pb.Value(text="once")], idempotency_key="order-42")
+    replies = await asyncio.gather(*(stub.Query(request, metadata=AUTH) for _ in range(10)))
+    assert len({_plain(r.rows[0].values[0]) for r in replies}) == 1  # one original result for all
+    assert pg.psql("SELECT count(*) FROM idem_log WHERE note = 'once'", db=DB).strip() == "1"
+    again = await stub.Query(request, metadata=AUTH)  # a retry later: the same answer, no insert
+    assert _plain(again.rows[0].values[0]) == _plain(replies[0].rows[0].values[0])
+    assert pg.psql("SELECT count(*) FROM idem_log WHERE note = 'once'", db=DB).strip() == "1"
+    other = pb.QueryRequest(sql=request.sql, params=request.params, idempotency_key="order-43")
+    await stub.Query(other, metadata=AUTH)
+    assert pg.psql("SELECT count(*) FROM idem_log WHERE note = 'once'", db=DB).strip() == "2"
+    failing = pb.QueryRequest(sql="INSERT INTO uniq VALUES (1)", idempotency_key="dup-1")
+    for _ in range(2):  # failures are not remembered: each retry runs and fails the same way
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Query(failing, metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/pgsluice/v1/sluice.proto\x12\x0bpgsluice.v1\"\xd0\x02\n\x05Value\x12\x0e\n\x04null\x18\x01 \x01(\x08H\x00\x12\x0e\n\x04\x62ool\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05int64\x18\x03 \x01(\x03H\x00\x12\x10\n\x06\x64ouble\x18\x04 \x01(\x01H\x00\x12\x11\n\x07numeric\x18\x05 \x01(\tH\x00\x12\x0e\n\x04text\x18\x06 \x01(\tH\x00\x12\x0f\n\x05\x62ytea\x18\x07 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61te\x18\x08 \x01(\tH\x00\x12\x0e\n\x04time\x18\t \x01(\tH\x00\x12\x13\n\ttimestamp\x18\n \x01(\tH\x00\x12\x15\n\x0btimestamptz\x18\x0b \x01(\tH\x00\x12\x12\n\x08interval\x18\x0c \x01(\tH\x00\x12\x0e\n\x04uuid\x18\r \x01(\tH\x00\x12\x0e\n\x04json\x18\x0e \x01(\tH\x00\x12#\n\x05\x61rray\x18\x0f \x01(\x0b\x32\x12.pgsluice.v1.ArrayH\x00\x12#\n\x05other\x18\x10 \x01(\x0b\x32\x12.pgsluice.v1.OtherH\x00\x42\x06\n\x04kind\"+\n\x05\x41rray\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.pgsluice.v1.Value\"(\n\x05Other\x12\x11\n\ttype_name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"p\n\x05Hints\x12\"\n\x15max_staleness_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08max_rows\x18\x02 \x01(\x03\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x42\x18\n\x16_max_staleness_seconds\"t\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\"\n\x06params\x18\x02 \x03(\x0b\x32\x12.pgsluice.v1.Value\x12\x10\n\x08\x64\x61tabase\x18\x03 \x01(\t\x12!\n\x05hints\x18\x04 \x01(\x0b\x32\x12.pgsluice.v1.Hints\";\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_oid\x18\x02 \x01(\r\x12\x11\n\ttype_name\x18\x03 \x01(\t\")\n\x03Row\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.pgsluice.v1.Value\"\xe2\x01\n\rQueryResponse\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgsluice.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgsluice.v1.Row\x12\x13\n\x0b\x63ommand_tag\x18\x03 \x01(\t\x12\x15\n\rrows_affected\x18\x04 \x01(\x03\x12#\n\x06served\x18\x05 \x01(\x0e\x32\x13.pgsluice.v1.Served\x12\x12\n\nelapsed_ms\x18\x06 \x01(\x01\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x11\n\ttruncated\x18\x08 \x01(\x08\"o\n\x05\x45rror\x12\x10\n\x08sqlstate\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04hint\x18\x04 \x01(\t\x12\x10\n\x08position\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\"d\n\x0c\x42\x61tchRequest\x12-\n\nstatements\x18\x01 \x03(\x0b\x32\x19.pgsluice.v1.QueryRequest\x12\x13\n\x0btransaction\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x61tabase\x18\x03 \x01(\t\"i\n\tBatchItem\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1a.pgsluice.v1.QueryResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.pgsluice.v1.ErrorH\x00\x42\t\n\x07outcome\"I\n\rBatchResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.pgsluice.v1.BatchItem\x12\x11\n\tcommitted\x18\x02 \x01(\x08\"\x8c\x01\n\nQueryChunk\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgsluice.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgsluice.v1.Row\x12\x13\n\x0b\x63ommand_tag\x18\x03 \x01(\t\x12#\n\x06served\x18\x04 \x01(\x0e\x32\x13.pgsluice.v1.Served\"I\n\x0e\x45xplainRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x18\n\x10postgres_explain\x18\x03 \x01(\x08\"\xd7\x01\n\x0f\x45xplainResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x15\n\rcanonical_sql\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tcacheable\x18\x04 \x01(\x08\x12\x0f\n\x07why_not\x18\x05 \x01(\t\x12\x13\n\x0btables_read\x18\x06 \x03(\t\x12\x16\n\x0etables_written\x18\x07 \x03(\t\x12\x0f\n\x07verdict\x18\x08 \x01(\t\x12\x0c\n\x04text\x18\t \x01(\t\x12\x1a\n\x12postgres_plan_json\x18\n \x01(\t\"5\n\x11InvalidateRequest\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\"$\n\x12InvalidateResponse\x12\x0e\n\x06tables\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xa1\x01\n\nAgentStats\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x11\n\tcoalesced\x18\x04 \x01(\x03\x12\x0e\n\x06misses\x18\x05 \x01(\x03\x12\x10\n\x08\x62ypassed\x18\x06 \x01(\x03\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x0e\n\x06p50_ms\x18\x08 \x01(\x01\x12\x0e\n\x06p99_ms\x18\t \x01(\x01\"\x92\x01\n\rStatsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.pgsluice.v1.AgentStats\x12\x18\n\x10upstream_queries\x18\x02 \x01(\x03\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x15\n\rcache_entries\x18\x04 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03*L\n\x06Served\x12\x16\n\x12SERVED_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45XECUTED\x10\x01\x12\r\n\tCACHE_HIT\x10\x02\x12\r\n\tCOALESCED\x10\x03\x32\xa2\x03\n\x06Sluice\x12>\n\x05Query\x12\x19.pgsluice.v1.QueryRequest\x1a\x1a.pgsluice.v1.QueryResponse\x12\x43\n\x0bQueryStream\x12\x19.pgsluice.v1.QueryRequest\x1a\x17.pgsluice.v1.QueryChunk0\x01\x12>\n\x05\x42\x61tch\x12\x19.pgsluice.v1.BatchRequest\x1a\x1a.pgsluice.v1.BatchResponse\x12\x44\n\x07\x45xplain\x12\x1b.pgsluice.v1.ExplainRequest\x1a\x1c.pgsluice.v1.ExplainResponse\x12M\n\nInvalidate\x12\x1e.pgsluice.v1.InvalidateRequest\x1a\x1f.pgsluice.v1.InvalidateResponse\x12>\n\x05Stats\x12\x19.pgsluice.v1.StatsRequest\x1a\x1a.pgsluice.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/pgsluice/v1/sluice.proto\x12\x0bpgsluice.v1\"\xd0\x02\n\x05Value\x12\x0e\n\x04null\x18\x01 \x01(\x08H\x00\x12\x0e\n\x04\x62ool\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05int64\x18\x03 \x01(\x03H\x00\x12\x10\n\x06\x64ouble\x18\x04 \x01(\x01H\x00\x12\x11\n\x07numeric\x18\x05 \x01(\tH\x00\x12\x0e\n\x04text\x18\x06 \x01(\tH\x00\x12\x0f\n\x05\x62ytea\x18\x07 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61te\x18\x08 \x01(\tH\x00\x12\x0e\n\x04time\x18\t \x01(\tH\x00\x12\x13\n\ttimestamp\x18\n \x01(\tH\x00\x12\x15\n\x0btimestamptz\x18\x0b \x01(\tH\x00\x12\x12\n\x08interval\x18\x0c \x01(\tH\x00\x12\x0e\n\x04uuid\x18\r \x01(\tH\x00\x12\x0e\n\x04json\x18\x0e \x01(\tH\x00\x12#\n\x05\x61rray\x18\x0f \x01(\x0b\x32\x12.pgsluice.v1.ArrayH\x00\x12#\n\x05other\x18\x10 \x01(\x0b\x32\x12.pgsluice.v1.OtherH\x00\x42\x06\n\x04kind\"+\n\x05\x41rray\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.pgsluice.v1.Value\"(\n\x05Other\x12\x11\n\ttype_name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"p\n\x05Hints\x12\"\n\x15max_staleness_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08max_rows\x18\x02 \x01(\x03\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x42\x18\n\x16_max_staleness_seconds\"\x8d\x01\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\"\n\x06params\x18\x02 \x03(\x0b\x32\x12.pgsluice.v1.Value\x12\x10\n\x08\x64\x61tabase\x18\x03 \x01(\t\x12!\n\x05hints\x18\x04 \x01(\x0b\x32\x12.pgsluice.v1.Hints\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\";\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08type_oid\x18\x02 \x01(\r\x12\x11\n\ttype_name\x18\x03 \x01(\t\")\n\x03Row\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.pgsluice.v1.Value\"\xe2\x01\n\rQueryResponse\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgsluice.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgsluice.v1.Row\x12\x13\n\x0b\x63ommand_tag\x18\x03 \x01(\t\x12\x15\n\rrows_affected\x18\x04 \x01(\x03\x12#\n\x06served\x18\x05 \x01(\x0e\x32\x13.pgsluice.v1.Served\x12\x12\n\nelapsed_ms\x18\x06 \x01(\x01\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x11\n\ttruncated\x18\x08 \x01(\x08\"o\n\x05\x45rror\x12\x10\n\x08sqlstate\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04hint\x18\x04 \x01(\t\x12\x10\n\x08position\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\"d\n\x0c\x42\x61tchRequest\x12-\n\nstatements\x18\x01 \x03(\x0b\x32\x19.pgsluice.v1.QueryRequest\x12\x13\n\x0btransaction\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x61tabase\x18\x03 \x01(\t\"i\n\tBatchItem\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1a.pgsluice.v1.QueryResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.pgsluice.v1.ErrorH\x00\x42\t\n\x07outcome\"I\n\rBatchResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.pgsluice.v1.BatchItem\x12\x11\n\tcommitted\x18\x02 \x01(\x08\"\x8c\x01\n\nQueryChunk\x12$\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x13.pgsluice.v1.Column\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.pgsluice.v1.Row\x12\x13\n\x0b\x63ommand_tag\x18\x03 \x01(\t\x12#\n\x06served\x18\x04 \x01(\x0e\x32\x13.pgsluice.v1.Served\"I\n\x0e\x45xplainRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x18\n\x10postgres_explain\x18\x03 \x01(\x08\"\xd7\x01\n\x0f\x45xplainResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x15\n\rcanonical_sql\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tcacheable\x18\x04 \x01(\x08\x12\x0f\n\x07why_not\x18\x05 \x01(\t\x12\x13\n\x0btables_read\x18\x06 \x03(\t\x12\x16\n\x0etables_written\x18\x07 \x03(\t\x12\x0f\n\x07verdict\x18\x08 \x01(\t\x12\x0c\n\x04text\x18\t \x01(\t\x12\x1a\n\x12postgres_plan_json\x18\n \x01(\t\"5\n\x11InvalidateRequest\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\"$\n\x12InvalidateResponse\x12\x0e\n\x06tables\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xa1\x01\n\nAgentStats\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x11\n\tcoalesced\x18\x04 \x01(\x03\x12\x0e\n\x06misses\x18\x05 \x01(\x03\x12\x10\n\x08\x62ypassed\x18\x06 \x01(\x03\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x0e\n\x06p50_ms\x18\x08 \x01(\x01\x12\x0e\n\x06p99_ms\x18\t \x01(\x01\"\x92\x01\n\rStatsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.pgsluice.v1.AgentStats\x12\x18\n\x10upstream_queries\x18\x02 \x01(\x03\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x15\n\rcache_entries\x18\x04 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03*L\n\x06Served\x12\x16\n\x12SERVED_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45XECUTED\x10\x01\x12\r\n\tCACHE_HIT\x10\x02\x12\r\n\tCOALESCED\x10\x03\x32\xa2\x03\n\x06Sluice\x12>\n\x05Query\x12\x19.pgsluice.v1.QueryRequest\x1a\x1a.pgsluice.v1.QueryResponse\x12\x43\n\x0bQueryStream\x12\x19.pgsluice.v1.QueryRequest\x1a\x17.pgsluice.v1.QueryChunk0\x01\x12>\n\x05\x42\x61tch\x12\x19.pgsluice.v1.BatchRequest\x1a\x1a.pgsluice.v1.BatchResponse\x12\x44\n\x07\x45xplain\x12\x1b.pgsluice.v1.ExplainRequest\x1a\x1c.pgsluice.v1.ExplainResponse\x12M\n\nInvalidate\x12\x1e.pgsluice.v1.InvalidateRequest\x1a\x1f.pgsluice.v1.InvalidateResponse\x12>\n\x05Stats\x12\x19.pgsluice.v1.StatsRequest\x1a\x1a.pgsluice.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pgsluice.v1.sluice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVED']._serialized_start=2294
-  _globals['_SERVED']._serialized_end=2370
+  _globals['_SERVED']._serialized_start=2320
+  _globals['_SERVED']._serialized_end=2396
   _globals['_VALUE']._serialized_start=49
   _globals['_VALUE']._serialized_end=385
   _globals['_ARRAY']._serialized_start=387
@@ -41,38 +41,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OTHER']._serialized_end=472
   _globals['_HINTS']._serialized_start=474
   _globals['_HINTS']._serialized_end=586
-  _globals['_QUERYREQUEST']._serialized_start=588
-  _globals['_QUERYREQUEST']._serialized_end=704
-  _globals['_COLUMN']._serialized_start=706
-  _globals['_COLUMN']._serialized_end=765
-  _globals['_ROW']._serialized_start=767
-  _globals['_ROW']._serialized_end=808
-  _globals['_QUERYRESPONSE']._serialized_start=811
-  _globals['_QUERYRESPONSE']._serialized_end=1037
-  _globals['_ERROR']._serialized_start=1039
-  _globals['_ERROR']._serialized_end=1150
-  _globals['_BATCHREQUEST']._serialized_start=1152
-  _globals['_BATCHREQUEST']._serialized_end=1252
-  _globals['_BATCHITEM']._serialized_start=1254
-  _globals['_BATCHITEM']._serialized_end=1359
-  _globals['_BATCHRESPONSE']._serialized_start=1361
-  _globals['_BATCHRESPONSE']._serialized_end=1434
-  _globals['_QUERYCHUNK']._serialized_start=1437
-  _globals['_QUERYCHUNK']._serialized_end=1577
-  _globals['_EXPLAINREQUEST']._serialized_start=1579
-  _globals['_EXPLAINREQUEST']._serialized_end=1652
-  _globals['_EXPLAINRESPONSE']._serialized_start=1655
-  _globals['_EXPLAINRESPONSE']._serialized_end=1870
-  _globals['_INVALIDATEREQUEST']._serialized_start=1872
-  _globals['_INVALIDATEREQUEST']._serialized_end=1925
-  _globals['_INVALIDATERESPONSE']._serialized_start=1927
-  _globals['_INVALIDATERESPONSE']._serialized_end=1963
-  _globals['_STATSREQUEST']._serialized_start=1965
-  _globals['_STATSREQUEST']._serialized_end=1979
-  _globals['_AGENTSTATS']._serialized_start=1982
-  _globals['_AGENTSTATS']._serialized_end=2143
-  _globals['_STATSRESPONSE']._serialized_start=2146
-  _globals['_STATSRESPONSE']._serialized_end=2292
-  _globals['_SLUICE']._serialized_start=2373
-  _globals['_SLUICE']._serialized_end=2791
+  _globals['_QUERYREQUEST']._serialized_start=589
+  _globals['_QUERYREQUEST']._serialized_end=730
+  _globals['_COLUMN']._serialized_start=732
+  _globals['_COLUMN']._serialized_end=791
+  _globals['_ROW']._serialized_start=793
+  _globals['_ROW']._serialized_end=834
+  _globals['_QUERYRESPONSE']._serialized_start=837
+  _globals['_QUERYRESPONSE']._serialized_end=1063
+  _globals['_ERROR']._serialized_start=1065
+  _globals['_ERROR']._serialized_end=1176
+  _globals['_BATCHREQUEST']._serialized_start=1178
+  _globals['_BATCHREQUEST']._serialized_end=1278
+  _globals['_BATCHITEM']._serialized_start=1280
+  _globals['_BATCHITEM']._serialized_end=1385
+  _globals['_BATCHRESPONSE']._serialized_start=1387
+  _globals['_BATCHRESPONSE']._serialized_end=1460
+  _globals['_QUERYCHUNK']._serialized_start=1463
+  _globals['_QUERYCHUNK']._serialized_end=1603
+  _globals['_EXPLAINREQUEST']._serialized_start=1605
+  _globals['_EXPLAINREQUEST']._serialized_end=1678
+  _globals['_EXPLAINRESPONSE']._serialized_start=1681
+  _globals['_EXPLAINRESPONSE']._serialized_end=1896
+  _globals['_INVALIDATEREQUEST']._serialized_start=1898
+  _globals['_INVALIDATEREQUEST']._serialized_end=1951
+  _globals['_INVALIDATERESPONSE']._serialized_start=1953
+  _globals['_INVALIDATERESPONSE']._serialized_end=1989
+  _globals['_STATSREQUEST']._serialized_start=1991
+  _globals['_STATSREQUEST']._serialized_end=2005
+  _globals['_AGENTSTATS']._serialized_start=2008
+  _globals['_AGENTSTATS']._serialized_end=2169
+  _globals['_STATSRESPONSE']._serialized_start=2172
+  _globals['_STATSRESPONSE']._serialized_end=2318
+  _globals['_SLUICE']._serialized_start=2399
+  _globals['_SLUICE']._serialized_end=2817
 # @@protoc_insertion_point(module_scope)

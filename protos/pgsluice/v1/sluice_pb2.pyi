@@ -79,16 +79,18 @@ class Hints(_message.Message):
     def __init__(self, max_staleness_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("sql", "params", "database", "hints")
+    __slots__ = ("sql", "params", "database", "hints", "idempotency_key")
     SQL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     DATABASE_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     sql: str
     params: _containers.RepeatedCompositeFieldContainer[Value]
     database: str
     hints: Hints
-    def __init__(self, sql: _Optional[str] = ..., params: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., database: _Optional[str] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, sql: _Optional[str] = ..., params: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., database: _Optional[str] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Column(_message.Message):
     __slots__ = ("name", "type_oid", "type_name")
