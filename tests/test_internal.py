@@ -21,7 +21,8 @@ DB = "internaltest"
 @pytest.fixture
 async def server(pg: EmbeddedPostgres) -> AsyncIterator[Server]:
     cachedb.create(pg, DB)
-    srv = Server(Config(upstream=pg.dsn(), listen="127.0.0.1:0", metrics_listen="", grpc_listen="", workers=1))
+    srv = Server(Config(upstream=pg.dsn(), listen="127.0.0.1:0", metrics_listen="", grpc_listen="",
+                        workers=1))
     await srv.start()
     srv.planner_for(DB)
     for _ in range(200):  # catalog facts and change feed, as a first client would wait for
