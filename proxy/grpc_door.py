@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -67,6 +69,7 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
         self._idle: dict[tuple[str, str], list[InternalClient]] = {}
         redis = server.cache.redis if server.cache is not None else None
         self.idempotency = Idempotency(server.config.idempotency_window, redis)
+        self.batch_gate = asyncio.Semaphore(max(1, server.config.pool_max_size // 2))
 
     # ---- plumbing ----
 
@@ -121,15 +124,26 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
 
     @staticmethod
     async def _fail(context: Ctx, error: dict[str, str], timed_out: bool) -> None:
+        """Abort with the status for the SQLSTATE; the error's fields go both in the standard
+        rich status details (google.rpc.ErrorInfo, domain "postgresql", reason = SQLSTATE) and
+        in plain trailing metadata for clients without the status helpers."""
         code = error.get("C", "XX000")
+        status = status_for(code, timed_out)
+        fields = {key: error[f] for f, key in (("M", "message"), ("D", "detail"), ("H", "hint"),
+                                                  ("P", "position")) if error.get(f)}
+        info = error_details_pb2.ErrorInfo(reason=code, domain="postgresql", metadata=fields)
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        rich = status_pb2.Status(code=status.value[0], message=f"{code}: {error.get('M', '')}",
+                                 details=[detail])
         trailers: list[tuple[str, str | bytes]] = [("pgsluice-sqlstate", code)]
-        for field, key in (("M", "message"), ("D", "detail"), ("H", "hint")):
-            if error.get(field):
-                trailers.append((f"pgsluice-{key}-bin", error[field].encode()))
-        if error.get("P"):
-            trailers.append(("pgsluice-position", error["P"]))
-        context.set_trailing_metadata(tuple(trailers))
-        await context.abort(status_for(code, timed_out), f"{code}: {error.get('M', '')}")
+        for key in ("message", "detail", "hint"):
+            if key in fields:
+                trailers.append((f"pgsluice-{key}-bin", fields[key].encode()))
+        if "position" in fields:
+            trailers.append(("pgsluice-position", fields["position"]))
+        trailers.append(("grpc-status-details-bin", rich.SerializeToString()))
+        await context.abort(status, rich.message, trailing_metadata=tuple(trailers))
 
     # ---- RPCs ----
 
@@ -166,7 +180,10 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
             sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {sql}"
         params = [values.encode(v) for v in request.params]
         started = time.perf_counter()
-        if client is None:
+        if client is None and hints.priority == pb.BATCH:
+            async with self.batch_gate:
+                reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
+        elif client is None:
             reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
         else:
             reply, timed_out = await client.query(sql, params), False

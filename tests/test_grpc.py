@@ -35,7 +35,10 @@ def door(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory,
     pg.psql("CREATE TABLE uniq (k int PRIMARY KEY); INSERT INTO uniq VALUES (1)", db=DB)
     config = tmp_path_factory.mktemp("grpc") / "pgsluice.toml"
     config.write_text(f'[pgsluice.agents.analyst]\ntoken = "{TOKEN}"\nuser = "postgres"\n'
-                      f'password = "postgres"\ndatabase = "{DB}"\n')
+                      f'password = "postgres"\ndatabase = "{DB}"\n'
+                      f'[pgsluice.agents.reader]\ntoken = "reader-token"\nuser = "postgres"\n'
+                      f'password = "postgres"\ndatabase = "{DB}"\n'
+                      '[pgsluice.roles.readonly]\nmatch_application_names = ["reader"]\nread_only = true\n')
     port = free_port()
     handle = proxy_factory_module("--config", str(config), "--grpc-listen", f"127.0.0.1:{port}")
     cachedb.connect(handle, DB).close()
@@ -143,6 +146,15 @@ async def test_errors_map_to_status_codes(stub: Any, sql: str, code: grpc.Status
     assert info.value.code() == code
     trailers = dict(info.value.trailing_metadata() or ())
     assert trailers["pgsluice-sqlstate"] == sqlstate and trailers["pgsluice-message-bin"]
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+    rich = rpc_status.from_call(info.value)  # the standard rich status details
+    assert rich is not None and rich.code == code.value[0]
+    detail = error_details_pb2.ErrorInfo()
+    assert rich.details[0].Unpack(detail)
+    assert detail.domain == "postgresql" and detail.reason == sqlstate and detail.metadata["message"]
+    if sqlstate == "42601":
+        assert detail.metadata["position"] == "1"
 
 
 async def test_timeout_hint_cancels_the_statement(stub: Any) -> None:
@@ -291,3 +303,59 @@ async def test_idempotent_writes_run_once_under_concurrent_retries(pg: EmbeddedP
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Query(failing, metadata=AUTH)
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_health_flips_when_postgres_stops(pg_tmp_dir: Path) -> None:
+    """NOT_SERVING while Postgres cannot be reached, SERVING again once it is back."""
+    import sys
+    import time
+
+    own = EmbeddedPostgres(pg_tmp_dir / "data")
+    own.start()
+    port, gport = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--upstream", own.dsn(),
+                             "--listen", f"127.0.0.1:{port}", "--grpc-listen", f"127.0.0.1:{gport}",
+                             "--metrics-listen", "", "--workers", "1"],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    channel = grpc.insecure_channel(f"127.0.0.1:{gport}")
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    def status() -> int:
+        try:
+            request = health_pb2.HealthCheckRequest(service="pgsluice.v1.Sluice")
+            return int(stub.Check(request, timeout=2).status)
+        except grpc.RpcError:
+            return -1
+
+    def wait_for(want: int) -> None:
+        deadline = time.monotonic() + 20
+        while status() != want:
+            assert time.monotonic() < deadline, f"health never became {want}"
+            time.sleep(0.1)
+
+    try:
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
+        own.stop()
+        wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+        own.start()
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(20)
+        own.stop()
+
+
+async def test_read_only_role_is_permission_denied_and_priority_batch_runs(stub: Any) -> None:
+    reader = (("authorization", "Bearer reader-token"),)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Query(pb.QueryRequest(sql="INSERT INTO uniq VALUES (99)"), metadata=reader)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "25006"
+    ok = await stub.Query(pb.QueryRequest(sql="SELECT count(*) FROM uniq WHERE k = 99"), metadata=reader)
+    assert _plain(ok.rows[0].values[0]) == 0
+    slow = [stub.Query(pb.QueryRequest(sql=f"SELECT {i}, pg_sleep(0.2)", hints=pb.Hints(priority=pb.BATCH)),
+                       metadata=AUTH) for i in range(3)]
+    replies = await asyncio.gather(*slow)
+    assert [_plain(r.rows[0].values[0]) for r in replies] == [0, 1, 2]

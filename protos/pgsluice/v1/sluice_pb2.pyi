@@ -7,12 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERACTIVE: _ClassVar[Priority]
+    BATCH: _ClassVar[Priority]
+
 class Served(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SERVED_UNSPECIFIED: _ClassVar[Served]
     EXECUTED: _ClassVar[Served]
     CACHE_HIT: _ClassVar[Served]
     COALESCED: _ClassVar[Served]
+INTERACTIVE: Priority
+BATCH: Priority
 SERVED_UNSPECIFIED: Served
 EXECUTED: Served
 CACHE_HIT: Served
@@ -69,14 +76,16 @@ class Other(_message.Message):
     def __init__(self, type_name: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Hints(_message.Message):
-    __slots__ = ("max_staleness_seconds", "max_rows", "timeout_seconds")
+    __slots__ = ("max_staleness_seconds", "max_rows", "timeout_seconds", "priority")
     MAX_STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     max_staleness_seconds: float
     max_rows: int
     timeout_seconds: float
-    def __init__(self, max_staleness_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, max_staleness_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("sql", "params", "database", "hints", "idempotency_key")
