@@ -7,8 +7,9 @@ COPY proxy proxy
 COPY planner planner
 COPY cache cache
 COPY loadtest loadtest
+COPY protos protos
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 USER pgsluice
-EXPOSE 6543 9187
+EXPOSE 6543 9187 50051
 ENTRYPOINT ["pgsluice"]
-CMD ["serve", "--listen", "0.0.0.0:6543", "--metrics-listen", "0.0.0.0:9187"]
+CMD ["serve", "--listen", "0.0.0.0:6543", "--metrics-listen", "0.0.0.0:9187", "--grpc-listen", "0.0.0.0:50051"]

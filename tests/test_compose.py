@@ -36,7 +36,8 @@ def test_pgsluice_services_parse_with_the_cli(name: str) -> None:
     if svc["command"][0] == "serve":
         assert config.listen.startswith("0.0.0.0:") and config.metrics_listen.startswith("0.0.0.0:")
         ports = {p.split(":")[-1] for p in svc["ports"]}
-        assert {str(config.listen_port), config.metrics_listen.rsplit(":", 1)[1]} <= ports
+        assert {str(config.listen_port), config.metrics_listen.rsplit(":", 1)[1],
+                config.grpc_listen.rsplit(":", 1)[1]} <= ports
 
 
 def test_every_long_running_service_has_a_healthcheck() -> None:
@@ -68,5 +69,5 @@ def test_dockerfile_runs_serve_as_non_root() -> None:
     assert cmd is not None and entry is not None and json.loads(entry.group(1)) == ["pgsluice"]
     config = load(_flags(json.loads(cmd.group(1))), env={})
     assert config.listen == "0.0.0.0:6543"
-    for folder in ("proxy", "planner", "cache"):
+    for folder in ("proxy", "planner", "cache", "protos"):
         assert f"COPY {folder} {folder}" in text
