@@ -1,7 +1,8 @@
 """An open-loop, agent-shaped load generator (issue 7, first part).
 
-    python -m loadtest.load --target postgresql://... --profile agent-explore \\
-        --agents 10 --rate 100 --duration 10 [--burst 5 --pause 0.2] [--json out.json]
+    python -m loadtest.load --target direct=postgresql://...:5432/db \\
+        --target pgsluice=postgresql://...:6543/db --metrics pgsluice=http://127.0.0.1:9187/metrics \\
+        --profile agent-explore --agents 10 --rate 100 --duration 10 --warmup 2 [--json out.json]
 
 Each agent has its own connection and issues queries at `rate` per second with Poisson
 arrivals (optionally in bursts of k separated by a pause: how agents think). The schedule is
@@ -161,7 +162,7 @@ class Result:
 async def _agent(dsn: str, profile: Profile, times: list[float], seed: int, t0: float,
                  result: Result) -> None:
     rng = random.Random(seed)
-    conn = await asyncpg.connect(dsn, statement_cache_size=0)
+    conn = await asyncpg.connect(dsn)  # prepared statements cached, as asyncpg users run it
     try:
         for intended in times:
             sql, params = profile.draw(rng)
@@ -203,14 +204,63 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _named(values: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for i, value in enumerate(values):
+        name, sep, url = value.partition("=")
+        out.append((name, url) if sep and "://" not in name else (f"target{i + 1}", value))
+    return out
+
+
+def scrape(url: str) -> dict[str, float]:
+    """pgsluice's counters that say what reached Postgres, summed over agents."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    want = {"pgsluice_upstream_queries_total": "upstream", "pgsluice_cache_hits_total": "hits",
+            "pgsluice_cache_coalesced_total": "coalesced"}
+    out = dict.fromkeys(want.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in want:
+                out[want[sample.name]] += sample.value
+    return out
+
+
+async def compare(targets: list[tuple[str, str]], metrics: dict[str, str], profile: Profile,
+                  args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The same seed and schedule against each target in turn (after a warm-up)."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, url in targets:
+        if args.warmup > 0:
+            await run(url, profile, args.agents, args.rate, args.warmup, args.seed + 1, args.burst,
+                      args.pause)
+        before = scrape(metrics[name]) if name in metrics else None
+        out = await run(url, profile, args.agents, args.rate, args.duration, args.seed, args.burst,
+                        args.pause)
+        if before is not None:
+            after = scrape(metrics[name])
+            delta = {k: after[k] - before[k] for k in after}
+            out["pgsluice"] = delta
+            out["reached_postgres"] = delta["upstream"] / out["sent"] if out["sent"] else None
+        results[name] = out
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="postgresql:// URL (pgsluice, PgBouncer or Postgres)")
+    p.add_argument("--target", action="append", required=True,
+                   help="[name=]postgresql://... (repeat to compare targets side by side)")
+    p.add_argument("--metrics", action="append", default=[],
+                   help="name=http://host:9187/metrics of a pgsluice target: count what reached Postgres")
     p.add_argument("--profile", default="agent-explore", help="a name in loadtest/profiles or a file")
     p.add_argument("--agents", type=int, default=10)
     p.add_argument("--rate", type=float, default=100.0, help="queries per second per agent")
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=0.0, help="seconds of warm-up per target")
     p.add_argument("--burst", type=int, default=1, help="queries per burst (1: plain Poisson)")
     p.add_argument("--pause", type=float, default=0.0, help="seconds between bursts")
     p.add_argument("--seed", type=int, default=1)
@@ -221,19 +271,29 @@ def main(argv: list[str] | None = None) -> int:
     except ProfileError as exc:
         print(f"load: {exc}", file=sys.stderr)
         return 2
-    out = asyncio.run(run(args.target, profile, args.agents, args.rate, args.duration, args.seed,
-                          args.burst, args.pause))
-    lat = out["latency_ms"]
-    print(f"{profile.name}: {args.agents} agents x {args.rate:g}/s for {args.duration:g} s on "
-          f"{os.cpu_count()} cores: sent {out['sent']}, ok {out['ok']}, errors {out['errors']}; "
-          f"achieved {out['achieved_qps']:.0f}/s of {out['offered_qps']:.0f}/s offered; latency from "
-          f"intended start p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, max {lat.get('max')} ms")
-    if out["generator_cpu_fraction"] > 0.9:
-        print("warning: the generator's own CPU was saturated: figures understate the target",
-              file=sys.stderr)
+    targets = _named(args.target)
+    metrics = dict(_named(args.metrics))
+    results = asyncio.run(compare(targets, metrics, profile, args))
+    print(f"{profile.name}: {args.agents} agents x {args.rate:g}/s for {args.duration:g} s, "
+          f"seed {args.seed}, {os.cpu_count()} cores; latency from each query's intended start")
+    print(f"{'target':<12} {'sent':>8} {'ok':>8} {'errors':>7} {'achieved/s':>11} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'max ms':>9} {'reached PG':>11}")
+    for name, out in results.items():
+        lat = out["latency_ms"]
+        reached = out.get("reached_postgres")
+        print(f"{name:<12} {out['sent']:>8} {out['ok']:>8} {out['errors']:>7} {out['achieved_qps']:>11.0f} "
+              f"{_ms(lat.get('p50')):>8} {_ms(lat.get('p99')):>8} {_ms(lat.get('max')):>9} "
+              f"{'-' if reached is None else f'{reached:.1%}':>11}")
+        if out["generator_cpu_fraction"] > 0.9:
+            print(f"warning: {name}: the generator's own CPU was saturated: figures understate the target",
+                  file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.write_text(json.dumps({"profile": profile.name, "targets": results}, indent=2))
     return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

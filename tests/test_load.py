@@ -13,6 +13,7 @@ import pytest
 from loadtest.load import PROFILES, ProfileError, load_profile, run, schedule
 from loadtest.sample import schema_sql
 from proxy.embedded import EmbeddedPostgres
+from tests.util import ProxyFactory
 
 DB = "loadtest"
 
@@ -72,13 +73,28 @@ async def test_latency_counts_from_the_intended_start(sample: str, tmp_path: Pat
     assert out["latency_ms"]["p50"] > 100
 
 
-def test_cli_writes_json(sample: str, tmp_path: Path) -> None:
+def test_compare_direct_and_pgsluice_side_by_side(pg: EmbeddedPostgres, sample: str,
+                                                   proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    from cache.feed import INSTALL
+    from proxy.embedded import free_port
+    pg.psql(INSTALL, db=DB)
+    mport = free_port()
+    proxy = proxy_factory("--metrics-listen", f"127.0.0.1:{mport}")
     target = tmp_path / "out.json"
-    res = subprocess.run([sys.executable, "-m", "loadtest.load", "--target", sample, "--profile",
-                          "point-reads", "--agents", "2", "--rate", "20", "--duration", "1",
+    res = subprocess.run([sys.executable, "-m", "loadtest.load", "--target", f"direct={sample}",
+                          "--target", f"pgsluice={proxy.dsn(database=DB)}",
+                          "--metrics", f"pgsluice=http://127.0.0.1:{mport}/metrics", "--profile",
+                          "point-reads", "--agents", "2", "--rate", "50", "--duration", "2", "--warmup", "1",
                           "--json", str(target)],
-                         capture_output=True, text=True, timeout=60,
+                         capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr
     data = json.loads(target.read_text())
-    assert data["sent"] == data["ok"] + data["errors"] and data["profile"] == "point-reads"
+    assert data["profile"] == "point-reads" and set(data["targets"]) == {"direct", "pgsluice"}
+    direct, sluice = data["targets"]["direct"], data["targets"]["pgsluice"]
+    assert direct["sent"] == sluice["sent"] == direct["scheduled"]  # the same schedule for both
+    for out in (direct, sluice):
+        assert out["sent"] == out["ok"] + out["errors"] and out["errors"] == 0
+    # warmed up on Zipf keys: most answers came from the cache, counted from pgsluice's /metrics
+    assert sluice["reached_postgres"] < 0.5 and sluice["pgsluice"]["hits"] > 0
+    assert "pgsluice" in res.stdout and "reached PG" in res.stdout
