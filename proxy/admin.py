@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from planner.explain import describe
 from planner.statements import split
 
+from .logs import peer_text
 from .pgwire import codes, encode
 from .pgwire.decode import parse_parse
 from .pgwire.errors import ProtocolError
@@ -130,7 +131,7 @@ def _clients(server: Server) -> Rows:
     for c in sorted(server.clients, key=lambda c: c.token):
         state = "admin" if c.state == "admin" else "login" if c.state == "login" else \
             "active" if c.backend is not None else "waiting" if c.busy else "idle"
-        rows.append((c.token, _peer(c.peer), c.user, c.database, c.agent, state, c.pinned or "",
+        rows.append((c.token, peer_text(c.peer), c.user, c.database, c.agent, state, c.pinned or "",
                      c.queries, round(now - c.connected_at, 1),
                      c.backend.pid if c.backend is not None else None))
     return ("id", "peer", "user", "database", "agent", "state", "pinned", "queries", "age_s",
@@ -174,12 +175,6 @@ def _config(server: Server) -> Rows:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
-
-
-def _peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "")
 
 
 _SHOWS: dict[str, Callable[[Server], Rows]] = {

@@ -174,10 +174,8 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
                        client: InternalClient | None = None
                        ) -> tuple[pb.QueryResponse | pb.Error, Reply, bool]:
         """Run one statement (on `client`, or on one taken from the idle ones)."""
-        sql = request.sql
+        sql = _hinted(request)
         hints = request.hints
-        if hints.HasField("max_staleness_seconds"):
-            sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {sql}"
         params = [values.encode(v) for v in request.params]
         started = time.perf_counter()
         if client is None and hints.priority == pb.BATCH:
@@ -211,9 +209,7 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
     async def QueryStream(self, request: pb.QueryRequest, context: Ctx) -> AsyncIterator[pb.QueryChunk]:
         agent = await self._agent(context)
         database = self._database(agent, request.database)
-        sql = request.sql
-        if request.hints.HasField("max_staleness_seconds"):
-            sql = f"/* pgsluice: max_staleness={request.hints.max_staleness_seconds}s */ {sql}"
+        sql = _hinted(request)
         client = self._take(agent, database)
         types: list[int] = []
         sent = 0
@@ -327,6 +323,13 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
         return pb.StatsResponse(agents=agents, upstream_queries=v["totals"]["upstream_queries"],
                                 cache_hits=sum(a.hits for a in agents), cache_entries=cache.get("entries", 0),
                                 cache_bytes=cache.get("bytes", 0))
+
+
+def _hinted(request: pb.QueryRequest) -> str:
+    """The statement with its freshness hint as the comment the planner reads."""
+    if request.hints.HasField("max_staleness_seconds"):
+        return f"/* pgsluice: max_staleness={request.hints.max_staleness_seconds}s */ {request.sql}"
+    return request.sql
 
 
 def _row(row: list[bytes | None], types: list[int]) -> pb.Row:

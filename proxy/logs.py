@@ -22,6 +22,13 @@ def fields(**kw: Any) -> dict[str, Any]:
     return {_FIELDS: kw}
 
 
+def peer_text(peer: object) -> str:
+    """A client address as host:port."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "")
+
+
 def _event(record: logging.LogRecord) -> dict[str, Any]:
     out: dict[str, Any] = {
         "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",

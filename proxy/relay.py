@@ -172,7 +172,7 @@ def forward(s: ClientSession) -> None:
                     _tag_agent(s, sql)
                 s.note_query()
                 s.server.stats.upstream_queries += 1
-                s.last_sql = sql[:300].decode("utf-8", "replace")
+                s.last_sql = sql[:300]
                 head = sql[:10].lower()
                 swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
                     _show(s, backend, sql) if head[:4] == b"show" else None
@@ -329,7 +329,7 @@ def _rejected(s: ClientSession, verdict: Verdict) -> Rejected:
     s.agent_stats.rejected += 1
     s.server.stats.rejected += 1
     log.info("query rejected", extra=fields(client=s.token, agent=s.agent, rule=verdict.rule,
-                                            sqlstate=verdict.sqlstate, sql=s.last_sql))
+                                            sqlstate=verdict.sqlstate, sql=s.last_statement))
     return Rejected(verdict)
 
 
@@ -410,7 +410,7 @@ def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rej
 def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
     s.note_query()
-    s.last_sql = sql[:300].decode("utf-8", "replace")
+    s.last_sql = sql[:300]
     if sql[:4].lower() == b"show" and (shown := show_sql(s, sql)) is not None:
         sql = shown
         msg = encode.parse(name, sql, types)
@@ -646,7 +646,7 @@ def _log_failure(s: ClientSession, body: bytes) -> None:
         return
     err = parse_error_fields(body)
     log.info("query failed", extra=fields(client=s.token, agent=s.agent, sqlstate=err.get("C", ""),
-                                          error=err.get("M", ""), sql=s.last_sql))
+                                          error=err.get("M", ""), sql=s.last_statement))
 
 
 def _cut_notice(s: ClientSession, tag: bytes) -> Chunks:

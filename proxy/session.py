@@ -24,7 +24,7 @@ from planner.guard import session_settings
 from . import admin, caching, relay
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
-from .logs import fields
+from .logs import fields, peer_text
 from .pgwire import codes, encode
 from .pgwire.decode import StartupReader
 from .pgwire.errors import (
@@ -107,7 +107,7 @@ class ClientSession(asyncio.Protocol):
         self.max_staleness: float | None = None
         # operations (issue 5)
         self.connected_at = time.monotonic()
-        self.last_sql = ""  # the last statement text sent (for the logs), truncated
+        self.last_sql = b""  # the last statement text sent (for the logs), truncated
         self.request_started = self.connected_at
         self.admin_failed = False
         self.admin_busy = False  # PAUSE waits for transactions before it replies
@@ -261,7 +261,7 @@ class ClientSession(asyncio.Protocol):
             await self._wait()
 
     def _refused(self, sqlstate: str, message: str) -> None:
-        log.info("login refused", extra=fields(peer=_peer(self.peer), sqlstate=sqlstate, error=message))
+        log.info("login refused", extra=fields(peer=peer_text(self.peer), sqlstate=sqlstate, error=message))
 
     async def _login(self) -> None:
         try:
@@ -293,8 +293,8 @@ class ClientSession(asyncio.Protocol):
         self._start(result)
 
     def _start(self, result: LoginResult) -> None:
-        log.info("client connected", extra=fields(client=self.token, peer=_peer(self.peer), user=result.user,
-                                                  database=result.database,
+        log.info("client connected", extra=fields(client=self.token, peer=peer_text(self.peer),
+                                                  user=result.user, database=result.database,
                                                   agent=result.params.get("application_name", "")))
         if result.pool is None:  # the admin console
             self._start_admin(result)
@@ -317,20 +317,17 @@ class ClientSession(asyncio.Protocol):
             self.startup_settings = self.settings = result.settings + tuple(
                 (name, set_config(name, value)) for name, value in session_settings(policy))
         self.reported = result.welcome
-        self.key = self.server.new_cancel_key(self)
-        self.write(encode.parameter_statuses(result.welcome)
-                   + encode.backend_key_data(self.key[0], _I.unpack(self.key[1])[0])
-                   + encode.ready_for_query())
-        if not self._startup_done:
-            self._startup_done = True
-            self.inbuf += self.startup.take_rest()
-        self.state = "ready"
-        self._task = None
+        self._welcome(result, "ready")
         self.pump()
 
     def _start_admin(self, result: LoginResult) -> None:
         self.user, self.database = result.user, result.database
         self.set_agent("pgsluice admin")
+        self._welcome(result, "admin")
+        self._admin()
+
+    def _welcome(self, result: LoginResult, state: str) -> None:
+        """ParameterStatus, BackendKeyData, ReadyForQuery; then messages that came early."""
         self.key = self.server.new_cancel_key(self)
         self.write(encode.parameter_statuses(result.welcome)
                    + encode.backend_key_data(self.key[0], _I.unpack(self.key[1])[0])
@@ -338,9 +335,8 @@ class ClientSession(asyncio.Protocol):
         if not self._startup_done:
             self._startup_done = True
             self.inbuf += self.startup.take_rest()
-        self.state = "admin"
+        self.state = state
         self._task = None
-        self._admin()
 
     def _admin(self) -> None:
         try:
@@ -475,6 +471,11 @@ class ClientSession(asyncio.Protocol):
         self.pump()
 
     @property
+    def last_statement(self) -> str:
+        """The last statement sent (truncated), for a log line: decoded only when one is written."""
+        return self.last_sql.decode("utf-8", "replace")
+
+    @property
     def busy(self) -> bool:
         """Waiting for a server connection, or for a cache look-up or an identical query."""
         return self._task is not None or self._queued is not None
@@ -492,7 +493,7 @@ class ClientSession(asyncio.Protocol):
         slow = self.server.config.slow_query_ms
         if slow and elapsed * 1000 >= slow:
             log.warning("slow query", extra=fields(client=self.token, agent=self.agent,
-                                                   ms=round(elapsed * 1000, 1), sql=self.last_sql))
+                                                   ms=round(elapsed * 1000, 1), sql=self.last_statement))
 
     def set_agent(self, name: str) -> None:
         if name != self.agent:
@@ -656,12 +657,6 @@ def _pg_error(exc: BaseException) -> PgError:
     if isinstance(exc, LoginError):
         return PgError(exc.fields.get("C", CONNECTION_FAILURE), exc.fields.get("M", "login failed"))
     return PgError(CONNECTION_FAILURE, f"pgsluice: cannot connect to the server: {exc}")
-
-
-def _peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "")
 
 
 def _search_path(params: dict[str, str]) -> tuple[str, ...]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import bisect
-import time
 from dataclasses import dataclass, field
 
 # latency buckets (seconds): 50 µs doubling up to ~52 s
@@ -105,7 +104,3 @@ class ServerStats:
                 self.errors[cls] = self.errors.get(cls, 0) + 1
                 return
             pos = end + 1
-
-
-def monotonic() -> float:
-    return time.monotonic()
