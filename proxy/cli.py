@@ -1,4 +1,4 @@
-"""The `pgsluice` command: serve, config, explain, install-change-feed, demo."""
+"""The `pgsluice` command: serve, config, explain, check-config, install-change-feed, load, demo."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ async def install_change_feed(config: Config, databases: list[str] | None, unins
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:  # the load generator owns its arguments
+        from loadtest.load import main as load_main
+        return load_main(argv[1:])
     parser = build_parser()
     return run(parser, parser.parse_args(argv))
 
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_feed.add_argument("--database", action="append", default=None,
                         help="database to install into (repeatable; default: the upstream URL's)")
     p_feed.add_argument("--uninstall", action="store_true", help="remove it instead")
+    sub.add_parser("load", help="the agent-shaped load generator (pgsluice load --help)", add_help=False)
     p_demo = sub.add_parser("demo", help="embedded Postgres + pgsluice + a scripted session")
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")

@@ -1,0 +1,89 @@
+"""How many agents each target sustains: `pgsluice load --find-max` against direct PostgreSQL,
+PgBouncer (transaction mode) and pgsluice, in one run, on the same machine.
+
+    python -m loadtest.agents_bench [--profile agent-explore] [--rate 100] [--duration 10] \\
+        [--scale 1] [--pool-size 8] [--upstream postgresql://...] [--json out.json] [--report out.html]
+
+The sample schema (loadtest/sample.py) is (re)created and pgsluice's change feed installed in
+the target database, so point --upstream only at a scratch database. Without it an embedded
+PostgreSQL is started. Agents reach PgBouncer 1.18 without asyncpg's statement cache (no
+prepared statements in transaction mode before 1.21); direct Postgres and pgsluice are reached
+as asyncpg users do by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from loadtest import load
+from loadtest.cache_bench import prepare, server
+from loadtest.passthrough import pgbouncer, pgsluice
+from loadtest.pgbench import Endpoint
+from loadtest.pgbouncer import free_port
+
+TARGETS = ("direct", "pgbouncer", "pgsluice")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.agents_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--upstream", help="a scratch database (default: an embedded PostgreSQL)")
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--profile", default="agent-explore")
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per find-max step")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--scale", type=int, default=1)
+    p.add_argument("--pool-size", type=int, default=8, help="server connections of PgBouncer and pgsluice")
+    p.add_argument("--processes", type=int, default=1, help="generator processes")
+    p.add_argument("--slo-ms", type=float, default=50.0)
+    p.add_argument("--max-agents", type=int, default=1024)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--report", type=Path)
+    args = p.parse_args(argv)
+    targets = [t for t in args.targets.split(",") if t]
+    if set(targets) - set(TARGETS):
+        p.error(f"unknown targets {set(targets) - set(TARGETS)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    print("command: " + shlex.join([sys.executable, "-m", "loadtest.agents_bench", *sys.argv[1:]]))
+    print(f"cores: {os.cpu_count()}, loadavg before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    with server(args.upstream) as (up, _bin), contextlib.ExitStack() as stack:
+        watched, _pgss = asyncio.run(prepare(up, args.scale))
+        print(f"upstream {up.host}:{up.port}/{up.database}: sample schema scale {args.scale}, change feed on "
+              f"{watched} tables; PgBouncer and pgsluice pool size {args.pool_size}", flush=True)
+        cmd: list[str] = []
+        for name in targets:
+            if name == "direct":
+                cmd += ["--target", f"direct={up.dsn()}"]
+            elif name == "pgbouncer":
+                ep, _pid = stack.enter_context(pgbouncer(up, args.pool_size, []))
+                cmd += ["--target", f"pgbouncer={ep.dsn()}?statement_cache_size=0"]
+            else:
+                mport = free_port()
+                ep, _pid = stack.enter_context(pgsluice(up, args.pool_size, extra=(
+                    "--metrics-listen", f"127.0.0.1:{mport}", "--max-client-conn", "5000")))
+                cmd += ["--target", f"pgsluice={Endpoint.dsn(ep)}",
+                        "--metrics", f"pgsluice=http://127.0.0.1:{mport}/metrics"]
+        cmd += ["--profile", args.profile, "--rate", str(args.rate), "--duration", str(args.duration),
+                "--warmup", str(args.warmup), "--find-max", "--slo-ms", str(args.slo_ms),
+                "--max-agents", str(args.max_agents), "--processes", str(args.processes)]
+        if args.json:
+            cmd += ["--json", str(args.json)]
+        if args.report:
+            cmd += ["--report", str(args.report)]
+        return load.main(cmd)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; all started processes were stopped", file=sys.stderr)
+        sys.exit(130)
