@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
     p_demo.add_argument("--data-dir", default=None, help="keep the demo database here")
+    p_demo.add_argument("--no-load", dest="side_by_side", action="store_false",
+                        help="skip the side-by-side load run (direct vs pgsluice)")
     return parser
 
 
@@ -157,7 +159,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return 0
         if args.command == "demo":
             from .demo import run_demo
-            return run_demo(once=args.once, port=args.port, data_dir=args.data_dir)
+            return run_demo(once=args.once, port=args.port, data_dir=args.data_dir,
+                            side_by_side=args.side_by_side)
         config = _config_from(args)
     except ConfigError as exc:
         print(f"pgsluice: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from .config import Config
 from .embedded import EmbeddedPostgres, free_port
 
 PASSWORD = "pgsluice"
+SIDE_AGENTS, SIDE_SECONDS = 10, 8.0  # the side-by-side run: about 25 s with its warm-ups
 
 SCRIPT: list[tuple[str, str]] = [
     ("schema look-up (what agents ask first)",
@@ -79,11 +80,27 @@ async def _session(dsn: str) -> None:
         await conn.close()
 
 
-async def _main(pg: EmbeddedPostgres, port: int, once: bool) -> None:
+async def _side_by_side(direct: str, sluice: str, metrics: str) -> None:
+    """The same agents, seed and schedule against Postgres directly and through pgsluice, run by
+    `pgsluice load` in a process of its own (so it does not share pgsluice's event loop)."""
+    import sys
+    print(f"\n-- {SIDE_AGENTS} agents exploring the database at 100 queries/s each, {SIDE_SECONDS:g} s "
+          "against Postgres directly, then the same through pgsluice:", flush=True)
+    args = ["--target", f"direct={direct}", "--target", f"pgsluice={sluice}",
+            "--metrics", f"pgsluice={metrics}", "--profile", "agent-explore", "--agents", str(SIDE_AGENTS),
+            "--rate", "100",
+            "--duration", str(SIDE_SECONDS), "--warmup", "2", "--no-progress"]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "loadtest.load", *args)
+    if await proc.wait() != 0:
+        print("   (the side-by-side run failed; see above)")
+
+
+async def _main(pg: EmbeddedPostgres, port: int, once: bool, side_by_side: bool) -> None:
     from .server import Server
 
+    metrics_port = free_port()
     config = Config(upstream=pg.dsn(password=PASSWORD), listen=f"127.0.0.1:{port}",
-                    pool_max_size=5)
+                    pool_max_size=5, metrics_listen=f"127.0.0.1:{metrics_port}", grpc_listen="")
     server = Server(config)
     await server.start()
     dsn = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{server.port}/postgres"
@@ -95,6 +112,8 @@ async def _main(pg: EmbeddedPostgres, port: int, once: bool) -> None:
                 break
             await asyncio.sleep(0.05)
         await _session(dsn)
+        if side_by_side:
+            await _side_by_side(pg.dsn(password=PASSWORD), dsn, f"http://127.0.0.1:{metrics_port}/metrics")
         pools = ", ".join(f"{db}/{user}: {p.size} server connections"
                           for (db, user), p in server.pools.items())
         print(f"\nPostgres served all of that over {pools}.")
@@ -116,7 +135,8 @@ async def _main(pg: EmbeddedPostgres, port: int, once: bool) -> None:
         await server.shutdown(timeout=2)
 
 
-def run_demo(*, once: bool = False, port: int = 6543, data_dir: str | None = None) -> int:
+def run_demo(*, once: bool = False, port: int = 6543, data_dir: str | None = None,
+             side_by_side: bool = True) -> int:
     if port and not _port_free(port):
         print(f"port {port} is busy; using a free one")
         port = 0
@@ -135,7 +155,7 @@ def run_demo(*, once: bool = False, port: int = 6543, data_dir: str | None = Non
         pg.psql(INSTALL)  # what `pgsluice install-change-feed` does: writes outside pgsluice are seen
         install_loop(Config())
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_main(pg, port, once))
+            asyncio.run(_main(pg, port, once, side_by_side))
     finally:
         pg.stop()
         if temp:

@@ -23,3 +23,9 @@ def test_demo_once(pg_tmp_dir: Path) -> None:
     assert "psql postgresql://postgres:pgsluice@127.0.0.1:" in out.stdout
     cache = next(line for line in out.stdout.splitlines() if line.startswith("Cache: "))
     assert int(cache.split()[1]) >= 1000, cache  # the second pass of point reads came from cache
+    # the side-by-side run: the same schedule against both, no errors, pgsluice's share counted
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.split()[:1] in (["direct"], ["pgsluice"]) and len(line.split()) == 10}
+    assert set(rows) == {"direct", "pgsluice"}, out.stdout
+    assert rows["direct"][1] == rows["pgsluice"][1] and rows["direct"][3] == rows["pgsluice"][3] == "0"
+    assert rows["direct"][9] == "100.0%" and float(rows["pgsluice"][9].rstrip("%")) < 50
