@@ -200,35 +200,39 @@ async def _agent(plan: Plan, profile: AnyProfile, times: list[float], index: int
         result.error_kinds[kind] = result.error_kinds.get(kind, 0) + recorded
         await conn.close()
         return
-    try:
-        for intended in times:
-            sql, params = next(stream)
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-            if t0 + intended > now:
-                await asyncio.sleep(t0 + intended - now)
-            measured = intended >= 0
-            live[slot] += 1  # the live display counts the warm-up too
-            if measured:
-                result.sent += 1
-                recorded -= 1
-            try:
-                await asyncio.wait_for(conn.query(sql, params), deadline - time.perf_counter())
-            except TimeoutError:
-                live[slot + 2] += 1
+    loop = asyncio.get_running_loop()
+    in_flight = measured = False
+    try:  # one timer per agent for the whole run (not one per query: the generator must stay cheap)
+        async with asyncio.timeout_at(loop.time() + deadline - time.perf_counter()):
+            for intended in times:
+                sql, params = next(stream)
+                now = time.perf_counter()
+                if t0 + intended > now:
+                    await asyncio.sleep(t0 + intended - now)
+                measured = intended >= 0
+                live[slot] += 1  # the live display counts the warm-up too
                 if measured:
-                    result.record(int(time.perf_counter() - t0), None, "deadline")
-                break
-            except Exception as exc:
-                live[slot + 2] += 1
+                    result.sent += 1
+                    recorded -= 1
+                in_flight = True
+                try:
+                    await conn.query(sql, params)
+                except Exception as exc:
+                    in_flight = False
+                    live[slot + 2] += 1
+                    if measured:
+                        result.record(int(time.perf_counter() - t0), None, _error_kind(exc))
+                    continue
+                in_flight = False
+                live[slot + 1] += 1
                 if measured:
-                    result.record(int(time.perf_counter() - t0), None, _error_kind(exc))
-                continue
-            live[slot + 1] += 1
+                    done = time.perf_counter()
+                    result.record(int(done - t0), int((done - (t0 + intended)) * 1e6))
+    except TimeoutError:  # the run's end: the query in flight is cut, the rest never sent
+        if in_flight:
+            live[slot + 2] += 1
             if measured:
-                done = time.perf_counter()
-                result.record(int(done - t0), int((done - (t0 + intended)) * 1e6))
+                result.record(int(time.perf_counter() - t0), None, "deadline")
     finally:
         result.unsent += recorded
         await conn.close()

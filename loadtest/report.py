@@ -143,7 +143,8 @@ def _findmax(find_max: Targets, colors: dict[str, str]) -> Figure | None:
     slos: set[float] = set()
     marked = False
     for name, fm in find_max.items():
-        steps = [s for s in _dicts(fm.get("steps")) if _num(s.get("agents")) is not None]
+        steps = sorted((s for s in _dicts(fm.get("steps")) if _num(s.get("agents")) is not None),
+                       key=lambda s: float(s["agents"]))  # a curve over agents, not the search order
         p99 = [v if (v := _num(s.get("p99_ms"))) is not None and v > 0 else NAN for s in steps]
         if all(math.isnan(v) for v in p99):
             continue
