@@ -74,16 +74,25 @@ async def measure(target: Target, plan: Plan, processes: int = 1,
                   counters: Counters | None = None) -> dict[str, Any]:
     """One run against one target, with what reached Postgres when that is known."""
     before: dict[str, float] = {}
+    failed: list[str] = []
     metrics = target.metrics
 
+    def read() -> dict[str, float]:
+        try:
+            return scrape(metrics) if metrics else {}
+        except (OSError, ValueError) as exc:  # unreachable or not Prometheus text: say so, run on
+            failed.append(f"{target.name}: cannot read {metrics}: {exc}")
+            return {}
+
     def mark() -> None:  # when the warm-up ends: what the recorded part sends is counted
-        if metrics:
-            before.update(scrape(metrics))
+        before.update(read())
 
     out = await run(replace(plan, url=target.url), processes, counters, at_record_start=mark)
     out["kind"] = target.kind
-    if before and metrics:
-        after = scrape(metrics)
+    after = read() if before else {}
+    if failed:
+        out["metrics_error"] = failed[0]
+    if before and after:
         delta = {k: after[k] - before[k] for k in after}
         out["pgsluice"] = delta
         out["reached_postgres"] = delta["upstream"] / out["sent"] if out["sent"] else None
@@ -170,6 +179,11 @@ def warnings_for(results: dict[str, Any]) -> list[str]:
                        "figures understate the target (try --processes)")
         if achieved < 0.95 * offered:
             out.append(f"{name}: achieved {achieved:.0f} queries/s of {offered:.0f} offered")
+        if "metrics_error" in r:
+            out.append(r["metrics_error"] + " (queries that reached Postgres unknown)")
+        if r["ok"] == 0:
+            kinds = ", ".join(f"{k} x{n}" for k, n in r["error_kinds"].items()) or "nothing sent"
+            out.append(f"{name}: no query succeeded ({kinds})")
     return out
 
 
@@ -229,7 +243,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if min(args.agents, args.burst, args.start_agents, args.max_agents) < 1 or args.processes < 0:
+        p.error("--agents, --burst, --start-agents, --max-agents must be >= 1; --processes >= 0")
+    if min(args.rate, args.duration, args.slo_ms) <= 0:
+        p.error("--rate, --duration and --slo-ms must be positive")
+    if min(args.warmup, args.pause, args.max_error_rate) < 0:
+        p.error("--warmup, --pause and --max-error-rate must not be negative")
     args.progress = args.progress and sys.stderr.isatty()
     args.processes = args.processes or os.cpu_count() or 1
     try:
@@ -249,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{profile.name}: {agents} x {args.rate:g}/s "
           f"for {args.duration:g} s, seed {args.seed}, {args.processes} generator process(es), "
           f"{os.cpu_count()} cores; latency from each query's intended start", flush=True)
-    data = _run_loop(execute(targets, plan, args, lambda line: print(line, flush=True)))
+    try:
+        data = _run_loop(execute(targets, plan, args, lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:
+        print("load: interrupted", file=sys.stderr)
+        return 130
     data = {"profile": profile.name,
             "config": {"agents": args.agents, "rate_per_agent": args.rate, "duration_s": args.duration,
                        "warmup_s": args.warmup, "seed": args.seed, "burst": args.burst, "pause_s": args.pause,
@@ -265,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import write_report
         written = write_report(data, args.report)
         print(f"report: {', '.join(str(p) for p in written)}")
-    return 0
+    return 1 if any(r["ok"] == 0 for r in data["targets"].values()) else 0  # a target answered nothing
 
 
 def _run_loop(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:

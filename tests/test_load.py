@@ -202,3 +202,18 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
                           "--profile", str(tmp_path / "missing.toml")],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 2 and "missing.toml" in res.stderr
+
+
+def test_a_refused_target_is_reported_not_hidden(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    out = tmp_path / "refused.json"
+    res = subprocess.run([sys.executable, "-m", "proxy", "load", "--target",
+                          f"gone=postgresql://u:p@127.0.0.1:{port}/db", "--metrics",
+                          f"gone=http://127.0.0.1:{port}/metrics", "--agents", "2", "--rate", "20",
+                          "--duration", "1", "--warmup", "0", "--json", str(out)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 1, res.stdout + res.stderr
+    gone = json.loads(out.read_text())["targets"]["gone"]
+    assert gone["ok"] == gone["sent"] == 0 and gone["unsent"] == gone["scheduled"] > 0
+    assert "no query succeeded (connect: ConnectionRefusedError" in res.stderr
+    assert "cannot read http://" in res.stderr
