@@ -198,14 +198,15 @@ def _summary(targets: Targets) -> str:
         up, note = _reached(t)
         sent = _num(t.get("sent"))
         pct = note or ("-" if up is None or not sent else f"{up / sent:.1%}")
-        rows.append([("target", name), ("sent", _f(t.get("sent"))), ("ok", _f(t.get("ok"))),
-                     ("errors", _f(t.get("errors"))), ("unsent", _f(t.get("unsent"))),
+        rows.append([("target", name), ("agents", _f(t.get("agents"))), ("sent", _f(t.get("sent"))),
+                     ("ok", _f(t.get("ok"))), ("errors", _f(t.get("errors"))),
+                     ("unsent", _f(t.get("unsent"))),
                      ("achieved_qps", _f(t.get("achieved_qps"), ",.1f")),
                      ("offered_qps", _f(t.get("offered_qps"), ",.1f")),
                      *[(k, _f(lat.get(k), ",.2f")) for k in ("p50", "p99", "p99.9", "max")],
                      ("reached_postgres", pct)])
-    return _table(["target", "sent", "ok", "errors", "unsent", "achieved q/s", "offered q/s", "p50 ms",
-                   "p99 ms", "p99.9 ms", "max ms", "reached Postgres"], rows)
+    return _table(["target", "agents", "sent", "ok", "errors", "unsent", "achieved q/s", "offered q/s",
+                   "p50 ms", "p99 ms", "p99.9 ms", "max ms", "reached Postgres"], rows)
 
 
 def _findmax_table(find_max: Targets) -> str:
@@ -235,7 +236,8 @@ def write_report(result: dict[str, Any], html_path: Path) -> list[Path]:
     profile = str(result.get("profile") or first.get("profile") or "?")
     config = _dict(result.get("config"))  # or what a bare run's output says of itself
     config_line = ", ".join(fmt.format(f"{v:g}" if isinstance(v, float) else v) for k, fmt in CONFIG.items()
-                            if (v := config.get(k, first.get(k))) is not None)
+                            if (v := config.get(k, first.get(k))) is not None
+                            and not (k == "agents" and find_max))  # find-max: agents vary per step
     html_path.parent.mkdir(parents=True, exist_ok=True)
     written, imgs = [html_path], []
     for plot, fig in figures.items():
@@ -255,7 +257,9 @@ def write_report(result: dict[str, Any], html_path: Path) -> list[Path]:
              f"</title><style>{CSS}</style></head><body>",
              f"<h1>Load report: {html.escape(profile)}</h1><p>{html.escape(config_line or '-')}; latency "
              "from each query's intended start</p>",
-             "<h2>Summary</h2>", _summary(targets)]
+             "<h2>Summary</h2>",
+             "<p>Each target at the most agents that held the SLO (the find-max step's own run); "
+             "the plots over time show the same runs.</p>" if find_max else "", _summary(targets)]
     if find_max:
         parts += ["<h2>Find max</h2>", _findmax_table(find_max)]
     if warnings:
