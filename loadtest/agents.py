@@ -75,7 +75,9 @@ class Result:
     ok: int = 0
     errors: int = 0
     unsent: int = 0
-    error_kinds: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)  # of `errors` only
+    unsent_kinds: dict[str, int] = field(default_factory=dict)  # why queries were never sent
+    late_connects: int = 0  # agents whose connection opened after the run started
     hist: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_US, 3))  # µs
     seconds: dict[int, list[Any]] = field(default_factory=dict)  # second -> [ok, errors, hist]
 
@@ -96,14 +98,17 @@ class Result:
 
     def encode(self) -> dict[str, Any]:
         return {"sent": self.sent, "ok": self.ok, "errors": self.errors, "unsent": self.unsent,
-                "error_kinds": self.error_kinds, "hist": self.hist.encode(),
+                "error_kinds": self.error_kinds, "unsent_kinds": self.unsent_kinds,
+                "late_connects": self.late_connects, "hist": self.hist.encode(),
                 "seconds": {s: [v[0], v[1], v[2].encode()] for s, v in self.seconds.items()}}
 
     def merge(self, data: dict[str, Any]) -> None:
-        for key in ("sent", "ok", "errors", "unsent"):
+        for key in ("sent", "ok", "errors", "unsent", "late_connects"):
             setattr(self, key, getattr(self, key) + data[key])
-        for kind, n in data["error_kinds"].items():
-            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + n
+        pairs = ((self.error_kinds, data["error_kinds"]), (self.unsent_kinds, data["unsent_kinds"]))
+        for mine, theirs in pairs:
+            for kind, n in theirs.items():
+                mine[kind] = mine.get(kind, 0) + n
         self.hist.decode_and_add(data["hist"])
         for second, (ok, errors, hist) in data["seconds"].items():
             slot = self.seconds.setdefault(int(second), [0, 0, HdrHistogram(1, MAX_US, 2)])
@@ -122,9 +127,11 @@ class Result:
                     for s, v in sorted(self.seconds.items())]
         scheduled = self.sent + self.unsent
         return {"sent": self.sent, "ok": self.ok, "errors": self.errors, "unsent": self.unsent,
-                "scheduled": scheduled, "error_kinds": self.error_kinds,
+                "scheduled": scheduled, "error_kinds": self.error_kinds, "unsent_kinds": self.unsent_kinds,
+                "late_connects": self.late_connects,
                 "error_rate": (self.errors + self.unsent) / scheduled if scheduled else 0.0,
-                "offered_qps": plan.agents * plan.rate,
+                # what the schedule offered (bursts and pauses included), not agents x rate
+                "offered_qps": scheduled / plan.duration,
                 "achieved_qps": self.ok / max(plan.duration, elapsed) if elapsed else 0.0,
                 "latency_ms": {**pct, "max": h.get_max_value() / ms if self.ok else None,
                                "mean": h.get_mean_value() / ms if self.ok else None},
@@ -197,9 +204,12 @@ async def _agent(plan: Plan, profile: AnyProfile, times: list[float], index: int
     except Exception as exc:
         kind = f"connect: {_error_kind(exc)}"
         result.unsent += recorded
-        result.error_kinds[kind] = result.error_kinds.get(kind, 0) + recorded
+        if recorded:
+            result.unsent_kinds[kind] = result.unsent_kinds.get(kind, 0) + recorded
         await conn.close()
         return
+    if time.perf_counter() > t0 + (times[0] if times else 0.0):
+        result.late_connects += 1  # its first queries waited for the connection: that counts as latency
     loop = asyncio.get_running_loop()
     in_flight = measured = False
     try:  # one timer per agent for the whole run (not one per query: the generator must stay cheap)
@@ -235,6 +245,8 @@ async def _agent(plan: Plan, profile: AnyProfile, times: list[float], index: int
                 result.record(int(time.perf_counter() - t0), None, "deadline")
     finally:
         result.unsent += recorded
+        if recorded:
+            result.unsent_kinds["deadline"] = result.unsent_kinds.get("deadline", 0) + recorded
         await conn.close()
 
 
@@ -263,7 +275,11 @@ def _child(plan: Plan, first: int, count: int, start_epoch: float, live: Any, sl
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
         runner = asyncio.run
-    result, elapsed, cpu = runner(run_share(plan, first, count, start_epoch, live, slot))
+    try:
+        result, elapsed, cpu = runner(run_share(plan, first, count, start_epoch, live, slot))
+    except BaseException as exc:  # the parent must hear of it, not wait for a result
+        out.put(f"{type(exc).__name__}: {exc}")
+        raise
     out.put((result.encode(), elapsed, cpu))
 
 
@@ -291,6 +307,27 @@ async def _call_at(epoch: float, fn: Callable[[], Any] | None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
+async def _next_result(queue: Any, children: list[Any], limit: float) -> Any:
+    """The next child's result; a child that died without one, or the time limit, is an error
+    (polled, so neither a dead child nor Ctrl-C leaves the parent blocked in queue.get)."""
+    import queue as queues
+    while True:
+        try:
+            return queue.get_nowait()
+        except queues.Empty:
+            pass
+        dead = [c for c in children if c.exitcode not in (None, 0)]
+        if dead:
+            await asyncio.sleep(0.2)  # its last words may still be in the pipe
+            try:
+                return queue.get_nowait()
+            except queues.Empty:
+                raise RuntimeError(f"a generator process exited with status {dead[0].exitcode}") from None
+        if time.monotonic() > limit:
+            raise RuntimeError("the generator processes did not report in time")
+        await asyncio.sleep(0.05)
+
+
 async def _run_processes(plan: Plan, processes: int, live: Any, start: float) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -299,12 +336,14 @@ async def _run_processes(plan: Plan, processes: int, live: Any, start: float) ->
                 for i, (lo, hi) in enumerate(shares)]
     for child in children:
         child.start()
-    loop = asyncio.get_running_loop()
     total, elapsed, cpu = Result(), 0.0, 0.0
-    limit = start - time.time() + plan.warmup + plan.duration + plan.grace + 30
+    limit = time.monotonic() + start - time.time() + plan.warmup + plan.duration + plan.grace + 30
     try:
         for _ in children:
-            data, child_elapsed, child_cpu = await loop.run_in_executor(None, queue.get, True, limit)
+            got = await _next_result(queue, children, limit)
+            if isinstance(got, str):
+                raise RuntimeError(f"a generator process failed: {got}")
+            data, child_elapsed, child_cpu = got
             total.merge(data)
             elapsed, cpu = max(elapsed, child_elapsed), cpu + child_cpu
     finally:

@@ -51,12 +51,15 @@ async def find_max(plan: Plan, runner: Runner, slo: Slo, start: int = 1, limit: 
         await asyncio.sleep(settle)  # let the target drain what a failed step left behind
         return passed
 
-    best, worst, n = 0, None, max(1, start)
-    while n <= limit:
+    best, worst, n = 0, None, max(1, min(start, limit))
+    while True:
         if not await step(n):
             worst = n
             break
-        best, n = n, n * 2
+        best = n
+        if n >= limit:
+            break
+        n = min(n * 2, limit)  # the limit itself is tried before "limit reached" is said
     while worst is not None and worst - best > max(1, int(best * resolution)):
         mid = (best + worst) // 2
         if await step(mid):

@@ -80,7 +80,7 @@ async def measure(target: Target, plan: Plan, processes: int = 1,
     def read() -> dict[str, float]:
         try:
             return scrape(metrics) if metrics else {}
-        except (OSError, ValueError) as exc:  # unreachable or not Prometheus text: say so, run on
+        except Exception as exc:  # unreachable, not HTTP, not Prometheus text: say so, keep the run
             failed.append(f"{target.name}: cannot read {metrics}: {exc}")
             return {}
 
@@ -147,7 +147,9 @@ async def execute(targets: list[Target], plan: Plan, args: argparse.Namespace,
     results: dict[str, Any] = {}
     capacity: dict[str, Any] = {}
     async with progress.shown():
-        for target in targets:
+        for n, target in enumerate(targets):
+            if n:
+                await asyncio.sleep(1.0)  # let the previous target's connections go
             if args.find_max:
                 async def runner(step: Plan, target: Target = target) -> dict[str, Any]:
                     progress.phase(f"{target.name}: {step.agents} agents")
@@ -181,9 +183,19 @@ def warnings_for(results: dict[str, Any]) -> list[str]:
             out.append(f"{name}: achieved {achieved:.0f} queries/s of {offered:.0f} offered")
         if "metrics_error" in r:
             out.append(r["metrics_error"] + " (queries that reached Postgres unknown)")
+        kinds = {**r["error_kinds"], **{f"unsent: {k}": n for k, n in r.get("unsent_kinds", {}).items()}}
         if r["ok"] == 0:
-            kinds = ", ".join(f"{k} x{n}" for k, n in r["error_kinds"].items()) or "nothing sent"
-            out.append(f"{name}: no query succeeded ({kinds})")
+            out.append(f"{name}: no query succeeded ({', '.join(f'{k} x{n}' for k, n in kinds.items())})")
+        elif r["error_rate"] > 0.001:
+            out.append(f"{name}: {r['error_rate']:.1%} of scheduled queries failed or were never sent "
+                       f"({', '.join(f'{k} x{n}' for k, n in kinds.items())}); latencies cover answered "
+                       "queries only, so they understate what agents saw")
+        if r.get("late_connects"):
+            out.append(f"{name}: {r['late_connects']} agents connected after their first query was due "
+                       "(that wait counts as latency; a longer --warmup keeps it out of the recorded part)")
+        if (reached := r.get("reached_postgres")) is not None and reached > 1:
+            out.append(f"{name}: more queries reached Postgres than were sent in the recorded part "
+                       "(warm-up backlog, or another client of the same pgsluice)")
     return out
 
 
@@ -247,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.agents, args.burst, args.start_agents, args.max_agents) < 1 or args.processes < 0:
         p.error("--agents, --burst, --start-agents, --max-agents must be >= 1; --processes >= 0")
+    if args.start_agents > args.max_agents:
+        p.error("--start-agents must not be above --max-agents")
     if min(args.rate, args.duration, args.slo_ms) <= 0:
         p.error("--rate, --duration and --slo-ms must be positive")
     if min(args.warmup, args.pause, args.max_error_rate) < 0:
@@ -260,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metrics = dict(_named(args.metrics))
     targets = [Target(name, url, metrics.get(name)) for name, url in _named(args.target)]
+    if len({t.name for t in targets}) < len(targets):
+        print("load: two --target share a name", file=sys.stderr)
+        return 2
     unknown = set(metrics) - {t.name for t in targets}
     if unknown:
         print(f"load: --metrics for unknown targets: {', '.join(sorted(unknown))}", file=sys.stderr)

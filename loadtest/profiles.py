@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -164,9 +165,11 @@ def _template(where: str, q: dict[str, Any]) -> Template:
             params.append(Param(dist, values=tuple(str(v) for v in spec["values"])))
         else:
             raise ProfileError(f"{where}: unknown parameter distribution {spec!r}")
-    placeholders = sum(1 for n in range(1, 10) if f"${n}" in q["sql"])
-    if placeholders != len(params):
-        raise ProfileError(f"{where}: {placeholders} placeholders but {len(params)} params")
+    numbers = {int(n) for n in re.findall(r"\$(\d+)", q["sql"])}
+    if numbers != set(range(1, len(numbers) + 1)):
+        raise ProfileError(f"{where}: placeholders must be $1..$n without gaps, found {sorted(numbers)}")
+    if len(numbers) != len(params):
+        raise ProfileError(f"{where}: {len(numbers)} placeholders but {len(params)} params")
     return Template(q["sql"], float(weight), tuple(params))
 
 
