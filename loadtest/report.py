@@ -61,6 +61,9 @@ def _throughput(targets: Targets, colors: dict[str, str]) -> Figure | None:
     fig, ax = _axes("Successful queries per second", "seconds since start", "ok queries/s")
     for name, t in targets.items():
         ts, rows = _timeline(t)
+        if (end := _num(t.get("duration_s"))) is not None and any(x < end for x in ts):
+            keep = [i for i, x in enumerate(ts) if x < end]  # answers after the end: a partial second
+            ts, rows = [ts[i] for i in keep], [rows[i] for i in keep]
         if not rows:
             continue
         width = min((b - a for a, b in itertools.pairwise(ts) if b > a), default=1.0)  # bucket size
@@ -272,3 +275,28 @@ def write_report(result: dict[str, Any], html_path: Path) -> list[Path]:
     html_path.write_text("\n".join(parts), encoding="utf-8")
     return written
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtest.report RESULT.json REPORT.html`: render a saved --json result again."""
+    import argparse
+    import json
+    import sys
+    p = argparse.ArgumentParser(prog="python -m loadtest.report", description=main.__doc__)
+    p.add_argument("result", type=Path, help="a file written by pgsluice load --json")
+    p.add_argument("html", type=Path, help="the report to write (PNG plots go beside it)")
+    args = p.parse_args(argv)
+    try:
+        result = json.loads(args.result.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"report: {args.result}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(result, dict) or not isinstance(result.get("targets"), dict):
+        print(f"report: {args.result}: not a pgsluice load result (no \"targets\")", file=sys.stderr)
+        return 2
+    print("report: " + ", ".join(str(path) for path in write_report(result, args.html)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

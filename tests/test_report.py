@@ -140,6 +140,17 @@ async def test_report_of_a_short_run(sample: str, tmp_path: Path) -> None:
     result = {"profile": "agent-explore", "warnings": ["a <b>warning</b> & more"], "targets": {"direct": out}}
     page = check_report(result, tmp_path / "report.html", _expected(out))
     assert page.row("sent", "direct")["reached_postgres"] == "all (direct)"
+    # a saved result renders again from the command line; a file that is not one is refused
+    import json
+
+    from loadtest.report import main as report_main
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(result))
+    assert report_main([str(saved), str(tmp_path / "again.html")]) == 0
+    assert (tmp_path / "again.html").read_text().count('class="plot"') == len(_expected(out))
+    saved.write_text("[1, 2]")
+    assert report_main([str(saved), str(tmp_path / "bad.html")]) == 2
+    assert not (tmp_path / "bad.html").exists()
 
 
 async def test_report_with_find_max(sample: str, tmp_path: Path) -> None:
