@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import multiprocessing.sharedctypes
 import random
 import resource
 import time

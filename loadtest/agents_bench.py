@@ -22,10 +22,9 @@ import signal
 import sys
 from pathlib import Path
 
-from loadtest import load
+from loadtest import load, run_script
 from loadtest.cache_bench import prepare, server
 from loadtest.passthrough import pgbouncer, pgsluice
-from loadtest.pgbench import Endpoint
 from loadtest.pgbouncer import free_port
 
 TARGETS = ("direct", "pgbouncer", "pgsluice")
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 mport = free_port()
                 ep, _pid = stack.enter_context(pgsluice(up, args.pool_size, extra=(
                     "--metrics-listen", f"127.0.0.1:{mport}", "--max-client-conn", "5000")))
-                cmd += ["--target", f"pgsluice={Endpoint.dsn(ep)}",
+                cmd += ["--target", f"pgsluice={ep.dsn()}",
                         "--metrics", f"pgsluice=http://127.0.0.1:{mport}/metrics"]
         cmd += ["--profile", args.profile, "--rate", str(args.rate), "--duration", str(args.duration),
                 "--warmup", str(args.warmup), "--find-max", "--slo-ms", str(args.slo_ms),
@@ -82,8 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all started processes were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

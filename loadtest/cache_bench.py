@@ -31,6 +31,7 @@ from pathlib import Path
 import asyncpg
 
 from cache.feed import install
+from loadtest import run_script
 from loadtest.passthrough import cpu_seconds, fmt, pgbouncer, pgsluice, upstream, versions
 from loadtest.pgbench import Endpoint, PgbenchResult, find_pg_tool, libpq_env, parse_pgbench_output
 from loadtest.sample import schema_sql
@@ -337,8 +338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all started processes were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

@@ -164,8 +164,7 @@ async def execute(targets: list[Target], plan: Plan, args: argparse.Namespace,
                     plan, runner, Slo(args.slo_ms, args.max_error_rate), start=args.start_agents,
                     limit=args.max_agents, on_step=show)
                 # the per-target figures: the largest step that held the SLO (else the first step)
-                best_run = capacity[target.name].pop("best_run")
-                results[target.name] = best_run
+                results[target.name] = capacity[target.name].pop("best_run")
             else:
                 progress.phase(f"{target.name}: {plan.agents} agents")
                 results[target.name] = await measure(target, plan, args.processes, counters)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loadtest import run_script
 from loadtest.pgbench import (
     Endpoint,
     PgbenchResult,
@@ -325,8 +326,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all started processes were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

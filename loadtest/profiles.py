@@ -112,8 +112,6 @@ class SpeculateProfile:
                         sql = spellings[0] if rng.random() >= self.diverge else rng.choice(spellings)
                         yield _fill(sql, topic, mine[attempt]), []
 
-    def draw(self, rng: random.Random) -> Draw:
-        return next(self.stream(rng))
 
 
 AnyProfile = Profile | SpeculateProfile

@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg2
 
 from proxy.embedded import EmbeddedPostgres
-from tests.util import PASSWORDS, ProxyHandle
+from tests.util import PASSWORDS, ProxyHandle, wait_until
 
 SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
@@ -74,31 +74,21 @@ def calls(pg: EmbeddedPostgres, database: str, like: str) -> int:
     return int(row[0])
 
 
+def _feed_up(rows: dict[str, str], database: str) -> bool:
+    return rows.get(f"change_feed {database}", "").startswith("up") and \
+        rows.get(f"catalog {database}", "").startswith("loaded")
+
+
 def wait_feed(proxy: ProxyHandle, database: str, timeout: float = 10.0) -> None:
     """Until pgsluice's change feed for `database` is up (the first connection starts it)."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = show_cache(proxy, database)
-        if rows.get(f"change_feed {database}", "").startswith("up") and \
-                rows.get(f"catalog {database}", "").startswith("loaded"):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"change feed not up: {rows}")
-        time.sleep(0.05)
+    wait_until(lambda: _feed_up(show_cache(proxy, database), database), timeout, 0.05,
+               message=f"change feed of {database} up")
 
 
 def wait_feed_on(conn: psycopg2.extensions.connection, database: str, timeout: float = 10.0) -> None:
     """wait_feed, through one open connection (so: its worker)."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
+    def up() -> bool:
         with conn.cursor() as cur:
             cur.execute("SHOW CACHE")
-            rows = dict(cur.fetchall())
-        if rows.get(f"change_feed {database}", "").startswith("up") and \
-                rows.get(f"catalog {database}", "").startswith("loaded"):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"change feed not up: {rows}")
-        time.sleep(0.05)
+            return _feed_up(dict(cur.fetchall()), database)
+    wait_until(up, timeout, 0.05, message=f"change feed of {database} up on this connection")
