@@ -20,6 +20,7 @@ from .guard import check
 from .normalize import FastShape, comment_hints, fast_shape
 from .plan import ALLOW, Flag, Kind, Plan, SessionFacts, Verdict
 from .policy import Policies, Policy
+from .reach import Reach, for_read, for_write
 from .statements import split
 
 __all__ = ["ALLOW", "Catalog", "Flag", "Kind", "Plan", "Planner", "Policies", "Policy", "SessionFacts",
@@ -107,6 +108,13 @@ class Planner:
         if not result.parsed:
             self.stats.unparsed += 1
         cacheable = not result.why_not and canon is not None
+        own = shape.max_param if shape is not None else 0
+        reach: Reach | None = None
+        if canon is not None and self.catalog.loaded:
+            if cacheable:
+                reach = for_read(canon.sql, own, result.tables_read, facts, self.catalog)
+            elif result.kind is Kind.WRITE:
+                reach = for_write(canon.sql, own, facts, self.catalog)
         plan = Plan(
             kind=result.kind, sql=sql,
             fingerprint=canon.fingerprint if canon else "", canonical=canon.sql if canon else "",
@@ -115,7 +123,7 @@ class Planner:
             functions=frozenset(result.functions), flags=frozenset(result.flags),
             cacheable=cacheable, why_not=result.why_not or ("" if canon else "not understood by the parser"),
             statements=max(1, len(statements)), parsed=result.parsed and canon is not None,
-            hints=comment_hints(sql),
+            hints=comment_hints(sql), reach=reach,
         )  # fmt: skip
         return self._guard(plan, facts), canon
 

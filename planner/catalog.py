@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from .plan import Flag
+from .tables import TableFacts, load_tables
 
 __all__ = ["DANGEROUS", "LIVE_CATALOG_NAMES", "LIVE_CATALOG_PREFIXES", "SESSION_DEPENDENT", "SIDE_EFFECTS",
            "TIME_DEPENDENT", "Catalog", "Function", "Relation", "View", "builtin_hazard", "live_catalog",
@@ -174,6 +175,7 @@ class Catalog:
     # write op -> "schema.name" -> the other relations such a write changes (see also_written)
     write_effects: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)
     triggers: frozenset[str] = frozenset()  # "schema.name" of relations with user triggers or rules
+    tables: TableFacts = field(default_factory=TableFacts)  # columns, keys, foreign keys (tables.py)
     generation: int = 0
     _paths: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = field(default_factory=dict, repr=False)
     # the analyzer's verdict on each view's definition, computed on first use (see analyze):
@@ -370,7 +372,9 @@ _TRIGGERS = """
 SELECT n.nspname, c.relname
 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT t.tgisinternal AND t.tgname <> 'pgsluice_change_feed'
+WHERE NOT t.tgisinternal  -- the change feed's own (cache/feed.py) write nothing
+  AND t.tgname NOT IN ('pgsluice_change_feed', 'pgsluice_feed_insert', 'pgsluice_feed_update',
+                       'pgsluice_feed_delete', 'pgsluice_feed_truncate')
 UNION
 SELECT n.nspname, c.relname
 FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
@@ -394,6 +398,7 @@ async def load(conn: asyncpg.Connection) -> Catalog:
         inherit_rows = await conn.fetch(_INHERITS)
         fk_rows = await conn.fetch(_FOREIGN_KEYS)
         trigger_rows = await conn.fetch(_TRIGGERS)
+        tables = await load_tables(conn, inherit_rows)
     functions: dict[str, dict[str, Function]] = {}
     for schema, name, vol, retset, agg in fn_rows:
         functions.setdefault(name, {})[_schema(schema)] = Function(vol, bool(retset), bool(agg))
@@ -406,7 +411,7 @@ async def load(conn: asyncpg.Connection) -> Catalog:
         views=_views(view_rows, view_defs),
         write_effects=_write_effects(inherit_rows, fk_rows),
         triggers=frozenset(f"{_schema(s)}.{n}" for s, n in trigger_rows),
-        generation=next(_generations),
+        tables=tables, generation=next(_generations),
     )  # fmt: skip
 
 

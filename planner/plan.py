@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .reach import Reach
 
 
 class Kind(StrEnum):
@@ -88,6 +92,8 @@ class Plan:
     rewrites: tuple[str, ...] = ()  # human-readable rewrites applied (e.g. "LIMIT 1000 added")
     verdict: Verdict = ALLOW
     hints: tuple[tuple[str, str], ...] = field(default=())  # from comments: agent=..., max_staleness=...
+    # per table, the columns and key values read or written (reach.py); None: not worked out
+    reach: Reach | None = field(default=None, compare=False)
 
     def hint(self, name: str) -> str | None:
         for key, value in self.hints:
