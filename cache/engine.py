@@ -5,7 +5,7 @@
     key = cache.key(...); cache.local.get(key)    # the in-process tier (sync)
     flight = cache.flights.get(key) or cache.lead(key)
     ...; cache.land(flight, payload, storable)    # waiters get the payload, tiers store it
-    cache.bump(database, tables)                  # a write committed: before the client sees it
+    cache.bump(names)                             # a write committed: before the client sees it
 
 Correctness rules (DESIGN.md): keys carry every version a read depends on, versions only
 grow, a write bumps before its client hears of it, and whenever versions may have been
@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from planner import Plan
+from planner.reach import ReadDep
 
+from .deps import Bound, Values, read_names
 from .feed import ChangeFeed
 from .local import LocalCache
 from .redis_tier import RedisDown, RedisTier
-from .versions import GLOBAL, SharedCounters, Versions, name
+from .versions import SharedCounters, Versions
 
 log = logging.getLogger("pgsluice.cache")
 OWN_WRITE_WINDOW = 5.0  # seconds: a feed notification of our own recent write is not re-bumped
@@ -94,6 +96,7 @@ class Cache:
         self._tasks: set[asyncio.Task[None]] = set()
         self.own_pid: Callable[[int], bool] = lambda _pid: False
         self._own_writes: dict[str, float] = {}
+        self._read_names: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._feed_pending: set[str] = set()
         self._feed_task: asyncio.Task[None] | None = None
 
@@ -124,13 +127,15 @@ class Cache:
     # ---- admission ----
 
     def active(self, database: str) -> bool:
-        """Whether anything of `database` can be cached. When not (the change feed is
-        required and not installed there), pgsluice skips planning reads and tracking writes:
-        the feed's arrival is DDL, which bumps every version of the database."""
+        """Whether anything of `database` can be cached, here or by another instance sharing
+        the versions. When not (the change feed is required and known not to be installed
+        there), pgsluice skips planning reads and tracking writes: the feed's arrival is DDL,
+        which bumps every version of the database. Until the feed's first connection says
+        whether it is installed, writes are tracked (other instances may be caching)."""
         if not self.settings.requires_feed:
             return True
         feed = self.feeds.get(database)
-        return feed is not None and feed.installed
+        return feed is not None and (feed.installed or not feed.checked)
 
     def admit(self, plan: Plan, database: str) -> str | None:
         """None if this read may be answered from cache, else the bypass reason."""
@@ -170,8 +175,23 @@ class Cache:
             return False
         return True
 
-    def version_names(self, database: str, tables: frozenset[str]) -> tuple[str, ...]:
-        return self.versions.names(database, tables)
+    def read_names(self, database: str, plan: Plan, bound: Bound | None = None) -> tuple[str, ...]:
+        """The versions a read's key carries (deps.py), at the grain its plan worked out; a
+        read without that analysis depends on every row and column of each table it reads."""
+        reach = plan.reach
+        if reach is not None and reach.bound and bound is not None:
+            return read_names(database, reach.reads, Values(reach.own_params, plan.params, bound))
+        memo_key: tuple[object, ...] = (database, reach, plan.params) if reach is not None else \
+            (database, plan.tables_read)
+        names = self._read_names.get(memo_key)
+        if names is None:
+            if len(self._read_names) > 100_000:
+                self._read_names.clear()
+            deps = reach.reads if reach is not None else \
+                tuple(ReadDep(t, None) for t in sorted(plan.tables_read))
+            own = reach.own_params if reach is not None else 0
+            names = self._read_names[memo_key] = read_names(database, deps, Values(own, plan.params))
+        return names
 
     def current(self, names: tuple[str, ...]) -> tuple[str, tuple[int, ...]]:
         return self.versions.generation, self.versions.get(names)
@@ -225,11 +245,11 @@ class Cache:
 
     # ---- versions ----
 
-    def bump(self, database: str, tables: Iterable[str]) -> asyncio.Task[None] | None:
-        """A write committed. Without Redis (or while it is away) the versions here move at
-        once; with Redis the returned task moves them there, and the client must not see
-        the write's completion before it ends."""
-        names = sorted({name(database, t) for t in tables})
+    def bump(self, names: Iterable[str]) -> asyncio.Task[None] | None:
+        """A write committed: bump the versions `names` (deps.write_names). Without Redis (or
+        while it is away) they move at once; with Redis the returned task moves them there, and
+        the client must not see the write's completion before it ends."""
+        names = sorted(set(names))
         self.stats.bumps += 1
         redis = self.redis
         if redis is None or not redis.up:
@@ -251,27 +271,29 @@ class Cache:
             self.versions.reset()
             self.local.clear()
 
-    def note_own_write(self, database: str, tables: Iterable[str]) -> None:
-        """A session here is about to write `tables`; it bumps them itself once committed."""
+    def note_own_write(self, names: Iterable[str]) -> None:
+        """A session here is about to write: it bumps `names` itself once committed."""
         now = time.monotonic()
         own = self._own_writes
         if len(own) > 10_000:
             own.clear()
-        for t in tables:
-            own[name(database, t)] = now
+        for n in names:
+            own[n] = now
 
-    def feed_change(self, database: str, tables: list[str], pid: int = 0) -> None:
-        """A change feed saw a commit by server process `pid` (0: unknown)."""
-        names = {name(database, GLOBAL if GLOBAL in tables else t) for t in tables}
+    def feed_change(self, names: frozenset[str], pid: int = 0) -> None:
+        """A change feed saw a commit by server process `pid` (0: unknown) that changed what
+        `names` stand for (deps.write_names of the change and its closure). A commit of one of
+        our own server connections whose every name a session here noted is not bumped twice:
+        that session bumps it (before its client hears of the commit)."""
         if pid and self.own_pid(pid):
             now = time.monotonic()
             if all(now - self._own_writes.get(n, -1e9) < OWN_WRITE_WINDOW for n in names):
-                self.stats.feed_own += 1  # our session bumps it after its commit: no need twice
+                self.stats.feed_own += 1
                 return
         self.stats.feed_bumps += 1
         redis = self.redis
         if redis is None or not redis.up:
-            self.bump(database, [GLOBAL] if GLOBAL in tables else tables)
+            self.bump(names)
             return
         # many notifications, few round trips: bumps queued while one is in flight go together
         self._feed_pending |= names
@@ -308,4 +330,9 @@ class Cache:
                 state += " (not installed: run pgsluice install-change-feed)"
             rows += [(f"change_feed {db}", f"{state}, {len(feed.covered)} tables, "
                       f"{feed.notifications} notifications")]
+            if feed.checked and not self.active(db):
+                rows.append((f"caching {db}", f"OFF: no change feed (run `pgsluice install-change-feed "
+                             f"--database {db}`, or set cache_requires_feed = false)"))
+            else:
+                rows.append((f"caching {db}", "on" if feed.checked else "starting"))
         return rows

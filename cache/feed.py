@@ -1,28 +1,42 @@
 """The change feed: writes that do not pass through pgsluice still bump table versions.
 
-Mechanism (chosen over logical decoding): a statement-level AFTER trigger on every user
-table calls pg_notify('pgsluice_changes', 'schema.table'), and an event trigger notifies
-'*' after any DDL (and puts the trigger on tables created later). Why:
+Mechanism (chosen over logical decoding): statement-level AFTER triggers on every user table
+(one per INSERT, UPDATE, DELETE and TRUNCATE) call pg_notify('pgsluice_changes', JSON), and an
+event trigger notifies '*' after any DDL (and puts the triggers on tables created later). Why:
 
 * it works on any Postgres as it is: logical decoding needs wal_level = logical (a
   restart) and a slot that retains WAL for as long as pgsluice is away;
 * NOTIFY is transactional: it is delivered at COMMIT, never for a rolled-back write, and
-  identical payloads in one transaction are folded, so a bulk write is one message;
+  identical payloads in one transaction are folded;
 * LISTEN pushes: no polling interval adds to the staleness window.
 
-The cost is one trigger call per write *statement* (not per row). `install_sql()` is what
-`pgsluice install-change-feed` runs; it is idempotent. The listener (`ChangeFeed`) holds one
-asyncpg connection per database; while it is down, reads of the tables it covers bypass the
-cache, and when it is back every version of that database is bumped (notifications may have
-been missed in between).
+A notification says what changed as finely as stays cheap: the operation (so a foreign key's
+closure follows the write that ran: an UPDATE that assigns no referenced column cascades
+nowhere), and for a statement of at most SMALL rows, from its transition tables, the primary
+key values it touched and, for an UPDATE, the columns whose values changed. A larger statement
+reports only the operation (cache/deps.py: its table's reads of that kind). A statement that
+changed no row reports nothing. Payload:
+
+    {"p": writer pid, "o": "I"|"U"|"D"|"T", "s": schema, "t": table,
+     "c": [columns changed] (U), "m": true if a key changed (U), "kc": [key columns], "k": [[key]…]}
+
+The cost is one trigger call per write statement (not per row), plus the transition tables
+Postgres fills for it (see README: measured). `install_sql()` is what `pgsluice
+install-change-feed` runs; it is idempotent and replaces the one-trigger feed of earlier
+versions. The listener (`ChangeFeed`) holds one asyncpg connection per database; while it is
+down, reads of the tables it covers bypass the cache, and when it is back every version of that
+database is bumped (notifications may have been missed in between).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -34,29 +48,125 @@ CLUSTER_WIDE = frozenset(f"pg_catalog.{name}" for name in (
     "pg_authid", "pg_auth_members", "pg_roles", "pg_user", "pg_shadow", "pg_group", "pg_database",
     "pg_db_role_setting", "pg_tablespace", "pg_shdescription", "pg_shdepend", "pg_shseclabel",
     "pg_replication_origin", "pg_subscription", "pg_parameter_acl"))
-TRIGGER = "pgsluice_change_feed"
+LEGACY_TRIGGER = "pgsluice_change_feed"  # the one trigger of earlier versions (schema.table payload)
+TRIGGERS = ("pgsluice_feed_insert", "pgsluice_feed_update", "pgsluice_feed_delete", "pgsluice_feed_truncate")
+SMALL = 64  # rows: up to this many, a statement's keys (and changed columns) are reported
+
+_KEY = "(SELECT jsonb_agg(to_jsonb(r) -> a ORDER BY i) FROM unnest(TG_ARGV) WITH ORDINALITY u(a, i))"
 
 INSTALL = f"""
 CREATE SCHEMA IF NOT EXISTS pgsluice;
 -- the triggers run as whoever writes or creates a table
 GRANT USAGE ON SCHEMA pgsluice TO PUBLIC;
+DROP FUNCTION IF EXISTS pgsluice.notify_change() CASCADE;  -- the one-trigger feed of earlier versions
 
-CREATE OR REPLACE FUNCTION pgsluice.notify_change() RETURNS trigger
+CREATE OR REPLACE FUNCTION pgsluice.emit(op text, schema_name text, table_name text, cols jsonb,
+                                         moved boolean, keycols text[], keys jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE payload text;
 BEGIN
-  PERFORM pg_notify('{CHANNEL}', pg_backend_pid() || ' ' || TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+  payload := jsonb_build_object('p', pg_backend_pid(), 'o', op, 's', schema_name, 't', table_name)::text;
+  IF cols IS NOT NULL THEN
+    payload := (payload::jsonb || jsonb_build_object('c', cols, 'm', moved))::text;
+  END IF;
+  IF keys IS NOT NULL AND cardinality(keycols) > 0 THEN
+    -- NOTIFY takes 8000 bytes: past that, the operation alone says enough
+    IF octet_length(payload) + octet_length(keys::text) < 7800 THEN
+      payload := (payload::jsonb || jsonb_build_object('kc', to_jsonb(keycols), 'k', keys))::text;
+    END IF;
+  END IF;
+  PERFORM pg_notify('{CHANNEL}', payload);
+END $$;
+
+CREATE OR REPLACE FUNCTION pgsluice.notify_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE n bigint; keys jsonb;
+BEGIN
+  SELECT count(*) INTO n FROM pgsluice_new;
+  IF n = 0 THEN RETURN NULL; END IF;
+  IF n <= {SMALL} AND TG_NARGS > 0 THEN
+    SELECT jsonb_agg(DISTINCT {_KEY}) INTO keys FROM pgsluice_new r;
+  END IF;
+  PERFORM pgsluice.emit('I', TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, NULL, TG_ARGV, keys);
   RETURN NULL;
 END $$;
 
-CREATE OR REPLACE FUNCTION pgsluice.watch(rel regclass) RETURNS void
+CREATE OR REPLACE FUNCTION pgsluice.notify_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE n bigint; keys jsonb;
+BEGIN
+  SELECT count(*) INTO n FROM pgsluice_old;
+  IF n = 0 THEN RETURN NULL; END IF;
+  IF n <= {SMALL} AND TG_NARGS > 0 THEN
+    SELECT jsonb_agg(DISTINCT {_KEY}) INTO keys FROM pgsluice_old r;
+  END IF;
+  PERFORM pgsluice.emit('D', TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, NULL, TG_ARGV, keys);
+  RETURN NULL;
+END $$;
+
+-- An UPDATE of a few rows: the columns whose text changed in some row (rows paired by key;
+-- compared as text, so 1.0 -> 1.00 and 0 -> -0 count), and whether a key changed.
+CREATE OR REPLACE FUNCTION pgsluice.notify_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE n bigint; cols jsonb; moved boolean; keys jsonb;
+BEGIN
+  SELECT count(*) INTO n FROM pgsluice_new;
+  IF n = 0 THEN RETURN NULL; END IF;
+  IF n <= {SMALL} AND TG_NARGS > 0 THEN
+    WITH o AS (SELECT {_KEY} AS k, row_to_json(r) AS j FROM pgsluice_old r),
+         w AS (SELECT {_KEY} AS k, row_to_json(r) AS j FROM pgsluice_new r)
+    SELECT (SELECT coalesce(jsonb_agg(DISTINCT e.key), '[]'::jsonb)
+              FROM o JOIN w USING (k), json_each_text(o.j) e WHERE e.value IS DISTINCT FROM (w.j ->> e.key)),
+           EXISTS (SELECT 1 FROM o FULL JOIN w USING (k) WHERE o.j IS NULL OR w.j IS NULL),
+           (SELECT jsonb_agg(DISTINCT x.k) FROM (SELECT k FROM o UNION SELECT k FROM w) x)
+      INTO cols, moved, keys;
+  END IF;
+  PERFORM pgsluice.emit('U', TG_TABLE_SCHEMA, TG_TABLE_NAME, cols, moved, TG_ARGV, keys);
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgsluice.notify_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = '{TRIGGER}') THEN
-    EXECUTE format('CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE'
-                   ' ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgsluice.notify_change()', rel);
-    -- also for logical replication's apply and session_replication_role = replica
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER {TRIGGER}', rel);
+  PERFORM pgsluice.emit('T', TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, NULL, NULL, NULL);
+  RETURN NULL;
+END $$;
+
+-- Put the four triggers on a table, with its primary key's columns as their arguments; made
+-- again when the key changed (ALTER TABLE reaches here through the event trigger).
+CREATE OR REPLACE FUNCTION pgsluice.watch(rel regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  keycols text[]; args text; wanted bytea; op text; event text; refs text;
+BEGIN
+  SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keycols
+  FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+  WHERE i.indrelid = rel AND i.indisprimary;
+  keycols := coalesce(keycols, '{{}}');
+  SELECT coalesce(string_agg(quote_literal(c), ', '), ''),
+         coalesce(string_agg(convert_to(c, 'UTF8') || '\\x00'::bytea, ''::bytea), ''::bytea)
+    INTO args, wanted FROM unnest(keycols) c;
+  IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = '{LEGACY_TRIGGER}') THEN
+    EXECUTE format('DROP TRIGGER {LEGACY_TRIGGER} ON %s', rel);
   END IF;
+  FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+    CONTINUE WHEN EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgsluice_feed_' || op
+                           AND (op = 'truncate' OR tgargs = wanted));
+    event := upper(op);
+    refs := CASE op WHEN 'insert' THEN 'REFERENCING NEW TABLE AS pgsluice_new'
+                    WHEN 'delete' THEN 'REFERENCING OLD TABLE AS pgsluice_old'
+                    WHEN 'update' THEN 'REFERENCING OLD TABLE AS pgsluice_old NEW TABLE AS pgsluice_new'
+                    ELSE '' END;
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgsluice_feed_' || op) THEN
+      EXECUTE format('DROP TRIGGER %I ON %s', 'pgsluice_feed_' || op, rel);  -- its key changed
+    END IF;
+    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION pgsluice.%I(%s)',
+                   'pgsluice_feed_' || op, event, rel, refs, 'notify_' || op,
+                   CASE WHEN op = 'truncate' THEN '' ELSE args END);
+    -- also for logical replication's apply and session_replication_role = replica
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', rel, 'pgsluice_feed_' || op);
+  END LOOP;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgsluice.on_ddl() RETURNS event_trigger
@@ -64,9 +174,12 @@ LANGUAGE plpgsql AS $$
 DECLARE r record;
 BEGIN
   FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands()
-           WHERE command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-             AND object_type = 'table' AND schema_name NOT LIKE 'pg_temp%' LOOP
-    PERFORM pgsluice.watch(r.objid::regclass);
+           WHERE command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+             AND object_type = 'table' AND schema_name NOT LIKE 'pg_temp%'
+             AND schema_name <> 'pgsluice' LOOP
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = r.objid AND relkind IN ('r', 'p')) THEN
+      PERFORM pgsluice.watch(r.objid::regclass);
+    END IF;
   END LOOP;
   PERFORM pg_notify('{CHANNEL}', '*');
 END $$;
@@ -86,18 +199,30 @@ SELECT pgsluice.watch(c.oid)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgsluice')
   AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%';
+-- running pgsluice instances read the coverage again (and start caching) at once
+SELECT pg_notify('{CHANNEL}', '*');
 """
 
 UNINSTALL = """
 DROP EVENT TRIGGER IF EXISTS pgsluice_ddl;
 DROP EVENT TRIGGER IF EXISTS pgsluice_drop;
 DROP SCHEMA IF EXISTS pgsluice CASCADE;
+SELECT pg_notify('pgsluice_changes', '*');
 """
 
 _COVERED = f"""
 SELECT n.nspname || '.' || c.relname
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE t.tgname = '{TRIGGER}' AND t.tgenabled <> 'D'
+WHERE t.tgenabled <> 'D' AND t.tgname IN ({", ".join(f"'{name}'" for name in TRIGGERS)})
+GROUP BY 1 HAVING count(*) = {len(TRIGGERS)}
+UNION
+SELECT n.nspname || '.' || c.relname
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.tgenabled <> 'D' AND t.tgname = '{LEGACY_TRIGGER}'
+UNION  -- a view's rows are its tables' (read through it); it and a materialized view change by DDL
+SELECT n.nspname || '.' || c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 _EVENT_TRIGGERS = "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('pgsluice_ddl', 'pgsluice_drop')" \
     " AND evtenabled <> 'D'"
@@ -114,12 +239,58 @@ async def uninstall(conn: asyncpg.Connection) -> None:
 
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
+OPS = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One notification. `op`: insert / update / delete / truncate, "table" (an earlier
+    version's trigger: any write) or "*" (DDL, or a gap: everything). `columns`: an UPDATE's
+    changed columns when reported; `moved`: a key changed; `keys`: key values (JSON), with the
+    key's columns as the trigger knew them (the caller checks they are still the key)."""
+
+    op: str
+    table: str = ""
+    pid: int = 0
+    columns: frozenset[str] | None = None
+    moved: bool = False
+    key_columns: tuple[str, ...] = ()
+    keys: tuple[tuple[object, ...], ...] | None = None
+
+
+EVERYTHING = Change("*")
+
+
+def parse_payload(payload: str) -> Change:
+    """A notification's payload; anything unexpected is "everything" (never less)."""
+    if payload.startswith("{"):
+        try:
+            data = json.loads(payload)
+            op = OPS[data["o"]]
+            table = f"{data['s']}.{data['t']}"
+            pid = int(data.get("p") or 0)
+            columns = frozenset(data["c"]) if isinstance(data.get("c"), list) else None
+            keys = data.get("k")
+            key_columns = tuple(data.get("kc") or ())
+            rows = tuple(tuple(k) for k in keys) if isinstance(keys, list) and key_columns and all(
+                isinstance(k, list) and len(k) == len(key_columns) for k in keys) else None
+            return Change(op, table, pid, columns, bool(data.get("m")), key_columns, rows)
+        except (ValueError, KeyError, TypeError):
+            log.warning("change feed: unreadable notification %r", payload[:200])
+            return EVERYTHING
+    head, _, table = payload.partition(" ")
+    if head.isdigit() and table:  # an earlier version's trigger: "pid schema.table"
+        return Change("table", table, int(head))
+    if payload != "*":
+        log.warning("change feed: unreadable notification %r", payload[:200])
+    return EVERYTHING
 
 
 class ChangeFeed:
-    """LISTENs on one database; calls `on_change(tables)` ("*" = everything) for each write."""
+    """LISTENs on one database; calls `on_change(database, change)` for each notification
+    (EVERYTHING when the feed (re)connects or is removed)."""
 
-    def __init__(self, database: str, connect: Connect, on_change: Callable[[str, list[str], int], None],
+    def __init__(self, database: str, connect: Connect, on_change: Callable[[str, Change], None],
                  check_interval: float = 1.0) -> None:
         self.database = database
         self.connect = connect
@@ -127,6 +298,8 @@ class ChangeFeed:
         self.check_interval = check_interval
         self.up = False
         self.installed = False  # the event triggers exist: catalog and new tables are covered
+        self.checked = False  # whether it is installed is known (the first connection read it)
+        self._warned = -1e9
         self.covered: frozenset[str] = frozenset()
         self.notifications = 0
         self.reconnects = 0
@@ -191,12 +364,9 @@ class ChangeFeed:
             await self._load_coverage(conn)
         self._refresh = asyncio.Event()
         if not self.installed and not self.reconnects:
-            log.warning("no change feed in database %s: its reads are not cached (run "
-                        "`pgsluice install-change-feed --database %s`, or set cache_requires_feed = "
-                        "false to cache with the TTL as the only bound for outside writes)",
-                        self.database, self.database)
+            self.warn_not_installed()
         # anything may have changed while we were not listening
-        self.on_change(self.database, ["*"], 0)
+        self.on_change(self.database, EVERYTHING)
         self.up = True
         if self.reconnects:
             log.warning("change feed of %s is back", self.database)
@@ -222,19 +392,30 @@ class ChangeFeed:
                 waiter.cancel()
         raise ConnectionError("change feed connection closed")
 
+    def warn_not_installed(self) -> None:
+        """Say why nothing of this database is cached (at most every ten minutes)."""
+        now = time.monotonic()
+        if now - self._warned < 600:
+            return
+        self._warned = now
+        log.warning("no change feed in database %s: its reads are NOT cached (run "
+                    "`pgsluice install-change-feed --database %s`, or set cache_requires_feed = "
+                    "false to cache with the TTL as the only bound for outside writes)",
+                    self.database, self.database)
+
     async def _load_coverage(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(_COVERED)
         self.covered = frozenset(r[0] for r in rows)
         was, self.installed = self.installed, bool(await conn.fetchval(_EVENT_TRIGGERS))
+        if self.checked and not self.installed:
+            self.warn_not_installed()  # after DDL, or removed
+        self.checked = True
         if was and not self.installed:
-            self.on_change(self.database, ["*"], 0)  # removed: nothing cached so far is trusted
+            self.on_change(self.database, EVERYTHING)  # removed: nothing cached so far is trusted
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         assert isinstance(payload, str)
         self.notifications += 1
         if payload == "*" and self._refresh is not None:
             self._refresh.set()  # DDL: tables may have appeared or gone
-        pid, _, table = payload.partition(" ")
-        if not pid.isdigit():  # "*", or a trigger from an older install
-            pid, table = "0", payload
-        self.on_change(self.database, [table], int(pid))
+        self.on_change(self.database, parse_payload(payload))

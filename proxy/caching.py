@@ -19,13 +19,15 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
+from cache.deps import Bound, Values, write_names
 from cache.engine import Flight
 from cache.keys import make_key, parse_duration, relevant_settings, setting_value
 from cache.versions import GLOBAL
 from planner import Flag, Kind, Plan, Planner, SessionFacts
+from planner.tables import Effect
 
 from .pgwire import codes, encode
-from .pgwire.decode import parse_bind_names, parse_parse
+from .pgwire.decode import parse_bind_names, parse_bind_params, parse_parse
 from .pgwire.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -102,10 +104,10 @@ def _key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float 
 class Request:
     """One cacheable request at the head of s.inbuf: a Query, or a Bind..Execute..Sync group."""
 
-    __slots__ = ("end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix", "settings")
+    __slots__ = ("bind", "end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix", "settings", "types")
 
     def __init__(self, plan: Plan, end: int, fmt: object, prefix: bytes = b"",
-                 parse_msg: bytes | None = None) -> None:
+                 parse_msg: bytes | None = None, bind: bytes | None = None, types: bytes = b"") -> None:
         self.plan = plan
         self.end = end  # bytes of s.inbuf it takes
         self.fmt = fmt  # what else shapes the reply: protocol, parameters, formats
@@ -114,6 +116,8 @@ class Request:
         self.settings: object = ()
         self.names: tuple[str, ...] = ()
         self.max_age: float | None = None
+        self.bind = bind  # the group's Bind after its names: the values a key may be pinned to
+        self.types = types  # the statement's declared parameter types (Parse)
 
 
 def settings_changed(s: ClientSession) -> None:
@@ -151,18 +155,18 @@ def try_extended(s: ClientSession) -> int:
         return PASS  # relay refuses it, with the error Postgres would give
     if found is None:
         return PASS
-    end, parse_msg, sql, types, bind_rest, describe = found
+    end, parse_msg, sql, types, bind_rest, describe, raw_bind = found
     planner = s.planner or s.server.planner_for(s.database)
     plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     prefix = (encode.PARSE_COMPLETE if parse_msg is not None else b"") + encode.BIND_COMPLETE
-    return _try(s, Request(plan, end, (b"X", types, bind_rest, describe), prefix, parse_msg))
+    return _try(s, Request(plan, end, (b"X", types, bind_rest, describe), prefix, parse_msg, raw_bind, types))
 
 
-def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes, bool] | None:
+def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes, bool, bytes] | None:
     group = _group(s)
     if group is None:
         return None
-    end, parse_msg, stmt, bind_rest, describe = group
+    end, parse_msg, stmt, bind_rest, describe, raw_bind = group
     if parse_msg is not None:
         _name, sql, types = parse_parse(parse_msg[5:])
     elif not stmt:
@@ -174,7 +178,7 @@ def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes
         if known is None:
             return None  # SQL-level PREPARE: Postgres knows it, we do not
         _name, sql, types = parse_parse(known.parse_msg[5:])
-    return end, parse_msg, sql, types, bind_rest, describe
+    return end, parse_msg, sql, types, bind_rest, describe, raw_bind
 
 
 def _normal_bind(rest: bytes) -> bytes:
@@ -200,14 +204,15 @@ def _normal_bind(rest: bytes) -> bytes:
     return b"".join(_I.pack(len(p)) + p for p in parts)  # length-prefixed: unambiguous
 
 
-def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | None:
-    """(end, unnamed Parse message or None, statement name, Bind parameters and formats,
-    Describe portal?) of a cacheable group at the head of s.inbuf, else None."""
+def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
+    """(end, unnamed Parse message or None, statement name, Bind parameters and formats (for
+    the key), Describe portal?, the Bind after its names) of a cacheable group at the head of
+    s.inbuf, else None."""
     buf = s.inbuf
     n = len(buf)
     pos = 0
     parse_msg: bytes | None = None
-    stmt = bind_rest = b""
+    stmt = bind_rest = raw_bind = b""
     bound = described = executed = False
     while n - pos >= 5:
         code = buf[pos]
@@ -223,7 +228,8 @@ def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | N
             portal, stmt, rest = parse_bind_names(body)
             if portal or (parse_msg is not None and stmt):
                 return None
-            bind_rest, bound = _normal_bind(body[rest:]), True
+            raw_bind = body[rest:]
+            bind_rest, bound = _normal_bind(raw_bind), True
         elif code == codes.F_DESCRIBE and bound and not described and not executed:
             if body != b"P\x00":
                 return None
@@ -234,7 +240,7 @@ def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool] | N
             executed = True
             bind_rest += body[1:]  # max_rows (asyncpg's fetchval asks for 1) shapes the reply
         elif code == codes.F_SYNC and executed:
-            return end, parse_msg, stmt, bind_rest, described
+            return end, parse_msg, stmt, bind_rest, described, raw_bind
         else:
             return None
         pos = end
@@ -261,7 +267,10 @@ def _try(s: ClientSession, req: Request) -> int:
         s.agent_stats.bypassed += 1
         return PASS
     req.settings, req.max_age = settings, max_age
-    req.names = cache.version_names(s.database, plan.tables_read)
+    bound = None
+    if req.bind is not None and plan.reach is not None and plan.reach.bound:
+        bound = parse_bind_params(req.bind, req.types)
+    req.names = cache.read_names(s.database, plan, bound)
     if cache.needs_sync:
         return _after_barrier(s, req)
     return _lookup(s, req)
@@ -353,7 +362,7 @@ def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
     if req.parse_msg is not None:  # as if the group's Parse had reached Postgres
         s.unnamed = req.parse_msg
         s.unnamed_gen += 1
-        s.unnamed_writes = frozenset()
+        s.unnamed_writes = NO_WRITES
     elif not req.prefix:
         s.unnamed = None  # a simple Query destroys the unnamed statement
     s.write(req.prefix + payload + _RFQ_IDLE)
@@ -444,52 +453,120 @@ def abandon(s: ClientSession) -> None:
 
 # ---- writes ------------------------------------------------------------------------------------
 
-def write_set(plan: Plan, planner: Planner) -> frozenset[str]:
-    """Tables whose cached reads a statement may invalidate ("*": all of the database)."""
+class Writes:
+    """What executing a statement may change (planner/tables.Effect, with key pins); its
+    version names are worked out per execution, when the bound values are known. `ddl`: it may
+    change the catalog too (DDL, utility, unknown), so plans are made again after it."""
+
+    __slots__ = ("ddl", "effects", "generation", "own", "params")
+
+    def __init__(self, effects: tuple[Effect, ...], own: int = 0, params: tuple[str, ...] = (),
+                 ddl: bool = False) -> None:
+        self.effects = effects
+        self.own = own  # placeholders up to this are bound at Bind; the rest are `params`
+        self.params = params
+        self.ddl = ddl
+        self.generation = 0  # of the catalog it was worked out with (0: none)
+
+    def names(self, database: str, bound: Bound | None = None) -> frozenset[str]:
+        if not self.effects:
+            return frozenset()
+        return write_names(database, self.effects, Values(self.own, self.params, bound))
+
+
+NO_WRITES = Writes(())
+EVERYTHING = Writes((Effect(GLOBAL, "table"),))  # data anywhere (a user function, a trigger...)
+
+
+def write_set(plan: Plan, planner: Planner) -> Writes:
+    """What a statement may change, as finely as its plan allows; unknown reach is the whole
+    database, and a table with triggers or rules may write anywhere."""
     kind = plan.kind
     if kind is Kind.READ:
         if plan.tables_written:
-            return plan.tables_written
+            return _tables(plan.tables_written)
         if Flag.VOLATILE_FUNCTION in plan.flags and any(
                 not f.startswith("pg_catalog.") for f in plan.functions):
-            return frozenset({GLOBAL})  # a user function may write anything
-        return frozenset()
+            return EVERYTHING  # a user function may write anything
+        return NO_WRITES
     if kind is Kind.TXN:
         if _COMMIT_PREPARED.search(plan.sql):
-            return frozenset({GLOBAL})  # a prepared transaction's writes show now; which, unknown
-        return frozenset()
+            return EVERYTHING  # a prepared transaction's writes show now; which, unknown
+        return NO_WRITES
     if kind is Kind.SESSION:
         head = plan.sql.lstrip().split(None, 1)
-        return frozenset({GLOBAL}) if head and head[0].lower() == "execute" else frozenset()
+        return EVERYTHING if head and head[0].lower() == "execute" else NO_WRITES
     if kind is Kind.WRITE and plan.tables_written:
-        if plan.tables_written & planner.catalog.triggers:
-            return plan.tables_written | {GLOBAL}  # a trigger or rule may write elsewhere
-        return plan.tables_written
-    return plan.tables_written | {GLOBAL}  # DDL, utility, unknown
+        reach = plan.reach
+        triggers = planner.catalog.triggers
+        if reach is not None:
+            effects = reach.writes
+            if any(e.table in triggers for e in effects):
+                effects = (*effects, Effect(GLOBAL, "table"))  # a trigger or rule may write elsewhere
+            return Writes(effects, reach.own_params, plan.params)
+        if plan.tables_written & triggers:
+            return _tables(plan.tables_written | {GLOBAL})
+        return _tables(plan.tables_written)
+    return _tables(plan.tables_written | {GLOBAL}, ddl=True)  # DDL, utility, unknown
 
 
-def writes_of(s: ClientSession, sql: bytes) -> frozenset[str]:
+def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
+    """Anything in each of `tables`; a name the catalog could not qualify (it was loading, or
+    the relation is unknown) may be any table: the whole database."""
+    if any("." not in t for t in tables):
+        tables = tables | {GLOBAL}
+    return Writes(tuple(Effect(t, "table") for t in sorted(tables)), ddl=ddl)
+
+
+def writes_of(s: ClientSession, sql: bytes) -> Writes:
     if s.server.cache is None or not s.server.cache.active(s.database):
-        return frozenset()
+        return NO_WRITES
     planner = s.planner or s.server.planner_for(s.database)
     plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
         s.server.ddl_seen(s.database)
-    return write_set(plan, planner)
+    writes = write_set(plan, planner)
+    if writes.effects and writes.generation != planner.catalog.generation:
+        writes = Writes(writes.effects, writes.own, writes.params, writes.ddl)
+        writes.generation = planner.catalog.generation
+    return writes
+
+
+def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
+    """A prepared statement's write set, worked out again if the catalog changed since (a new
+    foreign key's cascade; or it was prepared while the catalog was loading)."""
+    planner = s.planner
+    if planner is None or writes.generation == planner.catalog.generation:
+        return writes
+    return writes_of(s, sql)
 
 
 def note_writes(s: ClientSession, sql: bytes) -> None:
-    mark(s, writes_of(s, sql))
+    writes = writes_of(s, sql)
+    mark(s, writes.names(s.database), writes.ddl)
 
 
-def mark(s: ClientSession, tables: frozenset[str]) -> None:
-    """Statements about to be sent write `tables`: they are done (committed, or part of the
-    transaction) at the ReadyForQuery of the next message that ends at one (Query, Sync)."""
-    if tables:
+def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes) -> None:
+    """A Bind of a statement that writes: its key values are the ones bound here."""
+    if not writes.effects:
+        return
+    bound = parse_bind_params(bind_rest, types) if writes.own else None
+    mark(s, writes.names(s.database, bound), writes.ddl)
+
+
+def mark(s: ClientSession, names: frozenset[str], ddl: bool = False) -> None:
+    """Statements about to be sent change what `names` stand for: they are done (committed, or
+    part of the transaction) at the ReadyForQuery of the next message that ends at one."""
+    if names:
         if s.server.cache is not None:
-            s.server.cache.note_own_write(s.database, tables)
+            s.server.cache.note_own_write(names)
         due = s.ready_seen + 1 + sum(1 for kind, _ in s.entries if kind in _ENDS_AT_READY)
-        s.write_marks.append((due, tables))
+        s.write_marks.append((due, names, ddl))
+
+
+def mark_everything(s: ClientSession, ddl: bool) -> None:
+    """Anything in the database may change (`ddl`: the catalog too)."""
+    mark(s, EVERYTHING.names(s.database), ddl)
 
 
 def ready(s: ClientSession, idle: bool) -> bool:
@@ -497,7 +574,9 @@ def ready(s: ClientSession, idle: bool) -> bool:
     s.ready_seen += 1
     marks = s.write_marks
     while marks and marks[0][0] <= s.ready_seen:
-        s.committing |= marks.popleft()[1]
+        _, names, ddl = marks.popleft()
+        s.committing |= names
+        s.committing_ddl |= ddl
     return idle and bool(s.committing)
 
 
@@ -508,13 +587,14 @@ def write_due(s: ClientSession) -> bool:
 
 def commit(s: ClientSession) -> None:
     """The transaction that wrote s.committing is over (committed or not): bump them."""
-    tables, s.committing = s.committing, set()
+    names, s.committing = s.committing, set()
+    ddl, s.committing_ddl = s.committing_ddl, False
     cache = s.server.cache
-    if cache is None or not tables:
+    if cache is None or not names:
         return
-    if GLOBAL in tables:
+    if ddl:
         s.server.ddl_seen(s.database)  # plans may depend on what changed: read the catalog again
-    task = cache.bump(s.database, tables)
+    task = cache.bump(names)
     if task is not None and not task.done():
         s.gate_until(task)
 
@@ -522,7 +602,9 @@ def commit(s: ClientSession) -> None:
 def commit_all(s: ClientSession) -> frozenset[str]:
     """The client or its server connection is gone: whatever it sent may have committed."""
     while s.write_marks:
-        s.committing |= s.write_marks.popleft()[1]
-    tables = frozenset(s.committing)
+        _, names, ddl = s.write_marks.popleft()
+        s.committing |= names
+        s.committing_ddl |= ddl
+    names = frozenset(s.committing)
     commit(s)
-    return tables
+    return names

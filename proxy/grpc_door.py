@@ -22,8 +22,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cache.deps import write_names
 from planner import SessionFacts
 from planner.explain import describe
+from planner.tables import Effect
 from protos.pgsluice.v1 import sluice_pb2 as pb
 from protos.pgsluice.v1 import sluice_pb2_grpc
 
@@ -306,7 +308,9 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
         cache = self.server.cache
         tables = list(request.tables) or ["*"]
         if cache is not None:
-            task = cache.bump(database, tables)
+            # a name not qualified by its schema may be any table: the whole database
+            effects = [Effect("*" if "." not in t else t, "table") for t in tables]
+            task = cache.bump(write_names(database, effects, None))
             if task is not None:
                 await task
         return pb.InvalidateResponse(tables=len(tables))

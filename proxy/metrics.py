@@ -150,6 +150,16 @@ class ServerCollector(Collector):
         for db, up in sorted(c["feeds"].items()):
             feeds.add_metric([db], up)
         yield feeds
+        active = GaugeMetricFamily(
+            "pgsluice_cache_active", "Workers caching reads of the database (0: no change feed there, "
+            "run `pgsluice install-change-feed`)", labels=["database"])
+        for db, n in sorted(c.get("active", {}).items()):
+            active.add_metric([db], n)
+        yield active
+        yield CounterMetricFamily("pgsluice_cache_feed_bumps", "Change-feed notifications that bumped "
+                                  "versions", value=c.get("feed_bumps", 0))
+        yield CounterMetricFamily("pgsluice_cache_feed_own_writes", "Change-feed notifications of writes "
+                                  "made here (bumped by their session)", value=c.get("feed_own", 0))
 
 
 class MetricsServer:

@@ -108,10 +108,11 @@ class Statement:
 
     __slots__ = ("parse_msg", "server_name", "writes")
 
-    def __init__(self, server_name: bytes, parse_msg: bytes, writes: frozenset[str] = frozenset()) -> None:
+    def __init__(self, server_name: bytes, parse_msg: bytes,
+                 writes: caching.Writes = caching.NO_WRITES) -> None:
         self.server_name = server_name
         self.parse_msg = parse_msg
-        self.writes = writes  # tables an execution may change (cache versions to bump)
+        self.writes = writes  # what an execution may change (cache versions to bump)
 
 
 def server_name(sql: bytes, types: bytes, search_path: bytes = b"") -> bytes:
@@ -213,7 +214,7 @@ def forward(s: ClientSession) -> None:
         elif code == codes.F_FUNCTION_CALL:
             if not s.skipping:
                 entries.append((FUNC, None))
-                caching.mark(s, frozenset("*"))
+                caching.mark_everything(s, True)  # a FunctionCall: anything
         elif code == codes.F_TERMINATE:
             terminate = True
             break
@@ -426,7 +427,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
-    writes = caching.writes_of(s, sql) if s.server.cache is not None else frozenset()
+    writes = caching.writes_of(s, sql) if s.server.cache is not None else caching.NO_WRITES
     if not name:
         s.unnamed_writes = writes
         s.unnamed = msg
@@ -482,9 +483,21 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
     if code == codes.F_BIND:
         portal, stmt_name, rest = parse_bind_names(msg[5:])
         stmt = s.statements.get(stmt_name) if stmt_name else None
-        writes = stmt.writes if stmt is not None else s.unnamed_writes if not stmt_name else \
-            frozenset("*")  # a statement from SQL PREPARE: it may write anything
-        caching.mark(s, writes)
+        if stmt is None and stmt_name:
+            caching.mark_everything(s, False)  # a statement from SQL PREPARE: it may write anything
+        else:
+            writes = stmt.writes if stmt is not None else s.unnamed_writes
+            parse_msg = stmt.parse_msg if stmt is not None else s.unnamed
+            if parse_msg is not None and s.server.cache is not None:
+                _name, sql, types = parse_parse(parse_msg[5:])
+                writes = caching.current(s, writes, sql)
+                if stmt is not None:
+                    stmt.writes = writes
+                else:
+                    s.unnamed_writes = writes
+                caching.mark_bound(s, writes, msg[5 + rest:], types)
+            else:
+                caching.mark(s, writes.names(s.database))
         name = _ensure(s, backend, stmt_name, out)
         s.entries.append((BIND, name if name != stmt_name else None))
         if name == stmt_name:

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from cache.deps import change_effects, write_names
 from cache.engine import Cache, CacheSettings
-from cache.feed import ChangeFeed
+from cache.feed import Change, ChangeFeed
 from cache.versions import SharedCounters
 from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
+from planner.tables import TableFacts
 
 from .backend import Credentials, Upstream, send_cancel
 from .config import Config, parse_upstream
@@ -146,14 +148,16 @@ class Server:
         planner.set_catalog(Catalog())
         self.refresh_catalog(database, delay=0.02)
 
-    def _feed_change(self, database: str, tables: list[str], pid: int) -> None:
+    def _feed_change(self, database: str, change: Change) -> None:
+        """A change-feed notification: bump what it (and what Postgres did because of it, by the
+        catalog's foreign keys and partitions) can have changed."""
         assert self.cache is not None
         planner = self.planners.get(database)
-        if planner is not None and "*" not in tables:
-            # a write into a partition or child shows in its parents (and cascades)
-            tables = sorted({t for table in tables for t in (table, *planner.catalog.also_written(table))})
-        self.cache.feed_change(database, tables, pid)
-        if "*" in tables:
+        facts = planner.catalog.tables if planner is not None else TableFacts()
+        names = write_names(database, change_effects(change, facts), None)
+        if names:
+            self.cache.feed_change(names, change.pid)
+        if change.op == "*":
             self.ddl_seen(database)
 
     async def _connect(self, database: str) -> asyncpg.Connection:
@@ -324,6 +328,10 @@ class Server:
         self._janitor = loop.create_task(self._janitor_loop())
         if self.cache is not None:
             self.cache.start()
+            if self.config.change_feed:
+                # the upstream's database at once: its catalog, and a warning now if its reads
+                # cannot be cached (no change feed there)
+                self.planner_for(self.admin_database())
         if self.stats_dir is not None:
             self._publisher = loop.create_task(publish(self))
         if self.config.grpc_listen:

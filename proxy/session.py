@@ -73,7 +73,7 @@ class ClientSession(asyncio.Protocol):
         self.statements: dict[bytes, relay.Statement] = {}
         self.unnamed: bytes | None = None  # the client's last unnamed Parse message
         self.unnamed_gen = 0
-        self.unnamed_writes: frozenset[str] = frozenset()  # tables the unnamed statement writes
+        self.unnamed_writes = caching.NO_WRITES  # what the unnamed statement may change
         self.stream_left = 0  # bytes of a large backend message still to pass through
         self.skipping = False  # Postgres is discarding messages until Sync after an error
         self.token = next(_tokens)
@@ -94,8 +94,10 @@ class ClientSession(asyncio.Protocol):
         self._writing = True
         # cache (issue 4): see caching.py
         self.fill: caching.Fill | None = None  # this client leads a flight: its reply fills it
-        self.write_marks: deque[tuple[int, frozenset[str]]] = deque()  # (ReadyForQuery no., tables)
-        self.committing: set[str] = set()  # written in the transaction now open
+        # (ReadyForQuery no., versions, may change the catalog)
+        self.write_marks: deque[tuple[int, frozenset[str], bool]] = deque()
+        self.committing: set[str] = set()  # versions written in the transaction now open
+        self.committing_ddl = False  # ... and it may have changed the catalog
         self.ready_seen = 0  # ReadyForQuery messages from servers so far
         self.held: list[bytes] = []  # output held back until the write's bump
         self._gate: list[bytes] | None = None  # output waiting for a bump in Redis
@@ -598,12 +600,12 @@ class ClientSession(asyncio.Protocol):
         finally:
             # an autocommit write may have committed before the cancel reached it; and once
             # more a little later, for one still finishing on a dropped connection
-            tables = caching.commit_all(self)
-            if tables:
-                asyncio.get_running_loop().call_later(2.0, self._bump_again, tables)
+            names = caching.commit_all(self)
+            if names:
+                asyncio.get_running_loop().call_later(2.0, self._bump_again, names)
 
-    def _bump_again(self, tables: frozenset[str]) -> None:
-        self.committing |= tables
+    def _bump_again(self, names: frozenset[str]) -> None:
+        self.committing |= names
         caching.commit(self)
 
     async def _cleanup_backend(self, pool: Pool, backend: Backend) -> None:

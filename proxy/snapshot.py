@@ -51,7 +51,9 @@ def snapshot(server: Server) -> Snap:
         ls, cs = cache.local.stats, cache.stats
         snap["cache"] = {"bytes": ls.bytes, "entries": ls.entries, "evictions": ls.evictions,
                          "stores": cs.stores, "bumps": cs.bumps, "bypass": dict(cs.bypass),
-                         "feeds": {db: int(f.up and f.installed) for db, f in cache.feeds.items()}}
+                         "feeds": {db: int(f.up and f.installed) for db, f in cache.feeds.items()},
+                         "active": {db: int(f.checked and cache.active(db)) for db, f in cache.feeds.items()},
+                         "feed_bumps": cs.feed_bumps, "feed_own": cs.feed_own}
         if cache.redis is not None:
             snap["cache"]["redis_up"] = int(cache.redis.up)
     return snap

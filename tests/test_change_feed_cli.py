@@ -22,14 +22,15 @@ def test_install_watch_new_tables_and_uninstall(pg: EmbeddedPostgres) -> None:
     assert res.returncode == 0, res.stderr
     assert "feedcli: change feed installed; 2 tables watched" in res.stdout
     pg.psql("CREATE TABLE c (z int)", db="feedcli")  # watched as it is created
-    watched = pg.psql("SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_trigger t "
-                      "JOIN pg_class c ON c.oid = t.tgrelid WHERE t.tgname = 'pgsluice_change_feed'",
+    watched = pg.psql("SELECT string_agg(c.relname || ':' || t.tgname, ',' ORDER BY c.relname, t.tgname) "
+                      "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid WHERE t.tgname ~ '^pgsluice_'",
                       db="feedcli").strip()
-    assert watched == "a,b,c"
+    ops = ("delete", "insert", "truncate", "update")
+    assert watched == ",".join(f"{rel}:pgsluice_feed_{op}" for rel in "abc" for op in ops)
     assert _run(pg, "--database", "feedcli").returncode == 0  # idempotent
     res = _run(pg, "--database", "feedcli", "--uninstall")
     assert res.returncode == 0 and "removed" in res.stdout
-    left = pg.psql("SELECT count(*) FROM pg_trigger WHERE tgname = 'pgsluice_change_feed'", db="feedcli")
+    left = pg.psql("SELECT count(*) FROM pg_trigger WHERE tgname ~ '^pgsluice_'", db="feedcli")
     assert left.strip() == "0"
 
 

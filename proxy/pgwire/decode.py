@@ -203,6 +203,34 @@ def parse_bind_names(body: bytes) -> tuple[bytes, bytes, int]:
     return portal, stmt, pos
 
 
+def parse_bind_params(rest: bytes, types: bytes) -> list[tuple[int, bytes | None, int]] | None:
+    """A Bind's parameters after its two names: (format, value or None for NULL, declared type
+    from the Parse's `types` tail, 0 if unspecified) each; None if the message is malformed."""
+    try:
+        (nfmt,) = _H.unpack_from(rest, 0)
+        formats = [_H.unpack_from(rest, 2 + 2 * i)[0] for i in range(nfmt)]
+        pos = 2 + 2 * nfmt
+        (count,) = _H.unpack_from(rest, pos)
+        pos += 2
+        ntypes = _H.unpack_from(types, 0)[0] if len(types) >= 2 else 0
+        out: list[tuple[int, bytes | None, int]] = []
+        for i in range(count):
+            (length,) = _i.unpack_from(rest, pos)
+            pos += 4
+            value = None if length < 0 else rest[pos:pos + length]
+            if value is not None and len(value) != length:
+                return None
+            pos += max(length, 0)
+            fmt = formats[0] if nfmt == 1 else formats[i] if i < nfmt else 0
+            declared = _I.unpack_from(types, 2 + 4 * i)[0] if i < ntypes else 0
+            out.append((fmt, value, declared))
+        if nfmt not in (0, 1, count):
+            return None
+        return out
+    except struct.error:
+        return None
+
+
 def parse_target(body: bytes) -> tuple[int, bytes]:
     """Describe/Close body -> (b'S' or b'P' as int, name)."""
     if not body or body[0] not in (0x53, 0x50):
