@@ -292,7 +292,10 @@ def change_effects(change: Change, facts: TableFacts) -> list[Effect]:
     if change.op != "update":
         effects = [Effect(t, change.op, None, pin)]
     elif change.columns is None:
-        effects = [Effect(t, "update")]  # a large statement: which columns, not said
+        if pin is None or info is None:
+            effects = [Effect(t, "update")]  # a large statement: which rows and columns, not said
+        else:  # a few rows: any column, and any of them may have moved between keys
+            effects = [Effect(t, "update", frozenset(info.columns), pin), Effect(t, "insert", None, pin)]
     elif change.moved:
         effects = [Effect(t, "update", change.columns, pin), Effect(t, "insert", None, pin)]
     elif not change.columns:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,6 @@ from .redis_tier import RedisDown, RedisTier
 from .versions import SharedCounters, Versions
 
 log = logging.getLogger("pgsluice.cache")
-OWN_WRITE_WINDOW = 5.0  # seconds: a feed notification of our own recent write is not re-bumped
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +93,6 @@ class Cache:
             self.redis = RedisTier(settings.redis, self.versions, settings.redis_timeout, self._redis_changed)
         self._tasks: set[asyncio.Task[None]] = set()
         self.own_pid: Callable[[int], bool] = lambda _pid: False
-        self._own_writes: dict[str, float] = {}
         self._read_names: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._feed_pending: set[str] = set()
         self._feed_task: asyncio.Task[None] | None = None
@@ -271,25 +268,15 @@ class Cache:
             self.versions.reset()
             self.local.clear()
 
-    def note_own_write(self, names: Iterable[str]) -> None:
-        """A session here is about to write: it bumps `names` itself once committed."""
-        now = time.monotonic()
-        own = self._own_writes
-        if len(own) > 10_000:
-            own.clear()
-        for n in names:
-            own[n] = now
-
     def feed_change(self, names: frozenset[str], pid: int = 0) -> None:
         """A change feed saw a commit by server process `pid` (0: unknown) that changed what
-        `names` stand for (deps.write_names of the change and its closure). A commit of one of
-        our own server connections whose every name a session here noted is not bumped twice:
-        that session bumps it (before its client hears of the commit)."""
+        `names` stand for (deps.write_names of the change and its closure). A commit by one of
+        our own server connections (Server.own_pid: any worker) is not bumped twice: the
+        session that sent it bumped it, as finely as the planner saw it, before its client
+        heard of the commit. A pgsluice that died first (its worker restarted) moved the epoch."""
         if pid and self.own_pid(pid):
-            now = time.monotonic()
-            if all(now - self._own_writes.get(n, -1e9) < OWN_WRITE_WINDOW for n in names):
-                self.stats.feed_own += 1
-                return
+            self.stats.feed_own += 1
+            return
         self.stats.feed_bumps += 1
         redis = self.redis
         if redis is None or not redis.up:

@@ -12,18 +12,22 @@ event trigger notifies '*' after any DDL (and puts the triggers on tables create
 
 A notification says what changed as finely as stays cheap: the operation (so a foreign key's
 closure follows the write that ran: an UPDATE that assigns no referenced column cascades
-nowhere), and for a statement of at most SMALL rows, from its transition tables, the primary
-key values it touched and, for an UPDATE, the columns whose values changed. A larger statement
+nowhere); from the transition tables of a statement of at most SMALL rows, the primary key
+values it touched; for an UPDATE of one row, the columns whose text changed. A larger statement
 reports only the operation (cache/deps.py: its table's reads of that kind). A statement that
-changed no row reports nothing. Payload:
+changed no row says nothing. Payload:
 
     {"p": writer pid, "o": "I"|"U"|"D"|"T", "s": schema, "t": table,
-     "c": [columns changed] (U), "m": true if a key changed (U), "kc": [key columns], "k": [[key]…]}
+     "c": [columns changed] (U of one row), "m": a key may have changed (U),
+     "kc": [key columns], "k": [[key]...]}
+
+A write made through pgsluice is known by its writer's pid (one of our server connections, in
+any worker) and not bumped again: its session bumped it, as finely as the planner saw it.
 
 The cost is one trigger call per write statement (not per row), plus the transition tables
-Postgres fills for it (see README: measured). `install_sql()` is what `pgsluice
-install-change-feed` runs; it is idempotent and replaces the one-trigger feed of earlier
-versions. The listener (`ChangeFeed`) holds one asyncpg connection per database; while it is
+Postgres fills for it (README, "Change feed": measured with loadtest/feed_cost.py). INSTALL is
+what `pgsluice install-change-feed` runs; it is idempotent and replaces the one-trigger feed of
+earlier versions. The listener (`ChangeFeed`) holds one asyncpg connection per database; while it is
 down, reads of the tables it covers bypass the cache, and when it is back every version of that
 database is bumped (notifications may have been missed in between).
 """
@@ -52,7 +56,10 @@ LEGACY_TRIGGER = "pgsluice_change_feed"  # the one trigger of earlier versions (
 TRIGGERS = ("pgsluice_feed_insert", "pgsluice_feed_update", "pgsluice_feed_delete", "pgsluice_feed_truncate")
 SMALL = 64  # rows: up to this many, a statement's keys (and changed columns) are reported
 
-_KEY = "(SELECT jsonb_agg(to_jsonb(r) -> a ORDER BY i) FROM unnest(TG_ARGV) WITH ORDINALITY u(a, i))"
+# a row's key: its primary key's values (the trigger's arguments name the columns), as JSON
+_KEY = ("CASE WHEN TG_NARGS = 1 THEN jsonb_build_array(to_jsonb(r) -> TG_ARGV[0]) ELSE "
+        "(SELECT jsonb_agg(to_jsonb(r) -> a ORDER BY i) FROM unnest(TG_ARGV) WITH ORDINALITY u(a, i)) END")
+PAYLOAD_KEYS = 7000  # bytes of keys at most: NOTIFY takes 8000
 
 INSTALL = f"""
 CREATE SCHEMA IF NOT EXISTS pgsluice;
@@ -60,75 +67,70 @@ CREATE SCHEMA IF NOT EXISTS pgsluice;
 GRANT USAGE ON SCHEMA pgsluice TO PUBLIC;
 DROP FUNCTION IF EXISTS pgsluice.notify_change() CASCADE;  -- the one-trigger feed of earlier versions
 
-CREATE OR REPLACE FUNCTION pgsluice.emit(op text, schema_name text, table_name text, cols jsonb,
-                                         moved boolean, keycols text[], keys jsonb) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE payload text;
-BEGIN
-  payload := jsonb_build_object('p', pg_backend_pid(), 'o', op, 's', schema_name, 't', table_name)::text;
-  IF cols IS NOT NULL THEN
-    payload := (payload::jsonb || jsonb_build_object('c', cols, 'm', moved))::text;
-  END IF;
-  IF keys IS NOT NULL AND cardinality(keycols) > 0 THEN
-    -- NOTIFY takes 8000 bytes: past that, the operation alone says enough
-    IF octet_length(payload) + octet_length(keys::text) < 7800 THEN
-      payload := (payload::jsonb || jsonb_build_object('kc', to_jsonb(keycols), 'k', keys))::text;
-    END IF;
-  END IF;
-  PERFORM pg_notify('{CHANNEL}', payload);
-END $$;
-
+-- One SQL statement per trigger call (each costs a writer a few tens of microseconds). The key
+-- of a row: its primary key's columns (the trigger's arguments) as a JSON array.
 CREATE OR REPLACE FUNCTION pgsluice.notify_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE n bigint; keys jsonb;
 BEGIN
-  SELECT count(*) INTO n FROM pgsluice_new;
-  IF n = 0 THEN RETURN NULL; END IF;
-  IF n <= {SMALL} AND TG_NARGS > 0 THEN
-    SELECT jsonb_agg(DISTINCT {_KEY}) INTO keys FROM pgsluice_new r;
-  END IF;
-  PERFORM pgsluice.emit('I', TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, NULL, TG_ARGV, keys);
+  PERFORM pg_notify('{CHANNEL}', CASE
+      WHEN n <= {SMALL} AND TG_NARGS > 0 AND octet_length(k::text) < {PAYLOAD_KEYS} THEN
+        json_build_object('p', pg_backend_pid(), 'o', 'I', 's', TG_TABLE_SCHEMA, 't', TG_TABLE_NAME,
+                          'kc', TG_ARGV, 'k', k)::text
+      ELSE json_build_object('p', pg_backend_pid(), 'o', 'I', 's', TG_TABLE_SCHEMA,
+                             't', TG_TABLE_NAME)::text END)
+  FROM (SELECT count(*) AS n, jsonb_agg(DISTINCT {_KEY}) AS k
+        FROM (SELECT * FROM pgsluice_new LIMIT {SMALL + 1}) r) x
+  WHERE n > 0;
   RETURN NULL;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgsluice.notify_delete() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE n bigint; keys jsonb;
 BEGIN
-  SELECT count(*) INTO n FROM pgsluice_old;
-  IF n = 0 THEN RETURN NULL; END IF;
-  IF n <= {SMALL} AND TG_NARGS > 0 THEN
-    SELECT jsonb_agg(DISTINCT {_KEY}) INTO keys FROM pgsluice_old r;
-  END IF;
-  PERFORM pgsluice.emit('D', TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, NULL, TG_ARGV, keys);
+  PERFORM pg_notify('{CHANNEL}', CASE
+      WHEN n <= {SMALL} AND TG_NARGS > 0 AND octet_length(k::text) < {PAYLOAD_KEYS} THEN
+        json_build_object('p', pg_backend_pid(), 'o', 'D', 's', TG_TABLE_SCHEMA, 't', TG_TABLE_NAME,
+                          'kc', TG_ARGV, 'k', k)::text
+      ELSE json_build_object('p', pg_backend_pid(), 'o', 'D', 's', TG_TABLE_SCHEMA,
+                             't', TG_TABLE_NAME)::text END)
+  FROM (SELECT count(*) AS n, jsonb_agg(DISTINCT {_KEY}) AS k
+        FROM (SELECT * FROM pgsluice_old LIMIT {SMALL + 1}) r) x
+  WHERE n > 0;
   RETURN NULL;
 END $$;
 
--- An UPDATE of a few rows: the columns whose text changed in some row (rows paired by key;
--- compared as text, so 1.0 -> 1.00 and 0 -> -0 count), and whether a key changed.
+-- An UPDATE of one row: the columns whose text changed (so 1.0 -> 1.00 and 0 -> -0 count),
+-- whether its key changed, its key before and after. Of a few rows: their keys (which columns,
+-- not worked out). Of more: the operation.
 CREATE OR REPLACE FUNCTION pgsluice.notify_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE n bigint; cols jsonb; moved boolean; keys jsonb;
 BEGIN
-  SELECT count(*) INTO n FROM pgsluice_new;
-  IF n = 0 THEN RETURN NULL; END IF;
-  IF n <= {SMALL} AND TG_NARGS > 0 THEN
-    WITH o AS (SELECT {_KEY} AS k, row_to_json(r) AS j FROM pgsluice_old r),
-         w AS (SELECT {_KEY} AS k, row_to_json(r) AS j FROM pgsluice_new r)
-    SELECT (SELECT coalesce(jsonb_agg(DISTINCT e.key), '[]'::jsonb)
-              FROM o JOIN w USING (k), json_each_text(o.j) e WHERE e.value IS DISTINCT FROM (w.j ->> e.key)),
-           EXISTS (SELECT 1 FROM o FULL JOIN w USING (k) WHERE o.j IS NULL OR w.j IS NULL),
-           (SELECT jsonb_agg(DISTINCT x.k) FROM (SELECT k FROM o UNION SELECT k FROM w) x)
-      INTO cols, moved, keys;
-  END IF;
-  PERFORM pgsluice.emit('U', TG_TABLE_SCHEMA, TG_TABLE_NAME, cols, moved, TG_ARGV, keys);
+  PERFORM pg_notify('{CHANNEL}', coalesce(CASE
+      WHEN n = 1 AND TG_NARGS > 0 THEN (
+        SELECT json_build_object('p', pg_backend_pid(), 'o', 'U', 's', TG_TABLE_SCHEMA, 't', TG_TABLE_NAME,
+          'c', (SELECT coalesce(json_agg(e.key), '[]') FROM json_each_text(oj) e
+                WHERE e.value IS DISTINCT FROM nj ->> e.key),
+          'm', ok <> nk, 'kc', TG_ARGV,
+          'k', CASE WHEN ok = nk THEN jsonb_build_array(ok) ELSE jsonb_build_array(ok, nk) END)::text
+        FROM (SELECT row_to_json(r) AS oj, {_KEY} AS ok FROM pgsluice_old r) o,
+             (SELECT row_to_json(r) AS nj, {_KEY} AS nk FROM pgsluice_new r) w)
+      WHEN n <= {SMALL} AND TG_NARGS > 0 THEN (
+        SELECT CASE WHEN octet_length(k::text) < {PAYLOAD_KEYS} THEN
+          json_build_object('p', pg_backend_pid(), 'o', 'U', 's', TG_TABLE_SCHEMA, 't', TG_TABLE_NAME,
+                            'm', true, 'kc', TG_ARGV, 'k', k)::text END
+        FROM (SELECT jsonb_agg(DISTINCT x.k) AS k
+              FROM (SELECT {_KEY} AS k FROM pgsluice_old r UNION SELECT {_KEY} FROM pgsluice_new r) x) y)
+    END, json_build_object('p', pg_backend_pid(), 'o', 'U', 's', TG_TABLE_SCHEMA, 't', TG_TABLE_NAME)::text))
+  FROM (SELECT count(*) AS n FROM (SELECT 1 FROM pgsluice_new LIMIT {SMALL + 1}) r) x
+  WHERE n > 0;
   RETURN NULL;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgsluice.notify_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  PERFORM pgsluice.emit('T', TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, NULL, NULL, NULL);
+  PERFORM pg_notify('{CHANNEL}', json_build_object('p', pg_backend_pid(), 'o', 'T', 's', TG_TABLE_SCHEMA,
+                                                   't', TG_TABLE_NAME)::text);
   RETURN NULL;
 END $$;
 

@@ -19,35 +19,86 @@ from collections.abc import Iterable
 
 GLOBAL = "*"
 _Q = struct.Struct("<Q")
+_I = struct.Struct("<I")
 
 
 class SharedCounters:
-    """Versions shared by the worker processes of one box (no Redis): an anonymous shared
-    mapping of `slots` 64-bit counters, made before the workers fork. A table's version is
-    its slot's counter: two tables hashing to one slot only invalidate each other more
-    often, never less. Increments take a lock; reads do not (8-byte aligned loads)."""
+    """What the worker processes of one box share, in anonymous shared mappings made before
+    they fork:
 
-    def __init__(self, slots: int = 1 << 16) -> None:
+    * versions (used without Redis): `slots` 64-bit counters; a version is its slot's counter,
+      so two names hashing to one slot only invalidate each other more often, never less.
+      Slot 0 is the epoch, part of every key: the parent moves it when a worker dies, since a
+      write of that worker may have committed without its bump.
+    * the server process ids of each worker's pool (with or without Redis), so that a change
+      feed notification of a write made through any worker is known as one pgsluice bumped.
+
+    Increments take a lock; reads do not (aligned loads)."""
+
+    PIDS = 1024  # server connections per worker that can be told apart (more: bumped twice)
+
+    def __init__(self, slots: int = 1 << 18, workers: int = 1) -> None:
         self.slots = slots
         self.buf = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
         self.lock = multiprocessing.Lock()
         self.generation = secrets.token_hex(8)
+        self.workers = workers
+        self.pid_buf = mmap.mmap(-1, 4 * (self.PIDS + 2) * workers, flags=mmap.MAP_SHARED)
+        self._pid_seen: tuple[int, ...] = ()
+        self._pid_set: frozenset[int] = frozenset()
 
     def slot(self, version_name: str) -> int:
-        return zlib.crc32(version_name.encode()) % self.slots
+        return 1 + zlib.crc32(version_name.encode()) % (self.slots - 1)
 
     def get(self, slots: tuple[int, ...]) -> tuple[int, ...]:
         buf = self.buf
-        return tuple([_Q.unpack_from(buf, 8 * i)[0] for i in slots])
+        return tuple([_Q.unpack_from(buf, 8 * i)[0] for i in (0, *slots)])
 
     def bump(self, slots: Iterable[int]) -> None:
         with self.lock:
             for i in set(slots):
                 _Q.pack_into(self.buf, 8 * i, _Q.unpack_from(self.buf, 8 * i)[0] + 1)
 
+    def new_epoch(self) -> None:
+        """Every key made so far is dead (a worker died: its last writes may not be bumped)."""
+        self.bump((0,))
 
-def name(database: str, table: str) -> str:
-    return f"{database}/{table}"
+    # ---- server process ids ----
+    # per worker: a change counter, a count, then the pids (u32 each)
+
+    def _region(self, worker: int) -> int:
+        return 4 * (self.PIDS + 2) * worker
+
+    def set_pids(self, worker: int, pids: Iterable[int]) -> None:
+        """Worker `worker`'s pool connections now (the first PIDS of them)."""
+        at = self._region(worker)
+        values = sorted(pids)[:self.PIDS]
+        with self.lock:
+            change = _I.unpack_from(self.pid_buf, at)[0]
+            _I.pack_into(self.pid_buf, at, (change + 1) & 0xFFFFFFFF)  # odd: being written
+            _I.pack_into(self.pid_buf, at + 4, len(values))
+            struct.pack_into(f"<{len(values)}I", self.pid_buf, at + 8, *values)
+            _I.pack_into(self.pid_buf, at, (change + 2) & 0xFFFFFFFF)
+
+    def clear_pids(self, worker: int) -> None:
+        self.set_pids(worker, ())
+
+    def has_pid(self, pid: int) -> bool:
+        """Whether `pid` is a server connection of some worker's pool."""
+        buf = self.pid_buf
+        changes = tuple(_I.unpack_from(buf, self._region(w))[0] for w in range(self.workers))
+        if changes != self._pid_seen:
+            if any(c & 1 for c in changes):
+                return False  # a worker is writing its list: not known to be ours
+            pids: set[int] = set()
+            for w in range(self.workers):
+                at = self._region(w)
+                count = _I.unpack_from(buf, at + 4)[0]
+                pids.update(struct.unpack_from(f"<{min(count, self.PIDS)}I", buf, at + 8))
+            if tuple(_I.unpack_from(buf, self._region(w))[0] for w in range(self.workers)) != changes:
+                return False  # changed while read
+            self._pid_seen, self._pid_set = changes, frozenset(pids)
+        return pid in self._pid_set
 
 
 class Versions:
@@ -57,18 +108,7 @@ class Versions:
         self.shared = shared
         self.generation = shared.generation if shared is not None else secrets.token_hex(8)
         self._v: dict[str, int] = {}
-        self._names: dict[tuple[str, frozenset[str]], tuple[str, ...]] = {}
         self._slots: dict[tuple[str, ...], tuple[int, ...]] = {}
-
-    def names(self, database: str, tables: frozenset[str]) -> tuple[str, ...]:
-        """The version names a read of `tables` depends on, in a stable order (memoized)."""
-        key = (database, tables)
-        out = self._names.get(key)
-        if out is None:
-            if len(self._names) > 100_000:
-                self._names.clear()
-            out = self._names[key] = (name(database, GLOBAL), *(name(database, t) for t in sorted(tables)))
-        return out
 
     def known(self, names: Iterable[str]) -> list[str]:
         """Those of `names` this mirror has no value for yet."""

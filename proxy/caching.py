@@ -558,8 +558,6 @@ def mark(s: ClientSession, names: frozenset[str], ddl: bool = False) -> None:
     """Statements about to be sent change what `names` stand for: they are done (committed, or
     part of the transaction) at the ReadyForQuery of the next message that ends at one."""
     if names:
-        if s.server.cache is not None:
-            s.server.cache.note_own_write(names)
         due = s.ready_seen + 1 + sum(1 for kind, _ in s.entries if kind in _ENDS_AT_READY)
         s.write_marks.append((due, names, ddl))
 

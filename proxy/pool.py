@@ -11,12 +11,30 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backend import Backend, Credentials, LoginError, Upstream, connect
 from .pgwire.errors import TOO_MANY_CONNECTIONS, PgError
 
 log = logging.getLogger("pgsluice.pool")
+
+
+class Pids(set[int]):
+    """A pool's server process ids; `changed` is called when one comes or goes (the change
+    feed tells our own writes by them, across workers: Server.publish_pids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed: Callable[[], None] = lambda: None
+
+    def add(self, pid: int) -> None:
+        super().add(pid)
+        self.changed()
+
+    def discard(self, pid: object) -> None:
+        super().discard(pid)
+        self.changed()
 
 
 @dataclass(slots=True)
@@ -60,7 +78,7 @@ class Pool:
         # startup settings -> ParameterStatus values Postgres reported for them
         self.status_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.closed = False
-        self.pids: set[int] = set()  # server process ids of this pool's live connections
+        self.pids = Pids()  # server process ids of this pool's live connections
 
     @property
     def key(self) -> tuple[str, str]:

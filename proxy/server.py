@@ -84,8 +84,9 @@ class Server:
             enabled=True, max_bytes=c.cache_max_bytes, max_entry=c.cache_max_entry, ttl=c.cache_ttl,
             redis=c.redis, redis_timeout=c.redis_timeout_ms / 1000.0,
             requires_feed=c.cache_requires_feed), shared) if c.cache else None
+        self.shared = shared
         if self.cache is not None:
-            self.cache.own_pid = lambda pid: any(pid in p.pids for p in self.pools.values())
+            self.cache.own_pid = self.own_pid
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -100,8 +101,21 @@ class Server:
         pool = self.pools.get((database, user))
         if pool is None:
             pool = Pool(self.upstream, database, user, self.default_creds(user), self.pool_settings())
+            pool.pids.changed = self.publish_pids
             self.pools[(database, user)] = pool
         return pool
+
+    def publish_pids(self) -> None:
+        """Our server connections changed: tell the other workers (own_pid)."""
+        if self.shared is not None and self.shared.workers > 1:
+            self.shared.set_pids(self.worker, {pid for p in self.pools.values() for pid in p.pids})
+
+    def own_pid(self, pid: int) -> bool:
+        """Is `pid` a server connection of this pgsluice (any worker)? Its writes were bumped by
+        the session that sent them, before its client heard of the commit."""
+        if any(pid in p.pids for p in self.pools.values()):
+            return True
+        return self.shared is not None and self.shared.workers > 1 and self.shared.has_pid(pid)
 
     def default_creds(self, user: str) -> Credentials:
         if user == self.upstream_user and self.upstream_password is not None:

@@ -35,7 +35,8 @@ Serve = Callable[..., Coroutine[Any, Any, None]]
 
 
 def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve) -> int:
-    shared = SharedCounters() if config.cache and not config.redis else None
+    # (with Redis, versions are there; the workers still share who their server connections are)
+    shared = SharedCounters(workers=config.workers) if config.cache else None
     stats_dir = tempfile.mkdtemp(prefix="pgsluice-workers-")
     try:
         return _run(config, reload_from, serve, shared, stats_dir)
@@ -87,6 +88,10 @@ def _run(config: Config, reload_from: Callable[[], Config], serve: Serve, shared
             continue
         index = children.pop(pid, -1)
         code = os.waitstatus_to_exitcode(status)
+        if shared is not None and index >= 0:
+            # its connections are gone; a write of it may have committed without its bump
+            shared.clear_pids(index)
+            shared.new_epoch()
         if stopping or index < 0:
             continue
         failures += 1

@@ -140,6 +140,40 @@ def test_own_writes_are_bumped_once(proxy1: ProxyHandle) -> None:
     conn.close()
 
 
+def test_own_writes_of_another_worker_are_bumped_once(pg: EmbeddedPostgres,
+                                                      proxy_factory: ProxyFactory) -> None:
+    """With two workers, each worker's change feed sees the other's writes too: they are known
+    by their server connections (shared between the workers), not bumped again."""
+    proxy = proxy_factory(env={"PGSLUICE_WORKERS": "2"})
+    conns = [connect(proxy, DB) for _ in range(8)]  # the kernel spreads them over the workers
+
+    def workers() -> dict[str, dict[str, str]]:
+        out = {}
+        for conn in conns:
+            with conn.cursor() as cur:
+                cur.execute("SHOW CACHE")
+                rows = dict(cur.fetchall())
+            out[rows["worker_pid"]] = rows
+        return out
+    for conn in conns:
+        cachedb.wait_feed_on(conn, DB)
+    before = workers()
+    assert len(before) == 2, "both workers took connections"
+    for i, conn in enumerate(conns):
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE kv SET v = 'w{i}' WHERE k = {41 + i % 4}")
+
+    def seen(rows: dict[str, str]) -> int:
+        return int(re.search(r"(\d+) notifications", rows[f"change_feed {DB}"]).group(1))  # type: ignore[union-attr]
+    wait_until(lambda: all(seen(r) - seen(before[w]) >= 8 for w, r in workers().items()),
+               message="each worker's feed saw the eight writes")
+    for worker, rows in workers().items():
+        assert int(rows["feed_bumps"]) == int(before[worker]["feed_bumps"])
+        assert int(rows["feed_own_writes"]) - int(before[worker]["feed_own_writes"]) == 8
+    for conn in conns:
+        conn.close()
+
+
 def test_a_column_the_read_does_not_use_keeps_its_entry(pg: EmbeddedPostgres, proxy1: ProxyHandle) -> None:
     conn = connect(proxy1, DB)
     cur = conn.cursor()
@@ -150,7 +184,7 @@ def test_a_column_the_read_does_not_use_keeps_its_entry(pg: EmbeddedPostgres, pr
     cur.execute("UPDATE customers SET last_seen = now() WHERE id = 7")  # through pgsluice
     cur.execute("UPDATE customers SET last_seen = now() WHERE country = 'FR'")  # no key
     before = _notifications(proxy1)
-    _direct(pg, "UPDATE customers SET last_seen = now() WHERE id IN (1, 7)")  # directly
+    _direct(pg, "UPDATE customers SET last_seen = now() WHERE id = 7")  # directly: one row
     wait_until(lambda: _notifications(proxy1) > before, message="the feed's notification")
     assert [_read(cur, sql) for sql in reads] == want
     assert _counts(proxy1) == (hits + 3, misses)
@@ -209,20 +243,22 @@ async def test_the_feed_reports_operation_columns_and_keys(pg: EmbeddedPostgres,
     await other.execute("UPDATE kv SET v = 'x' WHERE k = 31")
     await other.execute("UPDATE kv SET k = 1031 WHERE k = 32")  # a key changed
     await other.execute("UPDATE kv SET v = v || '' WHERE k > 1000")
+    await other.execute("UPDATE kv SET v = 'y' WHERE k IN (33, 34)")  # a few rows: keys only
     await other.execute("INSERT INTO kv VALUES (2000, 'a'), (2001, 'b')")
     await other.execute("DELETE FROM kv WHERE k = 2000")
     await other.execute("UPDATE customers SET last_seen = now()")  # 100 rows: the operation alone
     await other.execute("UPDATE kv SET v = 'none' WHERE k = -1")  # no row: nothing
     await other.close()
-    await asyncio.to_thread(wait_until, lambda: len(got) >= 7)
+    await asyncio.to_thread(wait_until, lambda: len(got) >= 8)
     await asyncio.sleep(0.2)
     await conn.close()
     brief = [(g["o"], g["t"], g.get("c"), g.get("m"), g.get("k")) for g in got]
     assert brief == [
         ("U", "kv", [], False, [[30]]),
         ("U", "kv", ["v"], False, [[31]]),
-        ("U", "kv", [], True, [[32], [1031]]),
+        ("U", "kv", ["k"], True, [[32], [1031]]),
         ("U", "kv", [], False, [[1031]]),  # v || '' changed nothing
+        ("U", "kv", None, True, [[33], [34]]),
         ("I", "kv", None, None, [[2000], [2001]]),
         ("D", "kv", None, None, [[2000]]),
         ("U", "customers", None, None, None),
