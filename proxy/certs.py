@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALID = datetime.timedelta(days=365)
@@ -57,11 +57,20 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-class Authority:
-    """A self-signed CA that signs server and client certificates."""
+_HASHES: dict[str, hashes.SHA256 | hashes.SHA384 | hashes.SHA512] = {
+    "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
 
-    def __init__(self, common_name: str = "pgsluice throw-away CA") -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
+
+class Authority:
+    """A self-signed CA that signs server and client certificates with ECDSA and `digest`
+    ("sha256", "sha384", "sha512"), or with Ed25519 (digest "ed25519", which has no separate
+    hash: such certificates allow no tls-server-end-point channel binding)."""
+
+    def __init__(self, common_name: str = "pgsluice throw-away CA", digest: str = "sha256") -> None:
+        self._hash = None if digest == "ed25519" else _HASHES[digest]
+        self._key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = (
+            ed25519.Ed25519PrivateKey.generate() if self._hash is None
+            else ec.generate_private_key(ec.SECP256R1()))
         now = datetime.datetime.now(datetime.UTC)
         self.name = _name(common_name)
         self.cert = (
@@ -73,14 +82,13 @@ class Authority:
                                          content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False,
                                          encipher_only=False, decipher_only=False), critical=True)
-            .sign(self._key, hashes.SHA256()))
+            .sign(self._key, self._hash))
 
     @property
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, hosts: Iterable[str] = (), client: bool = False,
-              hash_algorithm: hashes.HashAlgorithm | None = None) -> Pair:
+    def issue(self, common_name: str, hosts: Iterable[str] = (), client: bool = False) -> Pair:
         """A certificate for a server (`hosts` as subjectAltNames) or, with `client`, for a
         client whose user name is `common_name`."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -95,7 +103,7 @@ class Authority:
         names = [_san(h) for h in hosts]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        cert = builder.sign(self._key, hash_algorithm or hashes.SHA256())
+        cert = builder.sign(self._key, self._hash)
         return Pair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 

@@ -30,7 +30,7 @@ from .authquery import AuthQuery
 from .backend import Credentials, Upstream, send_cancel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
-from .tls import asyncpg_ssl, door_tls, upstream_tls
+from .tls import asyncpg_ssl, door_context, door_tls, upstream_tls
 
 if TYPE_CHECKING:
     from .grpc_door import GrpcDoor
@@ -357,7 +357,8 @@ class Server:
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self)
             try:  # every worker on the same port: each answers with the sum over all of them
-                await self.metrics.start(self.config.metrics_listen, reuse_port=self.config.workers > 1)
+                await self.metrics.start(self.config.metrics_listen, reuse_port=self.config.workers > 1,
+                                         tls=door_context(self.config) if self.config.metrics_tls else None)
             except OSError as exc:
                 log.error("metrics not served on %s: %s", self.config.metrics_listen, exc)
                 self.metrics = None
