@@ -317,6 +317,8 @@ def validate(config: Config) -> None:
     if config.cache_max_bytes < 1 or config.cache_max_entry < 1:
         raise ConfigError("cache_max_bytes and cache_max_entry must be positive")
     _validate_tls(config)
+    from .tls import check_files  # here, not at the top: tls.py imports ConfigError from us
+    check_files(config)
     for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")

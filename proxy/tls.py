@@ -66,6 +66,14 @@ def door_context(config: Config, alpn: bool = False) -> ssl.SSLContext:
     return ctx
 
 
+def check_files(config: Config) -> None:
+    """Load every certificate, key and CA the config names: a bad one is a ConfigError now,
+    naming the file, rather than a failure at the first connection."""
+    if config.tls_cert:
+        door_context(config)
+    upstream_tls(config)
+
+
 def server_end_point(cert_file: str) -> bytes | None:
     """RFC 5929 tls-server-end-point: the leaf certificate hashed with its signature's hash
     (SHA-256 for MD5 and SHA-1), as Postgres computes it; None when that hash is unknown
