@@ -107,12 +107,16 @@ class Authority:
         return Pair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def make_server_files(folder: Path, hosts: Iterable[str], clients: Iterable[str] = ()) -> dict[str, Path]:
+def make_server_files(folder: Path, hosts: Iterable[str], clients: Iterable[str] = (),
+                      keep: bool = False) -> dict[str, Path]:
     """ca.crt, server.crt/.key (and <user>.crt/.key per client) in `folder`: what `pgsluice
-    make-cert` writes. The CA's key is not kept: nothing more can be signed later."""
+    make-cert` writes. The CA's key is not kept: nothing more can be signed later. With `keep`,
+    files already there are left alone (clients may have copied that CA)."""
+    out = {"ca": folder / "ca.crt", "cert": folder / "server.crt", "key": folder / "server.key"}
+    if keep and all(path.exists() for path in out.values()):
+        return out
     ca = Authority()
     folder.mkdir(parents=True, exist_ok=True)
-    out = {"ca": folder / "ca.crt"}
     out["ca"].write_bytes(ca.pem)
     out["cert"], out["key"] = ca.issue("pgsluice", hosts).write(folder, "server")
     for user in clients:

@@ -107,13 +107,13 @@ async def install_change_feed(config: Config, databases: list[str] | None, unins
     return 0
 
 
-def make_cert(folder: str, hosts: list[str], clients: list[str]) -> int:
+def make_cert(folder: str, hosts: list[str], clients: list[str], keep: bool = False) -> int:
     """`pgsluice make-cert`: for trying TLS; production certificates come from your own CA."""
     from pathlib import Path
 
     from .certs import make_server_files
 
-    files = make_server_files(Path(folder), hosts, clients)
+    files = make_server_files(Path(folder), hosts, clients, keep)
     for name, path in files.items():
         print(f"{name}: {path}")
     print(f"\nserve with --tls-cert {files['cert']} --tls-key {files['key']}; clients verify with "
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: localhost, 127.0.0.1)")
     p_cert.add_argument("--client", action="append", default=[],
                         help="also a client certificate for this user name (repeatable), for tls_ca")
+    p_cert.add_argument("--keep", action="store_true",
+                        help="leave certificates already in DIR alone (docker compose up, again)")
     p_demo = sub.add_parser("demo", help="embedded Postgres + pgsluice + a scripted session")
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
@@ -180,7 +182,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{args.file}: ok ({roles} roles; upstream {checked.masked()['upstream']})")
             return 0
         if args.command == "make-cert":
-            return make_cert(args.dir, args.host or ["localhost", "127.0.0.1"], args.client)
+            return make_cert(args.dir, args.host or ["localhost", "127.0.0.1"], args.client, args.keep)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(once=args.once, port=args.port, data_dir=args.data_dir,
