@@ -30,6 +30,7 @@ from proxy.client import SluiceClient, SluiceError
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_auth, parse_error_fields
+from tests.conftest import make_traversable_tmpdir
 from tests.tlspg import tls_postgres
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle, port_open, wait_until
 
@@ -167,12 +168,14 @@ def test_client_certificates_with_tls_ca(proxy_factory: ProxyFactory, pki: Pki) 
 
 
 @pytest.fixture(scope="module")
-def tls_pg(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[EmbeddedPostgres]:
-    base = tmp_path_factory.mktemp("tlspg")
-    base.chmod(0o755)
-    with tls_postgres(base, pki.ca) as server:
-        server.psql(INSTALL)  # the change feed: pgsluice keeps a LISTEN connection open
-        yield server
+def tls_pg(pki: Pki) -> Iterator[EmbeddedPostgres]:
+    base = make_traversable_tmpdir("pgsluice-tlspg-")  # Postgres runs as another OS user
+    try:
+        with tls_postgres(base, pki.ca) as server:
+            server.psql(INSTALL)  # the change feed: pgsluice keeps a LISTEN connection open
+            yield server
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _refusal(host: str, port: int) -> tuple[str, str]:
