@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 HANDSHAKE = 0x16  # first byte of a TLS handshake record: a client negotiating directly
 ALPN = "postgresql"  # Postgres 17's ALPN name; direct negotiation requires it
-_READ = 256 * 1024
+_READ = 16 * 1024  # one TLS record's plaintext at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +129,15 @@ class TlsChannel(asyncio.Transport):
                     chunk = self.obj.read(_READ)
                 except ssl.SSLWantReadError:
                     break
-                except ssl.SSLZeroReturnError:  # close_notify: the client is done
+                except ssl.SSLZeroReturnError:
+                    chunk = b""
+                if not chunk:  # close_notify: the client is done
                     self.raw.close()
                     break
-                if not chunk:
-                    break
                 chunks.append(chunk)
-            return b"".join(chunks)
+                if not self._in.pending and not self.obj.pending():
+                    break  # all read: spare the call that would only say "want read"
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         finally:
             self._flush()
 
