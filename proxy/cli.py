@@ -79,13 +79,15 @@ async def install_change_feed(config: Config, databases: list[str] | None, unins
     from cache.feed import uninstall as remove
 
     from .config import mask_url, parse_upstream
+    from .tls import asyncpg_ssl, upstream_tls
 
     url = parse_upstream(config.upstream)
     for database in databases or [url.database]:
         try:
             conn = await asyncpg.connect(host=url.host, port=url.port, user=url.user,
                                          password=url.password, database=database,
-                                         timeout=config.connect_timeout)
+                                         timeout=config.connect_timeout,
+                                         ssl=asyncpg_ssl(upstream_tls(config), url.host))
         except (OSError, asyncpg.PostgresError) as exc:
             print(f"pgsluice: cannot connect to {database} at {mask_url(config.upstream)}: {exc}",
                   file=sys.stderr)
