@@ -129,6 +129,12 @@ def test_psycopg_require_verify_full_direct_and_channel_binding(door: ProxyHandl
             assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
     with pytest.raises(psycopg.OperationalError, match="channel binding"):  # libpq's own check
         psycopg.connect(kv(door.port, sslmode="disable", channel_binding="require")).close()
+    with psycopg.connect(kv(door.port, sslmode="require")) as conn:  # libpq 18 cancels over TLS too
+        timer = threading.Timer(0.5, conn.cancel_safe)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(10)")
+        timer.join()
 
 
 def jdbc(url: str, user: str = "alice", password: str = PW) -> str:
