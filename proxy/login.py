@@ -189,11 +189,13 @@ async def _passthrough(io: LoginIO, server: Server, user: str,
         io.write(encode.auth_ok())
         return proved, None
     known = server.pools.get((database, user))
-    if known is not None and known.trusted and found.kind != "missing":
+    trusted = known is not None and known.trusted
+    if trusted and found.kind != "missing":
+        assert known is not None
         io.write(encode.auth_ok())
         return known, None
-    if known is None or not (known.trusted or known.creds.any()):
-        try:  # Postgres may ask this user for nothing (trust)
+    if trusted or known is None or not known.creds.any():
+        try:  # Postgres may ask this user for nothing (trust), or refuse the role itself
             backend = await _server_login(io, server, user, database, Credentials())
         except NeedPassword:
             pass

@@ -119,6 +119,18 @@ def test_rotated_password_and_nologin_take_effect_at_once(pg: EmbeddedPostgres, 
     assert login(proxy, role, "pw2", require_auth=method) == "ok"
 
 
+def test_trusted_role_made_nologin_is_refused_at_once(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
+    """pg_hba trusts trusted_user; before the fix, once a login had found that out, pgsluice let
+    the role in without asking Postgres again, even after NOLOGIN."""
+    assert login(proxy, "trusted_user", None, require_auth="none") == "ok"
+    pg.psql("ALTER ROLE trusted_user NOLOGIN")
+    try:
+        assert login(proxy, "trusted_user", None) == "28000"
+    finally:
+        pg.psql("ALTER ROLE trusted_user LOGIN")
+    assert login(proxy, "trusted_user", None, require_auth="none") == "ok"
+
+
 def test_wrong_password_and_unknown_user(proxy: ProxyHandle) -> None:
     assert login(proxy, "alice", "wrong") == "28P01"
     out = run_client(conninfo(proxy.host, proxy.port, "alice", "x", require_auth="scram-sha-256"))
