@@ -214,8 +214,8 @@ class ClientSession(asyncio.Protocol):
         try:
             plain = channel.receive(data)
         except ssl.SSLError as exc:
-            log.info("login refused", extra=fields(peer=peer_text(self.peer),
-                                                   error=f"TLS: {exc.reason or exc}"))
+            log.info("login refused" if self.state == "login" else "TLS error, connection closed",
+                     extra=fields(peer=peer_text(self.peer), error=f"TLS: {exc.reason or exc}"))
             channel.raw.close()
             self.closed = True
             return b""
