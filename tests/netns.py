@@ -43,7 +43,9 @@ def namespace() -> Iterator[Namespace]:
         pytest.fail("iproute2's `ip` is missing (scripts/test installs it)")
     tag = secrets.token_hex(3)
     name, host_if, ns_if = f"pgsl-{tag}", f"pgh{tag}", f"pgn{tag}"
-    net = 16 + secrets.randbelow(200)  # 10.213.<net>.0/30, unlikely to clash with anything
+    in_use = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    net = next(n for n in (16 + secrets.randbelow(200) for _ in range(100))  # another test run's
+               if f" 10.213.{n}." not in in_use)  # namespace may be up at the same time
     host_ip, ns_ip = f"10.213.{net}.1", f"10.213.{net}.2"
     _ip("netns", "add", name)
     try:
