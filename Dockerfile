@@ -9,6 +9,8 @@ COPY cache cache
 COPY loadtest loadtest
 COPY protos protos
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
+# where `pgsluice make-cert` writes in docker-compose.yml: a new volume takes this owner
+RUN install -d -o pgsluice -g pgsluice /certs
 USER pgsluice
 EXPOSE 6543 9187 50051
 ENTRYPOINT ["pgsluice"]

@@ -1,4 +1,5 @@
-"""One server connection to Postgres: login (trust, cleartext, md5, SCRAM-SHA-256), then raw bytes.
+"""One server connection to Postgres: TLS (server_tls_mode), login (trust, cleartext, md5,
+SCRAM-SHA-256), then raw bytes.
 
 After login a Backend only moves bytes: whoever holds it (a client session, or an
 internal query) installs `on_data`. Its read buffer `buf` belongs to the
@@ -12,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .pgwire import codes, encode
 from .pgwire.decode import (
@@ -23,8 +24,17 @@ from .pgwire.decode import (
     parse_parameter_status,
     read_cstr,
 )
-from .pgwire.errors import CONNECTION_FAILURE, UNABLE_TO_CONNECT, PgError, ProtocolError
+from .pgwire.errors import (
+    CONNECTION_FAILURE,
+    PROTOCOL_VIOLATION,
+    UNABLE_TO_CONNECT,
+    PgError,
+    ProtocolError,
+)
 from .pgwire.scram import ScramClient, ScramError, md5_response
+
+if TYPE_CHECKING:
+    from .tls import UpstreamTls
 
 Settings = tuple[tuple[str, str], ...]
 
@@ -35,6 +45,7 @@ class Upstream:
 
     host: str
     port: int
+    tls: UpstreamTls | None = None  # None: plain (server_tls_mode = disable, or a unix socket)
 
     @property
     def is_unix(self) -> bool:
@@ -177,15 +188,42 @@ class Backend(asyncio.Protocol):
             msg = framer.next()
             if msg is not None:
                 return msg
-            if self.closed:
-                raise PgError(CONNECTION_FAILURE, "server closed the connection during login")
-            loop = asyncio.get_running_loop()
-            self._login_waiter = loop.create_future()
-            self.on_data = self._wake_login
-            try:
-                await self._login_waiter
-            finally:
-                self._login_waiter = None
+            await self._wait_data()
+
+    async def _wait_data(self) -> None:
+        if self.closed:
+            raise PgError(CONNECTION_FAILURE, "server closed the connection during login")
+        self._login_waiter = asyncio.get_running_loop().create_future()
+        self.on_data = self._wake_login
+        try:
+            await self._login_waiter
+        finally:
+            self._login_waiter = None
+
+    async def negotiate_tls(self, tls: UpstreamTls, host: str) -> None:
+        """SSLRequest, then the handshake on 'S' (the transport is replaced); on 'N' go on in
+        plain text unless TLS is required (libpq's messages)."""
+        self.write(encode.ssl_request())
+        while not self.buf:
+            await self._wait_data()
+        answer = self.buf[0]
+        if answer == ord("S"):
+            if len(self.buf) > 1:  # CVE-2021-23222: nothing may come before the handshake
+                raise PgError(PROTOCOL_VIOLATION, "received unencrypted data after SSL response")
+            self.buf.clear()
+            assert self.transport is not None
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, tls.context, server_hostname=host)
+            if transport is None:
+                raise PgError(CONNECTION_FAILURE, "server closed the connection during SSL negotiation")
+            self.transport = transport
+        elif answer == ord("N"):
+            self.buf.clear()
+            if tls.required:
+                raise PgError(UNABLE_TO_CONNECT, "server does not support SSL, but SSL was required "
+                              f"(server_tls_mode = {tls.mode})")
+        else:
+            raise PgError(UNABLE_TO_CONNECT, f"received invalid response to SSL negotiation: {chr(answer)}")
 
     def _wake_login(self) -> None:
         waiter = self._login_waiter
@@ -306,6 +344,8 @@ async def connect(upstream: Upstream, user: str, database: str, creds: Credentia
                 await loop.create_unix_connection(lambda: backend, path)
             else:
                 await loop.create_connection(lambda: backend, upstream.host, upstream.port)
+                if upstream.tls is not None:
+                    await backend.negotiate_tls(upstream.tls, upstream.host)
             await backend.login(user, database, creds)
     except TimeoutError as exc:
         backend.abort()
@@ -332,9 +372,17 @@ async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: floa
                 reader, writer = await asyncio.open_unix_connection(path)
             else:
                 reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+                if upstream.tls is not None:  # the key travels encrypted like the session did
+                    writer.write(encode.ssl_request())
+                    answer = await reader.readexactly(1)
+                    if answer == b"S":
+                        await writer.start_tls(upstream.tls.context, server_hostname=upstream.host)
+                    elif upstream.tls.required:
+                        writer.close()
+                        return
             writer.write(encode.cancel_request(pid, secret))
             await writer.drain()
             await reader.read()  # Postgres closes when done
             writer.close()
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
         pass

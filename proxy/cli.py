@@ -1,4 +1,5 @@
-"""The `pgsluice` command: serve, config, explain, check-config, install-change-feed, load, demo."""
+"""The `pgsluice` command: serve, config, explain, check-config, install-change-feed, load, demo,
+make-cert."""
 
 from __future__ import annotations
 
@@ -78,13 +79,15 @@ async def install_change_feed(config: Config, databases: list[str] | None, unins
     from cache.feed import uninstall as remove
 
     from .config import mask_url, parse_upstream
+    from .tls import asyncpg_ssl, upstream_tls
 
     url = parse_upstream(config.upstream)
     for database in databases or [url.database]:
         try:
             conn = await asyncpg.connect(host=url.host, port=url.port, user=url.user,
                                          password=url.password, database=database,
-                                         timeout=config.connect_timeout)
+                                         timeout=config.connect_timeout,
+                                         ssl=asyncpg_ssl(upstream_tls(config), url.host))
         except (OSError, asyncpg.PostgresError) as exc:
             print(f"pgsluice: cannot connect to {database} at {mask_url(config.upstream)}: {exc}",
                   file=sys.stderr)
@@ -103,6 +106,20 @@ async def install_change_feed(config: Config, databases: list[str] | None, unins
             return 1
         finally:
             await conn.close()
+    return 0
+
+
+def make_cert(folder: str, hosts: list[str], clients: list[str], keep: bool = False) -> int:
+    """`pgsluice make-cert`: for trying TLS; production certificates come from your own CA."""
+    from pathlib import Path
+
+    from .certs import make_server_files
+
+    files = make_server_files(Path(folder), hosts, clients, keep)
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    print(f"\nserve with --tls-cert {files['cert']} --tls-key {files['key']}; clients verify with "
+          f"sslmode=verify-full sslrootcert={files['ca']}")
     return 0
 
 
@@ -141,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="database to install into (repeatable; default: the upstream URL's)")
     p_feed.add_argument("--uninstall", action="store_true", help="remove it instead")
     sub.add_parser("load", help="the agent-shaped load generator (pgsluice load --help)", add_help=False)
+    p_cert = sub.add_parser("make-cert", help="write a throw-away CA and certificates for tls_cert/tls_key")
+    p_cert.add_argument("dir", help="folder for ca.crt, server.crt and server.key (and client certificates)")
+    p_cert.add_argument("--host", action="append", default=None,
+                        help="a name or address clients connect to (repeatable; "
+                             "default: localhost, 127.0.0.1)")
+    p_cert.add_argument("--client", action="append", default=[],
+                        help="also a client certificate for this user name (repeatable), for tls_ca")
+    p_cert.add_argument("--keep", action="store_true",
+                        help="leave certificates already in DIR alone (docker compose up, again)")
     p_demo = sub.add_parser("demo", help="embedded Postgres + pgsluice + a scripted session")
     p_demo.add_argument("--once", action="store_true", help="exit after the scripted session")
     p_demo.add_argument("--port", type=int, default=6543, help="pgsluice port (0 = any free)")
@@ -157,6 +183,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             roles = len(checked.roles.roles)
             print(f"{args.file}: ok ({roles} roles; upstream {checked.masked()['upstream']})")
             return 0
+        if args.command == "make-cert":
+            return make_cert(args.dir, args.host or ["localhost", "127.0.0.1"], args.client, args.keep)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(once=args.once, port=args.port, data_dir=args.data_dir,

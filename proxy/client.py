@@ -56,9 +56,28 @@ def from_value(v: pb.Value) -> Any:
     return getattr(v, kind)
 
 
+def _read(pem: str | bytes | None) -> bytes | None:
+    """PEM bytes as given, or read from a file path."""
+    if pem is None or isinstance(pem, bytes):
+        return pem
+    with open(pem, "rb") as f:
+        return f.read()
+
+
 class SluiceClient:
-    def __init__(self, target: str, token: str, database: str = "") -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    """`tls=True` (or a `ca`) talks TLS: `ca` is the CA bundle that signed pgsluice's certificate
+    (None: the system's roots); `cert`/`key` are a client certificate, when pgsluice has tls_ca.
+    Each is PEM bytes or a file path."""
+
+    def __init__(self, target: str, token: str, database: str = "", *, tls: bool = False,
+                 ca: str | bytes | None = None, cert: str | bytes | None = None,
+                 key: str | bytes | None = None) -> None:
+        if tls or ca is not None or cert is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                                       certificate_chain=_read(cert))
+            self.channel = grpc.aio.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.aio.insecure_channel(target)
         self.stub = sluice_pb2_grpc.SluiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.database = database

@@ -19,6 +19,12 @@ from planner.policy import Policies, Policy, PolicyError
 
 AuthMode = Literal["passthrough", "auth_file", "trust"]
 LogFormat = Literal["text", "json", "logfmt"]
+TlsMode = Literal["disable", "allow", "require"]
+ServerTlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+# PgBouncer's default since 1.21: a role that cannot log in, or whose password has expired,
+# has no usable secret, so it cannot get in through pgsluice either.
+DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+                      "FROM pg_authid WHERE rolname = $1 AND rolcanlogin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,15 @@ class Config:
     listen: str = "127.0.0.1:6543"
     auth_mode: AuthMode = "passthrough"
     auth_file: str = ""
+    auth_user: str = ""  # who runs auth_query ("" = the upstream URL's user)
+    auth_password: str = ""  # its password ("" = the upstream URL's, when it is that user)
+    auth_query: str = DEFAULT_AUTH_QUERY  # a user's SCRAM/md5 secret, fetched per login ("" = off)
+    tls_mode: TlsMode = "allow"  # TLS towards clients, once tls_cert and tls_key are set
+    tls_cert: str = ""  # PEM certificate chain of the wire door, the gRPC door and /metrics
+    tls_key: str = ""
+    tls_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    server_tls_mode: ServerTlsMode = "prefer"  # TLS towards Postgres, as libpq's sslmode
+    server_tls_ca: str = ""  # CA bundle for verify-ca / verify-full ("" = the system's)
     pool_min_size: int = 0
     pool_max_size: int = 20
     pool_acquire_timeout: float = 5.0
@@ -65,6 +80,7 @@ class Config:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes on the same ports
     admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
     metrics_listen: str = "127.0.0.1:9187"  # Prometheus /metrics ("" = off)
+    metrics_tls: bool = False  # serve /metrics over HTTPS (tls_cert, tls_key, tls_ca)
     grpc_listen: str = "127.0.0.1:50051"  # the gRPC door ("" = off)
     idempotency_window: float = 600.0  # seconds a gRPC idempotency key is remembered
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
@@ -83,6 +99,7 @@ class Config:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("roles", "agents")}
         out["upstream"] = mask_url(self.upstream)
         out["redis"] = mask_url(self.redis)
+        out["auth_password"] = "***" if self.auth_password else ""
         if self.roles.roles:
             out["roles"] = {r.name: _role_dict(r) for r in self.roles.roles}
         if self.agents:
@@ -91,7 +108,7 @@ class Config:
         return out
 
 
-SECRET_FIELDS = frozenset({"upstream", "redis"})
+SECRET_FIELDS = frozenset({"upstream", "redis", "auth_password"})
 
 
 def _role_dict(policy: Policy) -> dict[str, Any]:
@@ -189,7 +206,7 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
 
 
 _field_types: dict[str, Any] = {
-    "auth_mode": AuthMode, "log_format": LogFormat,
+    "auth_mode": AuthMode, "log_format": LogFormat, "tls_mode": TlsMode, "server_tls_mode": ServerTlsMode,
 }
 
 
@@ -299,9 +316,23 @@ def validate(config: Config) -> None:
         raise ConfigError("workers must be between 1 and 256")
     if config.cache_max_bytes < 1 or config.cache_max_entry < 1:
         raise ConfigError("cache_max_bytes and cache_max_entry must be positive")
+    _validate_tls(config)
+    from .tls import check_files  # here, not at the top: tls.py imports ConfigError from us
+    check_files(config)
     for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
+
+
+def _validate_tls(config: Config) -> None:
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key go together")
+    if config.tls_ca and not config.tls_cert:
+        raise ConfigError("tls_ca (client certificates) needs tls_cert and tls_key")
+    if config.tls_mode == "require" and not config.tls_cert:
+        raise ConfigError("tls_mode = require needs tls_cert and tls_key")
+    if config.metrics_tls and not config.tls_cert:
+        raise ConfigError("metrics_tls needs tls_cert and tls_key")
 
 
 def _toml_value(value: Any) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from loadtest.sample import schema_sql
 
+from .certs import make_server_files
 from .cli import install_loop
 from .config import Config
 from .embedded import EmbeddedPostgres, free_port
@@ -95,12 +96,15 @@ async def _side_by_side(direct: str, sluice: str, metrics: str) -> None:
         print("   (the side-by-side run failed; see above)")
 
 
-async def _main(pg: EmbeddedPostgres, port: int, once: bool, side_by_side: bool) -> None:
+async def _main(pg: EmbeddedPostgres, port: int, once: bool, side_by_side: bool, certs: Path) -> None:
     from .server import Server
 
     metrics_port = free_port()
+    # a throw-away certificate, so that sslmode=require (and verify-full, with its CA) work at once
+    files = make_server_files(certs, ["localhost", "127.0.0.1"])
     config = Config(upstream=pg.dsn(password=PASSWORD), listen=f"127.0.0.1:{port}",
-                    pool_max_size=5, metrics_listen=f"127.0.0.1:{metrics_port}", grpc_listen="")
+                    pool_max_size=5, metrics_listen=f"127.0.0.1:{metrics_port}", grpc_listen="",
+                    tls_cert=str(files["cert"]), tls_key=str(files["key"]))
     server = Server(config)
     await server.start()
     dsn = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{server.port}/postgres"
@@ -112,8 +116,9 @@ async def _main(pg: EmbeddedPostgres, port: int, once: bool, side_by_side: bool)
                 break
             await asyncio.sleep(0.05)
         await _session(dsn)
-        if side_by_side:
-            await _side_by_side(pg.dsn(password=PASSWORD), dsn, f"http://127.0.0.1:{metrics_port}/metrics")
+        if side_by_side:  # both in plain text: the embedded Postgres has no TLS
+            await _side_by_side(pg.dsn(password=PASSWORD), dsn + "?sslmode=disable",
+                                f"http://127.0.0.1:{metrics_port}/metrics")
         pools = ", ".join(f"{db}/{user}: {p.size} server connections"
                           for (db, user), p in server.pools.items())
         print(f"\nPostgres served all of that over {pools}.")
@@ -122,7 +127,9 @@ async def _main(pg: EmbeddedPostgres, port: int, once: bool, side_by_side: bool)
             print(f"Cache: {st.hits} answered from cache, {st.coalesced} coalesced with an identical "
                   f"query in flight, {st.misses} run on Postgres and stored, "
                   f"{sum(st.bypass.values())} not cacheable (writes, transactions, volatile).")
-        print(f"\npgsluice is listening. Connect with:\n\n    psql {dsn}\n")
+        print(f"\npgsluice is listening. Connect with:\n\n    psql {dsn}\n\nor, checking its "
+              f"throw-away certificate:\n\n    psql 'host=localhost port={server.port} user=postgres "
+              f"password={PASSWORD} dbname=postgres sslmode=verify-full sslrootcert={files['ca']}'\n")
         if once:
             return
         print("Press Ctrl-C to stop.")
@@ -155,7 +162,7 @@ def run_demo(*, once: bool = False, port: int = 6543, data_dir: str | None = Non
         pg.psql(INSTALL)  # what `pgsluice install-change-feed` does: writes outside pgsluice are seen
         install_loop(Config())
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_main(pg, port, once, side_by_side))
+            asyncio.run(_main(pg, port, once, side_by_side, root / "certs"))
     finally:
         pg.stop()
         if temp:

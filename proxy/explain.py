@@ -14,12 +14,14 @@ from planner.catalog import load
 from planner.explain import describe
 
 from .config import Config, parse_upstream
+from .tls import asyncpg_ssl, upstream_tls
 
 
 async def _catalog(config: Config, database: str) -> Catalog:
     url = parse_upstream(config.upstream)
     conn = await asyncpg.connect(host=url.host, port=url.port, user=url.user, password=url.password,
-                                 database=database, timeout=config.connect_timeout)
+                                 database=database, timeout=config.connect_timeout,
+                                 ssl=asyncpg_ssl(upstream_tls(config), url.host))
     try:
         return await load(conn)
     finally:

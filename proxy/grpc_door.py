@@ -362,13 +362,28 @@ class GrpcDoor:
         self.port = 0
         self._checker: asyncio.Task[None] | None = None
 
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS from the wire door's files (tls_ca: client certificates required); None: plain."""
+        c = self.server.config
+        if not c.tls_cert or c.tls_mode == "disable":
+            return None
+        with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
+            pair = (key.read(), cert.read())
+        ca = None
+        if c.tls_ca:
+            with open(c.tls_ca, "rb") as f:
+                ca = f.read()
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
     async def start(self, listen: str) -> None:
-        self.port = self.grpc.add_insecure_port(listen)
+        credentials = self._credentials()
+        self.port = (self.grpc.add_secure_port(listen, credentials) if credentials is not None
+                     else self.grpc.add_insecure_port(listen))
         if not self.port:
             raise OSError(f"cannot listen on {listen}")
         await self.grpc.start()
         self._checker = asyncio.get_running_loop().create_task(self._check())
-        log.info("gRPC door on %s", listen)
+        log.info("gRPC door on %s%s", listen, " (TLS)" if credentials is not None else "")
 
     async def _check(self) -> None:
         """NOT_SERVING while Postgres cannot be reached."""

@@ -1,8 +1,9 @@
-"""Client login: startup packet, client authentication, and the welcome a client gets.
+"""Client login: startup packet (and TLS), client authentication, and the welcome a client gets.
 
 Rules: every refusal is an ErrorResponse with the SQLSTATE Postgres would send
-(Postgres's own bytes when Postgres refused); a cleartext password is only asked
-for over loopback.
+(Postgres's own bytes when Postgres refused); a cleartext password is only asked for over
+TLS or loopback; a password is checked by Postgres, or against the secret Postgres holds for
+that user right now (auth_query, read for every login), never against a remembered one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .admin import ADMIN_DB
 from .admin import welcome as admin_welcome
+from .authquery import UNAVAILABLE, Found
 from .backend import Backend, Credentials, LoginError, NeedPassword, connect
 from .pgwire import codes, encode
 from .pgwire.decode import (
@@ -35,22 +37,33 @@ from .pgwire.errors import (
     TOO_MANY_CONNECTIONS,
     PgError,
 )
-from .pgwire.scram import ScramError, ScramServer, make_scram_secret
+from .pgwire.scram import (
+    MECHANISM,
+    MECHANISM_PLUS,
+    ScramError,
+    ScramSecret,
+    ScramServer,
+    make_scram_secret,
+    md5_response,
+)
 from .settings import settings_from_startup
 
 if TYPE_CHECKING:
     from .pool import Pool
     from .server import Server
+    from .tls import TlsChannel
 
 
 class LoginIO(Protocol):
     """What login needs from a client connection."""
 
     peer: object
+    tls: TlsChannel | None  # set once the connection is encrypted
 
     async def read_packet(self) -> bytes: ...
     async def read_message(self) -> tuple[int, bytes]: ...
     def write(self, data: bytes) -> None: ...
+    async def start_tls(self) -> None: ...
 
 
 class LoginResult:
@@ -75,8 +88,14 @@ class CancelOnly(Exception):
 async def read_startup(io: LoginIO, server: Server) -> StartupMessage:
     while True:
         packet = decode_startup(await io.read_packet())
+        if isinstance(packet, SSLRequest) and io.tls is not None:
+            raise PgError(PROTOCOL_VIOLATION, "SSLRequest on a connection that is already encrypted",
+                          severity="FATAL")
+        if isinstance(packet, SSLRequest) and server.tls is not None:
+            await io.start_tls()  # 'S', the handshake; the startup packet then comes encrypted
+            continue
         if isinstance(packet, SSLRequest | GSSENCRequest):
-            io.write(b"N")  # TLS and GSS encryption come later
+            io.write(b"N")  # no certificate configured; GSS encryption is not supported
             continue
         if isinstance(packet, CancelRequest):
             # Shielded: a client may hang up right after sending it; the cancel still goes.
@@ -106,6 +125,10 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
         raise PgError(INVALID_AUTHORIZATION,
                       "no PostgreSQL user name specified in startup packet", severity="FATAL")
     database = params.get("database") or user
+    if server.tls is not None and server.tls.required and io.tls is None:
+        host = io.peer[0] if isinstance(io.peer, tuple) and io.peer else io.peer  # Postgres's words
+        raise PgError(INVALID_AUTHORIZATION, f'no pg_hba.conf entry for host "{host}", user "{user}", '
+                      f'database "{database}", no encryption', severity="FATAL")
     if len(server.clients) > server.config.max_client_conn:
         raise PgError(TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL")
     settings = settings_from_startup(params)
@@ -124,9 +147,14 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
             pool.creds = creds
     try:
         welcome = await _welcome(pool, settings, probe)
-    except (LoginError, PgError):
+    except (LoginError, PgError, NeedPassword) as exc:
         if pool.size == 0 and not pool.waiters:
             server.pools.pop(pool.key, None)  # a mistyped database leaves no pool behind
+        if isinstance(exc, NeedPassword):  # pg_hba asks for a method the keys cannot answer
+            raise PgError(INVALID_AUTHORIZATION, f'pgsluice: Postgres asks for user "{user}"\'s '
+                          "cleartext password, which pgsluice does not have (it has SCRAM keys)",
+                          severity="FATAL", hint="Use scram-sha-256 in pg_hba.conf for pgsluice's "
+                          "connections.") from None
         raise
     return LoginResult(user, database, params, pool, settings, welcome)
 
@@ -149,40 +177,50 @@ async def _admin_login(io: LoginIO, server: Server, user: str) -> None:
                       severity="FATAL", hint="Admins are listed in the admin_users setting.")
 
 
-# ---- passthrough: Postgres decides ---------------------------------------------------------
+# ---- passthrough: Postgres decides, directly or through the secret it holds ---------------
 
 async def _passthrough(io: LoginIO, server: Server, user: str,
                        database: str) -> tuple[Pool, Backend | None]:
-    pool = server.pools.get((database, user))
-    if pool is not None and pool.trusted:
+    found = await server.auth_query.lookup(user) if server.auth_query is not None else UNAVAILABLE
+    if found.has_secret:  # SCRAM (or md5) with the client; Postgres gets the keys it proved
+        creds = await _check_secret(io, server, user, found)
+        proved = server.pool(database, user)
+        proved.creds = creds
         io.write(encode.auth_ok())
-        return pool, None
-    known = pool.creds.password if pool is not None else None
-    if known is None:
-        try:
+        return proved, None
+    known = server.pools.get((database, user))
+    trusted = known is not None and known.trusted
+    if trusted and found.kind != "missing":
+        assert known is not None
+        io.write(encode.auth_ok())
+        return known, None
+    if trusted or known is None or not known.creds.any():
+        try:  # Postgres may ask this user for nothing (trust), or refuse the role itself
             backend = await _server_login(io, server, user, database, Credentials())
         except NeedPassword:
             pass
         else:
             pool = server.pool(database, user)
             pool.trusted = True
-            pool.adopt(backend)
             io.write(encode.auth_ok())
-            return pool, backend
+            return pool, backend if pool.adopt(backend) else None
+    if not _cleartext_ok(io):
+        if found.kind != "unavailable":  # no usable secret: fail as Postgres does, after an exchange
+            await _scram(io, server, user, None)
+        raise PgError(INVALID_AUTHORIZATION,
+                      "pgsluice: a password from a non-local client needs TLS or a readable "
+                      "secret (auth_query)", severity="FATAL",
+                      hint="Connect with sslmode=require." if server.tls is not None else
+                      "Configure tls_cert and tls_key, or auth_user and auth_query.")
     password = await _ask_cleartext(io, user)
-    if pool is not None and known is not None and hmac.compare_digest(
-            password.encode(), known.encode()):
-        io.write(encode.auth_ok())
-        return pool, None
     try:
         backend = await _server_login(io, server, user, database, Credentials(password=password))
     except NeedPassword:
         raise password_failed(user) from None
     pool = server.pool(database, user)
-    pool.creds.password = password
-    pool.adopt(backend)
+    pool.creds = Credentials(password=password)  # checked by Postgres just now
     io.write(encode.auth_ok())
-    return pool, backend
+    return pool, backend if pool.adopt(backend) else None
 
 
 async def _server_login(io: LoginIO, server: Server, user: str, database: str,
@@ -204,12 +242,11 @@ def _is_local(peer: object) -> bool:
     return isinstance(peer, str)  # unix socket
 
 
+def _cleartext_ok(io: LoginIO) -> bool:
+    return io.tls is not None or _is_local(io.peer)
+
+
 async def _ask_cleartext(io: LoginIO, user: str) -> str:
-    if not _is_local(io.peer):
-        raise PgError(INVALID_AUTHORIZATION,
-                      "pgsluice: password authentication in passthrough mode needs a loopback "
-                      "connection until TLS is supported", severity="FATAL",
-                      hint="Use auth_mode = auth_file for remote clients.")
     io.write(encode.auth_request(codes.AUTH_CLEARTEXT))
     code, body = await io.read_message()
     if code != codes.F_PASSWORD:
@@ -221,47 +258,71 @@ async def _ask_cleartext(io: LoginIO, user: str) -> str:
         raise password_failed(user) from None
 
 
-# ---- auth_file: pgsluice decides --------------------------------------------------------------
+# ---- pgsluice checks a secret: auth_query's, or auth_file's -------------------------------
 
-async def _auth_file(io: LoginIO, server: Server, user: str) -> Credentials:
-    cred = server.userlist.get(user)
-    if cred is not None and cred.kind == "md5":
-        salt = secrets.token_bytes(4)
-        io.write(encode.auth_request(codes.AUTH_MD5, salt))
-        code, body = await io.read_message()
-        if code != codes.F_PASSWORD:
-            raise PgError(PROTOCOL_VIOLATION, "expected password response", severity="FATAL")
-        from .pgwire.scram import md5_response
-        expected = md5_response(user, cred.value, salt)
-        if not hmac.compare_digest(parse_password(body), expected):
-            raise password_failed(user)
-        return Credentials(md5=cred.value)
-    if cred is None:
-        secret = make_scram_secret(secrets.token_hex(16))  # fail after a full exchange
-    elif cred.scram is not None:
-        secret = cred.scram
-    else:
-        secret = server.scram_secret_for(user, cred.value)
-    scram = ScramServer(secret)
-    io.write(encode.auth_sasl(["SCRAM-SHA-256"]))
+async def _check_secret(io: LoginIO, server: Server, user: str, found: Found) -> Credentials:
+    """SCRAM (md5 for an md5 hash) with the client against `found`; the credentials that log
+    in to Postgres as that user. 28P01 when the client's proof is wrong."""
+    if found.kind == "md5":
+        await _md5(io, user, found.value)
+        return Credentials(md5=found.value)
+    if found.kind == "plain":
+        await _scram(io, server, user, server.scram_secret_for(user, found.value))
+        return Credentials(password=found.value)
+    assert found.scram is not None
+    scram = await _scram(io, server, user, found.scram)
+    return Credentials(scram_keys=(scram.client_key, found.scram.server_key))
+
+
+async def _md5(io: LoginIO, user: str, stored: str) -> None:
+    salt = secrets.token_bytes(4)
+    io.write(encode.auth_request(codes.AUTH_MD5, salt))
+    code, body = await io.read_message()
+    if code != codes.F_PASSWORD:
+        raise PgError(PROTOCOL_VIOLATION, "expected password response", severity="FATAL")
+    if not hmac.compare_digest(parse_password(body), md5_response(user, stored, salt)):
+        raise password_failed(user)
+
+
+async def _scram(io: LoginIO, server: Server, user: str, secret: ScramSecret | None) -> ScramServer:
+    """One SCRAM-SHA-256 exchange (-PLUS offered over TLS when the certificate allows channel
+    binding). Without a secret the exchange runs with a random one and fails, as Postgres does
+    for an unknown user, so a refusal tells nothing about which users exist."""
+    binding = server.tls.end_point if io.tls is not None and server.tls is not None else None
+    mechanisms = [MECHANISM_PLUS, MECHANISM] if binding is not None else [MECHANISM]
+    scram = ScramServer(secret or make_scram_secret(secrets.token_hex(16)), channel_binding=binding)
+    io.write(encode.auth_sasl(mechanisms))
     try:
         code, body = await io.read_message()
         if code != codes.F_PASSWORD:
             raise PgError(PROTOCOL_VIOLATION, "expected SASL response", severity="FATAL")
         mechanism, first = parse_sasl_initial(body)
-        if mechanism != "SCRAM-SHA-256":
+        if mechanism not in mechanisms:
             raise PgError(PROTOCOL_VIOLATION, "client selected an invalid SASL authentication "
                           "mechanism", severity="FATAL")
-        io.write(encode.auth_request(codes.AUTH_SASL_CONTINUE, scram.server_first(first)))
+        io.write(encode.auth_request(codes.AUTH_SASL_CONTINUE, scram.server_first(first, mechanism)))
         code, body = await io.read_message()
         if code != codes.F_PASSWORD:
             raise PgError(PROTOCOL_VIOLATION, "expected SASL response", severity="FATAL")
         final = scram.server_final(body)
     except ScramError:
         raise password_failed(user) from None
-    if cred is None:
+    if secret is None:
         raise password_failed(user)
     io.write(encode.auth_request(codes.AUTH_SASL_FINAL, final))
+    return scram
+
+
+async def _auth_file(io: LoginIO, server: Server, user: str) -> Credentials:
+    cred = server.userlist.get(user)
+    if cred is not None and cred.kind == "md5":
+        await _md5(io, user, cred.value)
+        return Credentials(md5=cred.value)
+    if cred is None:
+        await _scram(io, server, user, None)
+        raise password_failed(user)  # not reached: the exchange fails
+    secret = cred.scram if cred.scram is not None else server.scram_secret_for(user, cred.value)
+    scram = await _scram(io, server, user, secret)
     if cred.kind == "plain":
         return Credentials(password=cred.value)
     return Credentials(scram_keys=(scram.client_key, secret.server_key))

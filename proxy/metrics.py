@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -168,11 +169,12 @@ class MetricsServer:
         self.registry.register(ServerCollector(server))
         self._server: asyncio.Server | None = None
 
-    async def start(self, listen: str, reuse_port: bool = False) -> None:
+    async def start(self, listen: str, reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> None:
         host, port = split_host_port(listen)
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True,
-                                                  reuse_port=reuse_port)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+                                                  reuse_port=reuse_port, ssl=tls,
+                                                  ssl_handshake_timeout=5 if tls else None)
+        log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
 
     @property
     def port(self) -> int:

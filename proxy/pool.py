@@ -219,8 +219,12 @@ class Pool:
             self.server_params = dict(backend.params)
         return backend
 
-    def adopt(self, backend: Backend) -> None:
-        """Take in a connection opened elsewhere (the login probe) as held."""
+    def adopt(self, backend: Backend) -> bool:
+        """Take in a connection opened elsewhere (a login's) as held; when the pool is full it
+        is closed instead (False)."""
+        if self.size >= self.settings.max_size:
+            backend.close()
+            return False
         self.size += 1
         self.held += 1
         self.stats.connects += 1
@@ -228,6 +232,7 @@ class Pool:
         self.pids.add(backend.pid)
         if not self.server_params:
             self.server_params = dict(backend.params)
+        return True
 
     def _lost(self, backend: Backend) -> None:
         backend.on_lost = None

@@ -28,9 +28,11 @@ from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
 from planner.tables import TableFacts
 
+from .authquery import AuthQuery
 from .backend import Credentials, Upstream, send_cancel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
+from .tls import asyncpg_ssl, door_context, door_tls, upstream_tls
 
 if TYPE_CHECKING:
     from .grpc_door import GrpcDoor
@@ -53,9 +55,12 @@ class Server:
         self.worker = worker  # index among config.workers processes
         self.stats_dir = stats_dir  # where the workers publish their counters (snapshot.py)
         url = parse_upstream(config.upstream)
-        self.upstream = Upstream(url.host, url.port)
+        self.upstream = Upstream(url.host, url.port,
+                                 None if url.host.startswith("/") else upstream_tls(config))
         self.upstream_user = url.user
         self.upstream_password = url.password
+        self.tls = door_tls(config)  # None: SSLRequest is answered 'N'
+        self.auth_query = self._auth_query(config) if config.auth_mode == "passthrough" else None
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
@@ -116,6 +121,20 @@ class Server:
         if any(pid in p.pids for p in self.pools.values()):
             return True
         return self.shared is not None and self.shared.workers > 1 and self.shared.has_pid(pid)
+
+    def _auth_query(self, config: Config) -> AuthQuery | None:
+        if not config.auth_query:
+            return None
+        user = config.auth_user or self.upstream_user
+        password = config.auth_password or (self.upstream_password if user == self.upstream_user else None)
+        return AuthQuery(config.auth_query, config.connect_timeout, host=self.upstream.host,
+                         port=self.upstream.port, user=user, password=password,
+                         database=self.admin_database(), ssl=self.upstream_ssl(),
+                         server_settings={"application_name": "pgsluice auth"})
+
+    def upstream_ssl(self) -> Any:
+        """asyncpg's `ssl` argument for control connections (server_tls_mode, as the pool's)."""
+        return asyncpg_ssl(self.upstream.tls, self.upstream.host)
 
     def default_creds(self, user: str) -> Credentials:
         if user == self.upstream_user and self.upstream_password is not None:
@@ -178,6 +197,7 @@ class Server:
         return await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
                                      user=self.upstream_user, password=self.upstream_password,
                                      database=database, timeout=self.config.connect_timeout,
+                                     ssl=self.upstream_ssl(),
                                      server_settings={"application_name": "pgsluice control"})
 
     def refresh_catalog(self, database: str, delay: float = 1.0) -> None:
@@ -359,7 +379,8 @@ class Server:
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self)
             try:  # every worker on the same port: each answers with the sum over all of them
-                await self.metrics.start(self.config.metrics_listen, reuse_port=self.config.workers > 1)
+                await self.metrics.start(self.config.metrics_listen, reuse_port=self.config.workers > 1,
+                                         tls=door_context(self.config) if self.config.metrics_tls else None)
             except OSError as exc:
                 log.error("metrics not served on %s: %s", self.config.metrics_listen, exc)
                 self.metrics = None
@@ -395,6 +416,8 @@ class Server:
             pool.close()
         if self.cache is not None:
             await self.cache.close()
+        if self.auth_query is not None:
+            await self.auth_query.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.sleep(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import struct
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 
-from . import admin, caching, relay
+from . import admin, caching, relay, tls
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
 from .logs import fields, peer_text
@@ -55,6 +56,9 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer: object = None
+        self.tls: tls.TlsChannel | None = None  # the transport, once the client chose TLS
+        self._fresh = True  # nothing received yet: a TLS handshake byte means direct TLS
+        self._direct = False
         self.inbuf = bytearray()
         self.startup = StartupReader()
         self.state = "login"
@@ -129,6 +133,14 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._fresh:
+            self._fresh = False
+            if data[:1] == bytes((tls.HANDSHAKE,)) and not self._direct_tls():
+                return
+        if self.tls is not None:
+            data = self._decrypt(data)
+            if not data:
+                return
         if self.state == "login":
             try:
                 if not self._startup_done:
@@ -167,6 +179,55 @@ class ClientSession(asyncio.Protocol):
         if backend is not None:
             self.backend = None
             self.server.spawn(self._cleanup(backend))
+
+    # ---- TLS (tls.py): the session's transport becomes a TlsChannel over the socket ----------
+
+    def _direct_tls(self) -> bool:
+        """The client opened with a TLS ClientHello (Postgres 17's sslnegotiation=direct)."""
+        if self.server.tls is None:
+            log.info("login refused", extra=fields(peer=peer_text(self.peer),
+                                                   error="direct TLS, but no certificate configured"))
+            self.close()
+            return False
+        self._use_tls()
+        self._direct = True
+        return True
+
+    def _use_tls(self) -> None:
+        assert self.transport is not None and self.server.tls is not None
+        self.tls = tls.TlsChannel(self.server.tls.context, self.transport)
+        self.transport = self.tls
+
+    async def start_tls(self) -> None:
+        """SSLRequest: 'S', then the handshake, before anything else is read."""
+        if self.startup.take_rest():  # CVE-2021-23214: bytes sent before the handshake
+            raise PgError(PROTOCOL_VIOLATION, "received unencrypted data after SSL request",
+                          severity="FATAL", detail="This could be either a client-software bug or "
+                          "evidence of an attempted man-in-the-middle attack.")
+        self.write(b"S")
+        self._use_tls()
+        while self.tls is not None and not self.tls.ready:
+            await self._wait()
+
+    def _decrypt(self, data: bytes) -> bytes:
+        channel = self.tls
+        assert channel is not None
+        was_ready = channel.ready
+        try:
+            plain = channel.receive(data)
+        except ssl.SSLError as exc:
+            log.info("login refused" if self.state == "login" else "TLS error, connection closed",
+                     extra=fields(peer=peer_text(self.peer), error=f"TLS: {exc.reason or exc}"))
+            channel.raw.close()
+            self.closed = True
+            return b""
+        if channel.ready and not was_ready:
+            if self._direct and channel.obj.selected_alpn_protocol() != tls.ALPN:
+                self.fatal(PROTOCOL_VIOLATION, "received direct SSL connection request without ALPN "
+                           "protocol negotiation extension")
+                return b""
+            self._wake()  # start_tls waits for the handshake
+        return plain
 
     def pause_writing(self) -> None:
         self._writing = False

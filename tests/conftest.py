@@ -110,10 +110,12 @@ def _pg_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
 
 # -- proxy subprocesses -------------------------------------------------------------------
 def _start_proxy(pg: EmbeddedPostgres, log_dir: Path, started: list[ProxyHandle],
-                 *extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle:
-    host, port = "127.0.0.1", free_port()
+                 *extra_args: str, env: Mapping[str, str] | None = None,
+                 listen_host: str = "127.0.0.1") -> ProxyHandle:
+    host = "127.0.0.1" if listen_host == "0.0.0.0" else listen_host
+    port = free_port(host)
     cmd = [sys.executable, "-m", "proxy", "serve", "--upstream", pg.dsn(),
-           "--listen", f"{host}:{port}", *extra_args]  # fmt: skip
+           "--listen", f"{listen_host}:{port}", *extra_args]  # fmt: skip
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath,
                 "PGSLUICE_METRICS_LISTEN": "127.0.0.1:0", "PGSLUICE_WORKERS": "1",
@@ -158,11 +160,13 @@ def proxy_factory(
     pg: EmbeddedPostgres, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[ProxyFactory]:
     """Start `python -m proxy serve --upstream <pg> --listen 127.0.0.1:<port> *extra_args`
-    and wait until it accepts TCP. Call as ``proxy_factory(*extra_args, env={...})``."""
+    and wait until it accepts TCP. Call as ``proxy_factory(*extra_args, env={...})``;
+    ``listen_host`` listens elsewhere (e.g. on a test network namespace's veth)."""
     started: list[ProxyHandle] = []
 
-    def start(*extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle:
-        return _start_proxy(pg, tmp_path, started, *extra_args, env=env)
+    def start(*extra_args: str, env: Mapping[str, str] | None = None,
+              listen_host: str = "127.0.0.1") -> ProxyHandle:
+        return _start_proxy(pg, tmp_path, started, *extra_args, env=env, listen_host=listen_host)
 
     yield start
     _stop_proxies(started, request_failed(request))
@@ -175,8 +179,9 @@ def proxy_factory_module(pg: EmbeddedPostgres, tmp_path_factory: pytest.TempPath
     started: list[ProxyHandle] = []
     log_dir = tmp_path_factory.mktemp("proxy-logs")
 
-    def start(*extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle:
-        return _start_proxy(pg, log_dir, started, *extra_args, env=env)
+    def start(*extra_args: str, env: Mapping[str, str] | None = None,
+              listen_host: str = "127.0.0.1") -> ProxyHandle:
+        return _start_proxy(pg, log_dir, started, *extra_args, env=env, listen_host=listen_host)
 
     yield start
     _stop_proxies(started, False)

@@ -489,6 +489,7 @@ class Raw:
         """Send `packet` and authenticate; returns what came after authentication."""
         await self.send(packet)
         seen: list[Msg] = []
+        scram = ScramClient(password)
         while True:
             msg = await self.read_message()
             assert msg is not None, f"closed during login; got {describe(seen)}"
@@ -505,6 +506,12 @@ class Raw:
                 await self.send(encode.password(password.encode()))
             elif kind == codes.AUTH_MD5:
                 await self.send(encode.password(md5_response(user, password, extra[:4])))
+            elif kind == codes.AUTH_SASL:
+                await self.send(encode.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+            elif kind == codes.AUTH_SASL_CONTINUE:
+                await self.send(encode.sasl_response(scram.client_final(extra)))
+            elif kind == codes.AUTH_SASL_FINAL:
+                scram.verify_server_final(extra)
             else:
                 raise AssertionError(f"unexpected authentication request {kind}")
 

@@ -83,3 +83,33 @@ def test_cli_rejects_bad_config() -> None:
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2
     assert "pool_max_size must be at least 1" in out.stderr
+
+
+def test_tls_and_auth_settings(tmp_path: Path) -> None:
+    from proxy.certs import Authority
+    cert, key = Authority().issue("pgsluice", ["localhost"]).write(tmp_path, "server")
+    config = load({"tls_cert": str(cert), "tls_key": str(key), "tls_mode": "require",
+                   "server_tls_mode": "verify-full", "auth_user": "auth", "auth_password": "s3cret"}, env={})
+    assert (config.tls_mode, config.server_tls_mode) == ("require", "verify-full")
+    assert config.masked()["auth_password"] == "***"
+    for flags, match in (
+        ({"tls_cert": str(cert)}, "tls_cert and tls_key go together"),
+        ({"tls_mode": "require"}, "tls_mode = require needs tls_cert"),
+        ({"tls_ca": str(cert)}, "tls_ca .* needs tls_cert"),
+        ({"metrics_tls": "on"}, "metrics_tls needs tls_cert"),
+        ({"tls_mode": "prefer"}, "invalid value for tls_mode"),
+        ({"server_tls_mode": "verify"}, "invalid value for server_tls_mode"),
+        ({"tls_cert": str(tmp_path / "nope.crt"), "tls_key": str(key)}, r"nope\.crt"),
+        ({"tls_cert": str(cert), "tls_key": str(cert)}, "cannot load"),  # a certificate is no key
+        ({"server_tls_mode": "verify-ca", "server_tls_ca": str(tmp_path / "ca.pem")}, r"ca\.pem"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load(flags, env={})
+
+
+def test_check_config_names_a_bad_certificate(tmp_path: Path) -> None:
+    toml = tmp_path / "tls.toml"
+    toml.write_text(f'[pgsluice]\ntls_cert = "{tmp_path}/missing.crt"\ntls_key = "{tmp_path}/missing.key"\n')
+    res = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(toml)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2 and "missing.crt" in res.stderr, res.stderr

@@ -21,6 +21,7 @@ def test_demo_once(pg_tmp_dir: Path) -> None:
     assert "customer 42" in out.stdout
     assert "2000 point reads from 50 client connections" in out.stdout
     assert "psql postgresql://postgres:pgsluice@127.0.0.1:" in out.stdout
+    assert "sslmode=verify-full sslrootcert=" in out.stdout  # its throw-away certificate
     cache = next(line for line in out.stdout.splitlines() if line.startswith("Cache: "))
     assert int(cache.split()[1]) >= 1000, cache  # the second pass of point reads came from cache
     # the side-by-side run: the same schedule against both, no errors, pgsluice's share counted

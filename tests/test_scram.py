@@ -9,6 +9,7 @@ import hmac
 import pytest
 
 from proxy.pgwire.scram import (
+    MECHANISM_PLUS,
     ScramClient,
     ScramError,
     ScramSecret,
@@ -198,7 +199,7 @@ def test_server_accepts_y_flag_and_checks_its_binding() -> None:
 @pytest.mark.parametrize(
     "client_first",
     [
-        b"p=tls-server-end-point,,n=,r=abc",
+        b"p=tls-server-end-point,,n=,r=abc",  # binding data with plain SCRAM-SHA-256
         b"n,a=admin,n=,r=abc",
         b"x,,n=,r=abc",
         b"n,,r=abc",
@@ -306,3 +307,49 @@ def test_md5_response_from_password_and_from_hash() -> None:
     assert md5_response("postgres", "md5" + inner.upper(), salt) != expected
     with pytest.raises(ValueError):
         md5_response("postgres", "secret", b"abc")
+
+
+# ---- channel binding (SCRAM-SHA-256-PLUS, tls-server-end-point) ----------------------------------
+
+BINDING = hashlib.sha256(b"the server's certificate, DER").digest()
+
+
+def _bound_final(server: ScramServer, gs2: str, mechanism: str, binding: bytes,
+                 password: str = "pencil") -> bytes:
+    """A client-final-message built from RFC 5802 by hand, with c= = base64(gs2 + binding)."""
+    server_first = server.server_first(f"{gs2}n=,r=abc".encode(), mechanism).decode()
+    salt = base64.b64decode(server_first.split(",s=")[1].split(",")[0])
+    nonce = server_first[2:].split(",")[0]
+    without_proof = f"c={base64.b64encode(gs2.encode() + binding).decode()},r={nonce}"
+    auth = f"n=,r=abc,{server_first},{without_proof}".encode()
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 64)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    signature = hmac.digest(hashlib.sha256(client_key).digest(), auth, "sha256")
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+
+def test_plus_with_the_right_binding_authenticates() -> None:
+    secret = make_scram_secret("pencil", salt=b"salt", iterations=64)
+    server = ScramServer(secret, channel_binding=BINDING)
+    final = _bound_final(server, "p=tls-server-end-point,,", MECHANISM_PLUS, BINDING)
+    assert server.server_final(final).startswith(b"v=")
+
+
+@pytest.mark.parametrize(("gs2", "mechanism", "offered", "sent"), [
+    ("p=tls-server-end-point,,", MECHANISM_PLUS, BINDING, b"another certificate"),  # MITM
+    ("p=tls-unique,,", MECHANISM_PLUS, BINDING, BINDING),  # a type we do not offer
+    ("n,,", MECHANISM_PLUS, BINDING, b""),  # -PLUS without binding
+    ("p=tls-server-end-point,,", "SCRAM-SHA-256", BINDING, BINDING),  # binding without -PLUS
+    ("p=tls-server-end-point,,", MECHANISM_PLUS, None, BINDING),  # -PLUS was not offered
+    ("y,,", "SCRAM-SHA-256", BINDING, b""),  # "I could bind, you can't": -PLUS was removed
+])
+def test_binding_mismatches_are_refused(gs2: str, mechanism: str, offered: bytes | None, sent: bytes) -> None:
+    server = ScramServer(make_scram_secret("pencil", salt=b"salt", iterations=64), channel_binding=offered)
+    with pytest.raises(ScramError):
+        server.server_final(_bound_final(server, gs2, mechanism, sent))
+
+
+def test_y_flag_is_fine_when_no_binding_was_offered() -> None:
+    server = ScramServer(make_scram_secret("pencil", salt=b"salt", iterations=64))
+    assert server.server_final(_bound_final(server, "y,,", "SCRAM-SHA-256", b"")).startswith(b"v=")

@@ -125,4 +125,5 @@ class ProxyHandle:
 
 
 class ProxyFactory(Protocol):
-    def __call__(self, *extra_args: str, env: Mapping[str, str] | None = None) -> ProxyHandle: ...
+    def __call__(self, *extra_args: str, env: Mapping[str, str] | None = None,
+                 listen_host: str = "127.0.0.1") -> ProxyHandle: ...

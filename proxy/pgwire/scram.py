@@ -1,8 +1,10 @@
 """SCRAM-SHA-256 and md5 password authentication as PostgreSQL speaks it, with no I/O.
 
-Rules kept: no channel binding (we send "n,,", accept "n,," or "y,,", refuse "p="), the user name
-travels in the startup packet so SCRAM's "n=" is sent empty and ignored, passwords go through
-PostgreSQL's SASLprep with its raw-bytes fallback, and secrets are compared in constant time.
+Rules kept: as a client we send "n,," (no channel binding); as a server we accept "n,,", "y,,"
+only when we offered no binding (else it is a downgrade), and "p=tls-server-end-point" only
+with SCRAM-SHA-256-PLUS and the binding data we were given; the user name travels in the
+startup packet so SCRAM's "n=" is sent empty and ignored, passwords go through PostgreSQL's
+SASLprep with its raw-bytes fallback, and secrets are compared in constant time.
 
 >>> md5_password("postgres", "secret") == "md5" + hashlib.md5(b"secretpostgres").hexdigest()
 True
@@ -23,6 +25,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 MECHANISM = "SCRAM-SHA-256"
+MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
+CHANNEL_BINDING = "tls-server-end-point"  # the one binding type Postgres and libpq use
 MAX_ITERATIONS = 10_000_000  # the most a client will agree to compute for a server
 _MAX_SECRET_ITERATIONS = 2**31 - 1  # PostgreSQL's scram_iterations limit (INT_MAX)
 _KEY_LEN = 32
@@ -246,12 +250,17 @@ class ScramClient:
 class ScramServer:
     """Authenticates a client against a ScramSecret: server_first -> server_final.
 
-    After success ``client_key`` is the client's ClientKey, with which a ScramClient can log
-    in to a PostgreSQL server storing the same secret.
+    *channel_binding* is the tls-server-end-point data of the connection when the server
+    offered SCRAM-SHA-256-PLUS (None: not offered). After success ``client_key`` is the
+    client's ClientKey, with which a ScramClient can log in to a PostgreSQL server storing
+    the same secret.
     """
 
-    def __init__(self, secret: ScramSecret, *, nonce: str | None = None) -> None:
+    def __init__(self, secret: ScramSecret, *, nonce: str | None = None,
+                 channel_binding: bytes | None = None) -> None:
         self._secret = secret
+        self._binding = channel_binding
+        self._bound = b""  # the binding data the client's c= must carry
         self._suffix = _new_nonce() if nonce is None else nonce
         if not _valid_nonce(self._suffix):
             raise ValueError("nonce must be printable ASCII without ','")
@@ -267,15 +276,30 @@ class ScramServer:
             raise ScramError("client has not authenticated")
         return self._client_key
 
-    def server_first(self, client_first: bytes) -> bytes:
-        """Answer the client-first-message (SASLInitialResponse data)."""
+    def server_first(self, client_first: bytes, mechanism: str = MECHANISM) -> bytes:
+        """Answer the client-first-message (SASLInitialResponse data for *mechanism*)."""
         if self._nonce is not None:
             raise ScramError("server_first called twice")
         flag, _, rest = _decode(client_first).partition(",")
-        if flag.startswith("p="):
-            raise ScramError("SCRAM channel binding is not supported")
         authzid, sep, bare = rest.partition(",")
-        if flag not in ("n", "y") or not sep:
+        if not sep:
+            raise ScramError("malformed SCRAM GS2 header")
+        if mechanism == MECHANISM_PLUS:
+            if self._binding is None:
+                raise ScramError("client selected SCRAM-SHA-256-PLUS, which was not offered")
+            if flag != f"p={CHANNEL_BINDING}":
+                raise ScramError(f"client uses channel binding {flag[2:]!r}; only {CHANNEL_BINDING} "
+                                 "is supported" if flag.startswith("p=") else
+                                 "client selected SCRAM-SHA-256-PLUS without channel binding data")
+            self._bound = self._binding
+        elif mechanism != MECHANISM:
+            raise ScramError(f"unsupported SASL mechanism {mechanism!r}")
+        elif flag.startswith("p="):
+            raise ScramError("client selected SCRAM-SHA-256 but sent channel binding data")
+        elif flag == "y" and self._binding is not None:
+            # the client could bind and thinks we cannot: someone removed -PLUS on the way
+            raise ScramError("SCRAM channel binding negotiation error")
+        elif flag not in ("n", "y"):
             raise ScramError("malformed SCRAM GS2 header")
         if authzid:
             raise ScramError("SCRAM authorization identities are not supported")
@@ -299,7 +323,7 @@ class ScramServer:
         if not sep:
             raise ScramError("SCRAM client-final-message has no proof")
         attrs = _attrs(head)
-        if _expect(attrs, 0, "c") != _b64(self._gs2.encode()):
+        if _expect(attrs, 0, "c") != _b64(self._gs2.encode() + self._bound):
             raise ScramError("SCRAM channel-binding data does not match the GS2 header")
         if _expect(attrs, 1, "r") != self._nonce:
             raise ScramError("SCRAM nonce mismatch")
