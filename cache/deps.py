@@ -9,15 +9,15 @@ the ones it depends on:
     D/T|C:c      column c updated, anywhere (c = * : any)      those reads, per column they use
     D/T|r        rows inserted or deleted, keys not known      reads of T pinned to keys
     D/T|c:c      column c updated, keys not known (* : any)    those reads, per column they use
-    D/T|k:n      a slot for a key value and a column ("r" for   those reads, per key value
-                 the row itself, * for any column)
+    D/T|k:c:n    slot n (a hash of the key value) of column c     those reads, per key value
+                 (r: the row itself, *: any column)
 
 A write bumps what it can change: an INSERT/DELETE of given keys `D/T|R` and the key slots (r);
 of unknown keys `D/T|R` and `D/T|r`; an UPDATE of columns C on given keys `D/T|C:c`, `D/T|C:*`
 and the slots (c, *); on unknown keys `D/T|C:c`, `D/T|c:c` and both `*`; anything else `D/T`.
 So a read referencing none of the updated columns keeps its entry, and a read pinned to other
-keys keeps it too. Key slots are a hash into SLOTS per table (memory stays bounded; a collision
-only costs a miss).
+keys keeps it too. Key values are hashed into SLOTS per table and column (memory stays
+bounded; a collision only costs a miss).
 
 Key values come from placeholders: lifted literals (Plan.params, canonical SQL text) or values
 bound at Bind (text or binary), or from the change feed (JSON). They are normalized by the key
@@ -40,7 +40,7 @@ from planner.tables import INT_TYPES, TEXT_TYPES, UUID_TYPE, Effect, TableFacts
 from .feed import Change
 from .versions import GLOBAL
 
-SLOTS = 4096
+SLOTS = 16384  # key slots per table and column
 Bound = Sequence[tuple[int, bytes | None, int]]  # per $n: (format 0/1, value or NULL, declared type)
 Key = tuple[object, ...]
 
@@ -218,7 +218,10 @@ def array_binary(data: bytes, type_oid: int) -> list[object] | None:
 # ---- names ---------------------------------------------------------------------------------------
 
 def slot(prefix: str, key: Key, part: str) -> str:
-    return f"{prefix}|k:{zlib.crc32(repr((key, part)).encode()) % SLOTS}"
+    """The version of key value `key`'s row (`part` "r"), of one of its columns, or of any of
+    them ("*"). The part stays outside the hash: a write of one column never collides with a
+    read of another; two keys share a slot of one column with probability 1/SLOTS."""
+    return f"{prefix}|k:{part}:{zlib.crc32(repr(key).encode()) % SLOTS}"
 
 
 def read_names(database: str, deps: Iterable[ReadDep], values: Values) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ class SharedCounters:
 
     PIDS = 1024  # server connections per worker that can be told apart (more: bumped twice)
 
-    def __init__(self, slots: int = 1 << 18, workers: int = 1) -> None:
+    def __init__(self, slots: int = 1 << 20, workers: int = 1) -> None:
         self.slots = slots
         self.buf = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
         self.lock = multiprocessing.Lock()
