@@ -33,8 +33,8 @@ import asyncpg
 from cache.feed import install
 from loadtest import run_script
 from loadtest.passthrough import cpu_seconds, fmt, pgbouncer, pgsluice, upstream, versions
-from loadtest.pgbench import Endpoint, PgbenchResult, find_pg_tool, libpq_env, parse_pgbench_output
-from loadtest.sample import schema_sql
+from loadtest.pgbench import Endpoint, PgbenchResult, find_pg_tool, libpq_env, pgbench_scripts
+from loadtest.sample import SCHEMAS
 
 TARGETS = ("direct", "pgbouncer", "pgsluice")
 POINT = "\\set id random(1, 1000)\nSELECT * FROM orders WHERE id = :id;\n"  # 10,000 rows at scale 1
@@ -98,13 +98,15 @@ def server(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
             pg.stop()
 
 
-async def prepare(ep: Endpoint, scale: int) -> tuple[int, bool]:
-    """Load the sample schema, try pg_stat_statements, install the change feed."""
+async def prepare(ep: Endpoint, scale: int, schema: str = "sample") -> tuple[int, bool]:
+    """Load a sample schema (loadtest/sample.py), try pg_stat_statements, install the change
+    feed; (tables the feed watches, pg_stat_statements readable)."""
     conn = await asyncpg.connect(ep.dsn())
     try:
-        await conn.execute(schema_sql(scale))
-        await conn.execute("DROP TABLE IF EXISTS agent_log; CREATE TABLE agent_log (id bigserial "
-                           "PRIMARY KEY, order_id int, note text, at timestamptz DEFAULT now())")
+        await conn.execute(SCHEMAS[schema](scale))
+        if schema == "sample":
+            await conn.execute("DROP TABLE IF EXISTS agent_log; CREATE TABLE agent_log (id bigserial "
+                               "PRIMARY KEY, order_id int, note text, at timestamptz DEFAULT now())")
         pgss = True
         try:  # the view errors unless the library is in shared_preload_libraries
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -144,31 +146,8 @@ def run_pgbench(pgbench: Path, ep: Endpoint, workload: str, seconds: int, logdir
                 ) -> tuple[list[str], PgbenchResult, list[float]]:
     """One pgbench run; with logdir, also every transaction's latency in ms (from -l)."""
     clients, jobs = (1, 1) if workload == "trivial" else (8, 2)
-    with tempfile.TemporaryDirectory(prefix="pgsluice-cache-bench-") as tmp:
-        cmd = [str(pgbench), "-n", "-M", "simple", "-c", str(clients), "-j", str(jobs), "-T", str(seconds)]
-        for i, (script, weight) in enumerate(WORKLOADS[workload]):
-            path = Path(tmp, f"{workload}{i}.sql")
-            path.write_text(script)
-            cmd += ["-f", f"{path}@{weight}"]
-        if logdir is not None:
-            cmd += ["-l", f"--log-prefix={logdir / workload}"]
-        cmd += ep.conn_args()
-        try:
-            proc = subprocess.run(cmd, env=libpq_env(ep.password), capture_output=True, text=True,
-                                  timeout=seconds + 60)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return cmd, PgbenchResult(errors=[f"pgbench timed out after {seconds + 60} s"]), []
-    res = parse_pgbench_output(proc.stdout, proc.stderr)
-    if proc.returncode != 0 and not res.errors:
-        res.errors.append(f"pgbench exited with status {proc.returncode}")
-    lat: list[float] = []
-    for log in sorted(logdir.glob(f"{workload}.*")) if logdir is not None else []:
-        for line in log.read_text().splitlines():  # client txn_no time_us script epoch epoch_us
-            fields = line.split()
-            if len(fields) > 2 and fields[2].isdigit():
-                lat.append(int(fields[2]) / 1000)
-        log.unlink()
-    return cmd, res, lat
+    return pgbench_scripts(pgbench, ep, WORKLOADS[workload], clients=clients, jobs=jobs, seconds=seconds,
+                           log_prefix=None if logdir is None else logdir / workload)
 
 
 def reached_from_counters(before: dict[str, int], after: dict[str, int]

@@ -61,7 +61,8 @@ def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     want = {"pgsluice_upstream_queries_total": "upstream", "pgsluice_cache_hits_total": "hits",
-            "pgsluice_cache_coalesced_total": "coalesced"}
+            "pgsluice_cache_coalesced_total": "coalesced", "pgsluice_cache_misses_total": "misses",
+            "pgsluice_cache_bypassed_total": "bypassed"}
     out = dict.fromkeys(want.values(), 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

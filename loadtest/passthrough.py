@@ -173,6 +173,35 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds of a process and all its descendants (pgpool's children, pgsluice's workers),
+    counting children that exited and were waited for (Linux /proc), or None."""
+    if pid is None:
+        return None
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        p = int(stat.parent.name)
+        parent[p] = int(fields[1])
+        cpu[p] = sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+    if pid not in cpu:
+        return None
+    total, todo = 0.0, [pid]
+    children: dict[int, list[int]] = {}
+    for p, pp in parent.items():
+        children.setdefault(pp, []).append(p)
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += children.get(p, [])
+    return total
+
+
 def to_row(target: str, mode: str, res: PgbenchResult, cmd: str, rnd: int) -> Row:
     err = "; ".join(res.errors) or ("run aborted" if res.aborted else None)
     if err is None and res.failed:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,3 +179,37 @@ def psql_scalar(psql: Path, ep: Endpoint, sql: str, timeout: float = 30) -> str:
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
     return proc.stdout.strip()
+
+
+def pgbench_scripts(pgbench: Path, ep: Endpoint, scripts: list[tuple[str, int]], *, clients: int,
+                    jobs: int, seconds: int, mode: str = "simple", log_prefix: Path | None = None
+                    ) -> tuple[list[str], PgbenchResult, list[float]]:
+    """One run of weighted custom scripts (`-f script@weight`); with log_prefix, also every
+    transaction's latency in ms (from -l, whose files are removed). Never raises for pgbench
+    failures: they are reported in the result."""
+    with tempfile.TemporaryDirectory(prefix="pgsluice-pgbench-") as tmp:
+        cmd = [str(pgbench), "-n", "-M", mode, "-c", str(clients), "-j", str(jobs), "-T", str(seconds)]
+        for i, (script, weight) in enumerate(scripts):
+            path = Path(tmp, f"script{i}.sql")
+            path.write_text(script)
+            cmd += ["-f", f"{path}@{weight}"]
+        if log_prefix is not None:
+            cmd += ["-l", f"--log-prefix={log_prefix}"]
+        cmd += ep.conn_args()
+        try:
+            proc = subprocess.run(cmd, env=libpq_env(ep.password), capture_output=True, text=True,
+                                  timeout=seconds + 60)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return cmd, PgbenchResult(errors=[f"pgbench timed out after {seconds + 60} s"]), []
+    res = parse_pgbench_output(proc.stdout, proc.stderr)
+    if proc.returncode != 0 and not res.errors:
+        res.errors.append(f"pgbench exited with status {proc.returncode}")
+    lat: list[float] = []
+    if log_prefix is not None:
+        for log in sorted(log_prefix.parent.glob(f"{log_prefix.name}.*")):
+            for line in log.read_text().splitlines():  # client txn_no time_us script epoch epoch_us
+                fields = line.split()
+                if len(fields) > 2 and fields[2].isdigit():
+                    lat.append(int(fields[2]) / 1000)
+            log.unlink()
+    return cmd, res, lat

@@ -10,6 +10,10 @@ Two shapes:
   so most of their queries are shared; with probability `diverge` an attempt writes its own
   spelling (an alternative in the phase's list) or its own `{value}`. The SQL carries literals,
   as agents write it; `{table}`, `{column}`, `{value}` and any other topic key are substituted.
+
+Either may say which of loadtest/sample.py's schemas it runs on (`schema = "shop"`; default
+"sample"): the benchmark scripts load that one, and a user points `pgsluice load` at a
+database that has it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import random
 import re
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from .sample import SCHEMAS
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 Draw = tuple[str, list[Any]]
@@ -70,6 +76,7 @@ class Profile:
     name: str
     description: str
     templates: list[Template]
+    schema: str = "sample"
     _cum: list[float] = field(default_factory=list)
     _zipf: dict[int, list[float]] = field(default_factory=dict)
 
@@ -99,6 +106,7 @@ class SpeculateProfile:
     diverge: float
     phases: list[tuple[str, list[list[str]]]]  # (phase name, queries: [shared spelling, *alternatives])
     topics: list[dict[str, Any]]
+    schema: str = "sample"
 
     def stream(self, rng: random.Random) -> Iterator[Draw]:
         while True:
@@ -134,15 +142,18 @@ def load_profile(name_or_path: str) -> AnyProfile:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ProfileError(f"{path}: {exc}") from None
     name, description = str(data.get("name", path.stem)), str(data.get("description", ""))
+    schema = data.get("schema", "sample")
+    if schema not in SCHEMAS:
+        raise ProfileError(f"{path}: unknown schema {schema!r} ({' or '.join(SCHEMAS)})")
     kind = data.get("kind", "mix")
     if kind == "speculate":
-        return _speculate(path, name, description, data)
+        return replace(_speculate(path, name, description, data), schema=schema)
     if kind != "mix":
         raise ProfileError(f"{path}: unknown kind {kind!r} (mix or speculate)")
     templates = [_template(f"{path}: query {i + 1}", q) for i, q in enumerate(data.get("query", []))]
     if not templates:
         raise ProfileError(f"{path}: no [[query]]")
-    return Profile(name, description, templates)
+    return Profile(name, description, templates, schema)
 
 
 def _template(where: str, q: dict[str, Any]) -> Template:

@@ -18,7 +18,7 @@ from loadtest.agents import Plan, run, schedule
 from loadtest.findmax import Slo, find_max
 from loadtest.load import Target, measure
 from loadtest.profiles import PROFILES, ProfileError, SpeculateProfile, load_profile
-from loadtest.sample import schema_sql
+from loadtest.sample import SCHEMAS
 from proxy.embedded import EmbeddedPostgres, free_port
 from tests.util import ProxyFactory
 
@@ -26,26 +26,36 @@ DB = "loadtest"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _database(pg: EmbeddedPostgres, db: str, schema: str) -> str:
+    from cache.feed import INSTALL
+    pg.psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db}")
+    pg.psql(SCHEMAS[schema](1), db=db)
+    pg.psql(INSTALL, db=db)
+    return pg.dsn(database=db)
+
+
 @pytest.fixture(scope="module")
 def sample(pg: EmbeddedPostgres) -> str:
-    from cache.feed import INSTALL
-    pg.psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE); CREATE DATABASE {DB}")
-    pg.psql(schema_sql(1), db=DB)
-    pg.psql(INSTALL, db=DB)
-    return pg.dsn(database=DB)
+    return _database(pg, DB, "sample")
+
+
+@pytest.fixture(scope="module")
+def shop(pg: EmbeddedPostgres) -> str:
+    return _database(pg, f"{DB}_shop", "shop")
 
 
 @pytest.mark.parametrize("path", sorted(PROFILES.glob("*.toml")), ids=lambda p: p.stem)
-async def test_profiles_validate_and_run(path: Path, sample: str) -> None:
-    """Every shipped profile loads, draws parameters, and runs on the sample schema without
-    an error (so a profile's SQL can't rot)."""
+async def test_profiles_validate_and_run(path: Path, request: pytest.FixtureRequest) -> None:
+    """Every shipped profile loads, draws parameters, and runs on the schema it names (the
+    sample schema unless it says otherwise) without an error (so a profile's SQL can't rot)."""
     profile = load_profile(str(path))
     assert profile.name == path.stem
+    dsn = request.getfixturevalue(profile.schema)  # a fixture per schema of loadtest/sample.py
     stream = profile.stream(random.Random(1))
     for _ in range(200):
         sql, params = next(stream)
         assert sql and "{" not in sql and all(p is not None for p in params)
-    out = await run(Plan(sample, str(path), agents=2, rate=100, duration=1, seed=3))
+    out = await run(Plan(dsn, str(path), agents=2, rate=100, duration=1, seed=3))
     assert out["errors"] == 0, out["error_kinds"]
     assert out["sent"] == out["ok"] == out["scheduled"] > 100
 
@@ -67,6 +77,9 @@ def test_bad_profiles_are_refused(tmp_path: Path) -> None:
         load_profile(str(bad))
     bad.write_text('kind = "guess"\n')
     with pytest.raises(ProfileError, match="unknown kind"):
+        load_profile(str(bad))
+    bad.write_text('schema = "pagila"\n[[query]]\nsql = "SELECT 1"\n')
+    with pytest.raises(ProfileError, match="unknown schema 'pagila'"):
         load_profile(str(bad))
 
 
