@@ -297,8 +297,10 @@ def change_effects(change: Change, facts: TableFacts) -> list[Effect]:
     elif change.columns is None:
         if pin is None or info is None:
             effects = [Effect(t, "update")]  # a large statement: which rows and columns, not said
-        else:  # a few rows: any column, and any of them may have moved between keys
-            effects = [Effect(t, "update", frozenset(info.columns), pin), Effect(t, "insert", None, pin)]
+        else:  # its keys: any column of those rows (and the rows, if some may have moved)
+            effects = [Effect(t, "update", frozenset(info.columns), pin)]
+            if change.moved:
+                effects.append(Effect(t, "insert", None, pin))
     elif change.moved:
         effects = [Effect(t, "update", change.columns, pin), Effect(t, "insert", None, pin)]
     elif not change.columns:
