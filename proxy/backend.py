@@ -90,6 +90,11 @@ class Backend(asyncio.Protocol):
         self.secret = b""
         self.params: dict[str, str] = {}
         self.status = codes.TXN_IDLE
+        # ReadyForQuery messages owed for what was sent (each Query, Sync, FunctionCall), and
+        # whether extended-protocol messages went out after the last of those: then Postgres
+        # may hold an implicit transaction (with its snapshot) or be skipping to a Sync.
+        self.ready_owed = 0
+        self.unsynced = False
         # Server-side prepared statements present on this connection, oldest first.
         self.prepared: dict[bytes, None] = {}
         # Statements that may exist but must not be trusted (stale plan, or a skipped Close).
@@ -135,6 +140,13 @@ class Backend(asyncio.Protocol):
         holder = self.holder
         if holder is not None:
             holder.resume_reading()
+
+    @property
+    def clean(self) -> bool:
+        """Idle, and every message sent has been answered up to a ReadyForQuery 'I': the one
+        state in which this connection may serve another client (Pool.release checks it)."""
+        return (not self.closed and self.status == codes.TXN_IDLE and self.ready_owed == 0
+                and not self.unsynced and not self.buf)
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -265,6 +277,7 @@ class Backend(asyncio.Protocol):
     async def run(self, sql: str) -> InternalResult:
         """Run a simple query for pgsluice itself; the caller must hold the connection."""
         self.write(encode.query(sql))
+        self.ready_owed += 1
         framer = _BufFramer(self.buf)
         result = InternalResult(status=self.status)
         while True:
@@ -280,6 +293,7 @@ class Backend(asyncio.Protocol):
                 result.tags.append(read_cstr(body, 0)[0])
             elif code == codes.B_READY_FOR_QUERY:
                 self.status = result.status = body[0]
+                self.ready_owed -= 1
                 self.on_data = self._idle_data
                 return result
 

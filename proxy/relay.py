@@ -150,6 +150,8 @@ def forward(s: ClientSession) -> None:
     out: Chunks = []
     start = pos = 0
     terminate = False
+    owed = 0  # ReadyForQuery messages this batch will be answered with
+    unsynced: bool | None = None  # whether it ends with extended messages after its last Sync
     while n - pos >= 5:
         code = buf[pos]
         length = _I.unpack_from(buf, pos + 1)[0]
@@ -159,14 +161,19 @@ def forward(s: ClientSession) -> None:
         if end > n:
             break
         if code == codes.F_EXECUTE:
+            unsynced = True
             if not s.skipping:
                 entries.append((EXECUTE, None))
                 s.server.stats.upstream_queries += 1
         elif code == codes.F_SYNC:
             entries.append((SYNC, None))
             s.skipping = False
+            owed += 1
+            unsynced = False
         elif code == codes.F_QUERY:
-            if not s.skipping:
+            if not s.skipping:  # else Postgres drops it unanswered, still skipping to a Sync
+                owed += 1
+                unsynced = False
                 sql = bytes(buf[pos + 5:end - 1])
                 if b"agent=" in sql:
                     _tag_agent(s, sql)
@@ -192,18 +199,22 @@ def forward(s: ClientSession) -> None:
                         out.append(buf[start:end])
                         out.append(restore)
                         entries.append((SWALLOW_QUERY, None))
+                        owed += 1
                         start = end
         elif code == codes.F_BIND or code == codes.F_DESCRIBE:
+            unsynced = True
             if not s.skipping:
                 out.append(buf[start:pos])
                 out.extend(_bind_or_describe(s, backend, code, bytes(buf[pos:end])))
                 start = end
         elif code == codes.F_PARSE:
+            unsynced = True
             if not s.skipping:
                 out.append(buf[start:pos])
                 out.extend(_parse(s, backend, bytes(buf[pos:end])))
                 start = end
         elif code == codes.F_CLOSE:
+            unsynced = True
             if not s.skipping:
                 out.append(buf[start:pos])
                 out.extend(_close(s, bytes(buf[pos:end])))
@@ -212,6 +223,8 @@ def forward(s: ClientSession) -> None:
             pass
         elif code == codes.F_FUNCTION_CALL:
             if not s.skipping:
+                owed += 1
+                unsynced = False
                 entries.append((FUNC, None))
                 caching.mark(s, frozenset("*"))
         elif code == codes.F_TERMINATE:
@@ -225,6 +238,9 @@ def forward(s: ClientSession) -> None:
     data = b"".join(out)
     if data:
         backend.write(data)
+    backend.ready_owed += owed
+    if unsynced is not None:
+        backend.unsynced = unsynced
     if terminate:
         s.close()
 
@@ -545,6 +561,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 start = end
                 if code == codes.B_READY_FOR_QUERY:
                     backend.status = buf[pos + 5]
+                    backend.ready_owed -= 1
                     entries.popleft()
                     ready = not entries
             pos = end
@@ -569,6 +586,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     s.rows_seen += 1
         elif code == codes.B_READY_FOR_QUERY:
             backend.status = buf[pos + 5]
+            backend.ready_owed -= 1
             if fill is not None:
                 caching.finish(s, fill)
                 fill = None

@@ -610,9 +610,14 @@ class ClientSession(asyncio.Protocol):
         if backend.closed:
             pool.discard(backend)
             return
-        if self.entries or backend.buf:
+        if self.entries or backend.buf or backend.ready_owed:
             # a query is still running for nobody: cancel it and drop the connection
             await send_cancel(self.server.upstream, backend.pid, backend.secret)
+            pool.discard(backend)
+            return
+        if backend.unsynced:
+            # extended messages with no Sync after them: Postgres may hold an implicit
+            # transaction (a Sync would commit it) or skip to a Sync; closing rolls it back
             pool.discard(backend)
             return
         try:
