@@ -337,8 +337,10 @@ async def connect(upstream: Upstream, user: str, database: str, creds: Credentia
     return backend
 
 
-async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: float = 5.0) -> None:
-    """Forward a CancelRequest to Postgres for one backend; errors are ignored, as Postgres does."""
+async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: float = 5.0,
+                      still: Callable[[], bool] | None = None) -> None:
+    """Forward a CancelRequest to Postgres for one backend; errors are ignored, as Postgres does.
+    `still`, asked once connected, says whether the cancel is still wanted."""
     try:
         async with asyncio.timeout(timeout):
             if upstream.is_unix:
@@ -346,6 +348,9 @@ async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: floa
                 reader, writer = await asyncio.open_unix_connection(path)
             else:
                 reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+            if still is not None and not still():
+                writer.close()
+                return
             writer.write(encode.cancel_request(pid, secret))
             await writer.drain()
             await reader.read()  # Postgres closes when done
