@@ -276,13 +276,15 @@ async def _welcome(pool: Pool, settings: tuple[tuple[str, str], ...],
         backend = probe if probe is not None else await pool.acquire()
         try:
             backend.applied = None
-            reported = await resync(backend, settings)
+            await resync(backend, settings)
         except BaseException:
             pool.discard(backend)
             raise
+        # Postgres reports a parameter only when it differs from what it last reported on
+        # that connection, so what the resync reported is not enough (the previous client
+        # may have left the same value): every value as last reported is this session's.
+        cached = dict(backend.params)
         pool.release(backend)
-        cached = dict(pool.server_params)
-        cached.update(reported)
         pool.status_cache[settings] = cached
     elif probe is not None:
         pool.release(probe)

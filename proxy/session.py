@@ -419,12 +419,14 @@ class ClientSession(asyncio.Protocol):
             if backend.applied != self.settings:
                 held, backend = backend, None  # owned by the resync until it succeeds
                 try:
-                    changed = await resync(held, self.settings)
+                    await resync(held, self.settings)
                 except BaseException:
                     self.pool.discard(held)
                     raise
                 backend = held
-                self._report(changed)
+                # every value as last reported on this connection is this session's now (the
+                # resync reports only what differs from that connection's previous state)
+                self._report(backend.params)
         except PgError as err:
             self._task = None
             relay.fail_pending(self, err)
