@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from planner import Kind, Plan, Verdict
 from planner.explain import describe
+from planner.guard import extended_verdict
 from planner.normalize import comment_hints
 
 from . import caching, sqlscan
@@ -436,8 +437,9 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
             Verdict(False, "42P05", f'prepared statement "{text}" already exists')))
     if s.policy is not None:
         plan = _plan(s, sql)
-        if not plan.verdict.allowed:
-            return _refuse_parse(s, backend, name, _rejected(s, plan.verdict))
+        verdict = plan.verdict if not plan.verdict.allowed else extended_verdict(plan, s.policy)
+        if verdict is not None and not verdict.allowed:
+            return _refuse_parse(s, backend, name, _rejected(s, verdict))
         if plan.rewrites:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)
