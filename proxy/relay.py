@@ -188,6 +188,8 @@ def forward(s: ClientSession) -> None:
                     caching.note_writes(s, sql)
                 if swap is None and s.policy is not None:
                     swap = _guarded_query(s, backend, sql)
+                if swap is None and head[:7] == b"execute":
+                    swap = _execute(s, backend, sql)
                 if swap is not None:
                     out.append(buf[start:pos])
                     out.extend(swap)
@@ -291,6 +293,37 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
     backend.maybe_prepared.add(srv)  # gone if it succeeds; if not, closed before reuse
     s.entries.append((QUERY, None))
     out.append(encode.query(b"DEALLOCATE " + srv))
+    return out
+
+
+_EXECUTE = re.compile(rb'(?is)execute\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)(\s*\(.*\))?\s*;?\s*')
+
+
+def _executed(s: ClientSession, sql: bytes) -> tuple[bytes, bytes] | None:
+    """(client name, arguments) of `EXECUTE name [(args)]` naming one of the client's
+    protocol-level statements (kept on backends under another name), else None."""
+    m = _EXECUTE.fullmatch(sql)
+    if m is None:
+        return None
+    raw = m.group(1)
+    name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
+    return (name, m.group(2) or b"") if name in s.statements else None
+
+
+def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+    """SQL `EXECUTE name` of a statement the client prepared over the protocol (asyncpg's
+    prepare(name=...)): run on the backend under its server-side name."""
+    found = _executed(s, sql)
+    if found is None:
+        return None
+    name, args = found
+    s.unnamed = None
+    backend.unnamed_owner = None
+    s.queries += 1
+    out: Chunks = []
+    srv = _ensure(s, backend, name, out)
+    s.entries.append((QUERY, None))
+    out.append(encode.query(b"EXECUTE " + srv + args))
     return out
 
 
@@ -443,6 +476,13 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         if plan.rewrites:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)
+    out: Chunks = []
+    if sql[:7].lower() == b"execute" and (found := _executed(s, sql)) is not None:
+        # the statement it names lives on this backend under its server-side name: the
+        # client stays here, where that name will keep meaning it
+        s.pin("EXECUTE of a protocol-level statement in a prepared statement")
+        sql = b"EXECUTE " + _ensure(s, backend, found[0], out) + found[1]
+        msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
     writes = caching.writes_of(s, sql) if s.server.cache is not None else frozenset()
     if not name:
@@ -451,12 +491,12 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         s.unnamed_gen += 1
         backend.unnamed_owner = (s.token, s.unnamed_gen)
         s.entries.append((PARSE, None))
-        return [msg]
+        out.append(msg)
+        return out
     srv = server_name(sql, types, _search_path(s))
     stmt = Statement(srv, encode.parse(srv, sql, types), writes)
     s.statements[name] = stmt
     prepared = backend.prepared
-    out: Chunks = []
     # A client's Parse always reaches Postgres, so it is analysed against today's schema
     # (a statement kept from before an ALTER would fail with "cached plan must not change
     # result type"). Re-preparing on another backend at Bind is what sharing saves.
