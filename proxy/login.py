@@ -51,6 +51,7 @@ class LoginIO(Protocol):
     async def read_packet(self) -> bytes: ...
     async def read_message(self) -> tuple[int, bytes]: ...
     def write(self, data: bytes) -> None: ...
+    def take_place(self) -> bool: ...
 
 
 class LoginResult:
@@ -106,7 +107,7 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
         raise PgError(INVALID_AUTHORIZATION,
                       "no PostgreSQL user name specified in startup packet", severity="FATAL")
     database = params.get("database") or user
-    if len(server.clients) > server.config.max_client_conn:
+    if database != ADMIN_DB and not io.take_place():  # the admin console is always let in
         raise PgError(TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL")
     settings = settings_from_startup(params)
     if database == ADMIN_DB:

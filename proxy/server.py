@@ -26,6 +26,7 @@ from cache.versions import SharedCounters
 from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
 
+from .admission import Admission
 from .backend import Credentials, Upstream, send_cancel
 from .channel import CANCEL, WorkerChannel
 from .config import Config, parse_upstream
@@ -58,6 +59,7 @@ class Server:
         self.upstream_password = url.password
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientSession] = set()
+        self.admission = Admission(worker, config.workers, stats_dir)  # max_client_conn
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self.userlist: dict[str, Credential] = (
             load_userlist(config.auth_file) if config.auth_mode == "auth_file" else {})

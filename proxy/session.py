@@ -31,6 +31,7 @@ from .pgwire.errors import (
     ADMIN_SHUTDOWN,
     CONNECTION_FAILURE,
     PROTOCOL_VIOLATION,
+    TOO_MANY_CONNECTIONS,
     PgError,
     ProtocolError,
 )
@@ -114,6 +115,8 @@ class ClientSession(asyncio.Protocol):
         self.admin_statements: dict[bytes, str] = {}
         self.admin_portals: dict[bytes, str] = {}
         self.admin_formats: dict[bytes, tuple[int, ...]] = {}
+        self.placed = False  # holds one of the max_client_conn places (admission.py)
+        self._logging_in = False  # counted among the connections still logging in
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -122,6 +125,13 @@ class ClientSession(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         self.server.clients.add(self)
         self.server.stats.clients_total += 1
+        admission = self.server.admission
+        admission.logging_in += 1
+        self._logging_in = True
+        if admission.logging_in > self.server.config.max_client_conn:
+            self.fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already",
+                       detail="Too many connections are logging in at once.")
+            return
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
@@ -149,6 +159,10 @@ class ClientSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.clients.discard(self)
+        self._logged_in()
+        if self.placed:
+            self.placed = False
+            self.server.admission.leave()
         self.server.cancel_keys.pop(self.key, None)
         if self.fill is not None:
             caching.abandon(self)
@@ -220,6 +234,18 @@ class ClientSession(asyncio.Protocol):
 
     _startup_done = False
 
+    def take_place(self) -> bool:
+        """One of the max_client_conn places (over all workers), kept until this client goes."""
+        if not self.placed:
+            self.placed = self.server.admission.admit(self.server.config.max_client_conn)
+        return self.placed
+
+    def _logged_in(self) -> None:
+        """No longer among the connections still logging in."""
+        if self._logging_in:
+            self._logging_in = False
+            self.server.admission.logging_in -= 1
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -264,6 +290,12 @@ class ClientSession(asyncio.Protocol):
         log.info("login refused", extra=fields(peer=peer_text(self.peer), sqlstate=sqlstate, error=message))
 
     async def _login(self) -> None:
+        try:
+            await self._log_in()
+        finally:
+            self._logged_in()
+
+    async def _log_in(self) -> None:
         try:
             async with asyncio.timeout(self.server.config.login_timeout):
                 result = await login(self, self.server)

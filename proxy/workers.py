@@ -26,6 +26,7 @@ from typing import Any
 
 from cache.versions import SharedCounters
 
+from .admission import make_counts_file
 from .config import Config
 
 log = logging.getLogger("pgsluice.workers")
@@ -37,6 +38,7 @@ Serve = Callable[..., Coroutine[Any, Any, None]]
 def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve) -> int:
     shared = SharedCounters() if config.cache and not config.redis else None
     stats_dir = tempfile.mkdtemp(prefix="pgsluice-workers-")
+    make_counts_file(stats_dir, config.workers)  # max_client_conn counts over all workers
     try:
         return _run(config, reload_from, serve, shared, stats_dir)
     finally:
