@@ -699,6 +699,8 @@ def backward(s: ClientSession, backend: Backend) -> None:
         s.request_done()
         if not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
             s.release()
+        elif backend.status != codes.TXN_IDLE:
+            s.idle_in_transaction()
 
 
 def _log_failure(s: ClientSession, body: bytes) -> None:

@@ -261,6 +261,7 @@ class Server:
             self.config, pool_min_size=new.pool_min_size, pool_max_size=new.pool_max_size,
             pool_acquire_timeout=new.pool_acquire_timeout, server_idle_timeout=new.server_idle_timeout,
             server_lifetime=new.server_lifetime, max_client_conn=new.max_client_conn,
+            idle_transaction_timeout=new.idle_transaction_timeout,
             log_level=new.log_level, roles=new.roles, admin_users=new.admin_users)
         settings = self.pool_settings()
         for pool in self.pools.values():

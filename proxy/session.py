@@ -30,6 +30,7 @@ from .pgwire.decode import StartupReader
 from .pgwire.errors import (
     ADMIN_SHUTDOWN,
     CONNECTION_FAILURE,
+    IDLE_IN_TRANSACTION_TIMEOUT,
     PROTOCOL_VIOLATION,
     TOO_MANY_CONNECTIONS,
     PgError,
@@ -115,6 +116,7 @@ class ClientSession(asyncio.Protocol):
         self.admin_statements: dict[bytes, str] = {}
         self.admin_portals: dict[bytes, str] = {}
         self.admin_formats: dict[bytes, tuple[int, ...]] = {}
+        self._idle_timer: asyncio.TimerHandle | None = None  # idle_transaction_timeout
         self.placed = False  # holds one of the max_client_conn places (admission.py)
         self._logging_in = False  # counted among the connections still logging in
 
@@ -137,6 +139,9 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self.state == "login":
             try:
                 if not self._startup_done:
@@ -155,9 +160,13 @@ class ClientSession(asyncio.Protocol):
             self._admin()
             return
         self.pump()
+        if self.backend is not None and not self.entries:  # part of a message only
+            self.idle_in_transaction()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self.server.clients.discard(self)
         self._logged_in()
         if self.placed:
@@ -607,6 +616,29 @@ class ClientSession(asyncio.Protocol):
             return
         if backend.closed and self.backend is backend:
             self._backend_lost(backend)
+
+    def idle_in_transaction(self) -> None:
+        """Every reply is out and the client holds its server connection inside a transaction:
+        with idle_transaction_timeout, it has that long to send something (PgBouncer's)."""
+        timeout = self.server.config.idle_transaction_timeout
+        backend = self.backend
+        if timeout and backend is not None and backend.status != codes.TXN_IDLE and self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle_too_long)
+
+    def _idle_too_long(self) -> None:
+        self._idle_timer = None
+        backend = self.backend
+        if self.closed or backend is None or self.entries or backend.status == codes.TXN_IDLE:
+            return
+        log.info("client idle in transaction too long", extra=fields(
+            client=self.token, user=self.user, agent=self.agent,
+            seconds=self.server.config.idle_transaction_timeout))
+        # the server connection is rolled back now, even if the client (stopped, say) never
+        # reads the error and its socket never closes
+        self.backend = None
+        self.server.spawn(self._cleanup(backend))
+        self.fatal(IDLE_IN_TRANSACTION_TIMEOUT, "terminating connection due to idle-in-transaction "
+                   "timeout", hint="pgsluice's idle_transaction_timeout closed it.")
 
     def _backend_lost(self, backend: Backend) -> None:
         self.backend = None
