@@ -259,6 +259,13 @@ class Pool:
                 self.held += 1
                 self.release(backend)
 
+    def close_idle(self) -> int:
+        """Close every idle connection (DROP DATABASE is about to run); returns how many."""
+        idle, self.idle = self.idle, []
+        for backend in idle:
+            self._drop(backend)
+        return len(idle)
+
     def close(self) -> None:
         self.closed = True
         for backend in self.idle:

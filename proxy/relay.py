@@ -190,6 +190,8 @@ def forward(s: ClientSession) -> None:
                     swap = _guarded_query(s, backend, sql)
                 if swap is None and head[:7] == b"execute":
                     swap = _execute(s, backend, sql)
+                elif head[:4] == b"drop" or head[:5] == b"alter":
+                    _database_ddl(s, sql)
                 if swap is not None:
                     out.append(buf[start:pos])
                     out.extend(swap)
@@ -325,6 +327,21 @@ def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     s.entries.append((QUERY, None))
     out.append(encode.query(b"EXECUTE " + srv + args))
     return out
+
+
+_NAME = rb'("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
+_DATABASE_DDL = re.compile(rb"(?is)(?:drop\s+database\s+(?:if\s+exists\s+)?" + _NAME
+                           + rb"|alter\s+database\s+" + _NAME + rb"\s+rename\b)")
+
+
+def _database_ddl(s: ClientSession, sql: bytes) -> None:
+    """DROP DATABASE / ALTER DATABASE ... RENAME: pgsluice's idle connections to that
+    database must not be in its way."""
+    m = _DATABASE_DDL.match(sql)
+    if m is not None:
+        raw = m.group(1) or m.group(2)
+        name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
+        s.server.database_going(name.decode("utf-8", "replace"))
 
 
 _SHOW_PLAN = re.compile(rb"(?is)\s*show\s+plan\s+('(?:[^']|'')*')\s*;?\s*")
@@ -477,6 +494,8 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)
     out: Chunks = []
+    if sql[:4].lower() == b"drop" or sql[:5].lower() == b"alter":
+        _database_ddl(s, sql)
     if sql[:7].lower() == b"execute" and (found := _executed(s, sql)) is not None:
         # the statement it names lives on this backend under its server-side name: the
         # client stays here, where that name will keep meaning it

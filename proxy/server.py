@@ -28,7 +28,7 @@ from planner.catalog import load as load_catalog
 
 from .admission import Admission
 from .backend import Credentials, Upstream, send_cancel
-from .channel import CANCEL, WorkerChannel
+from .channel import CANCEL, CLOSE_DATABASE, WorkerChannel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
 
@@ -312,6 +312,30 @@ class Server:
         """A request another worker sent over the channel."""
         if kind == CANCEL and len(payload) == 8:
             await self.cancel_here(_I.unpack_from(payload)[0], payload[4:])
+        elif kind == CLOSE_DATABASE:
+            self.let_go_of(payload.decode("utf-8", "replace"))
+
+    # ---- databases going away -------------------------------------------------------------------
+
+    def database_going(self, database: str) -> None:
+        """DROP DATABASE or ALTER DATABASE ... RENAME of `database` is about to reach Postgres,
+        which refuses while other sessions are connected to it (after waiting up to 5 s for
+        them to go): every worker lets go of its idle connections to it first."""
+        self.let_go_of(database)
+        if self.channel is not None:
+            self.spawn(self.channel.broadcast(CLOSE_DATABASE, database.encode()))
+
+    def let_go_of(self, database: str) -> None:
+        """Close this worker's idle server connections and change-feed listener of `database`
+        (its planner and feed come back if it is used again)."""
+        closed = sum(pool.close_idle() for (db, _), pool in self.pools.items() if db == database)
+        feed = self.cache.feeds.pop(database, None) if self.cache is not None else None
+        if feed is not None:
+            self.spawn(feed.close())
+            self.planners.pop(database, None)
+        if closed or feed is not None:
+            log.info("database %s about to be dropped or renamed: %d idle server connections%s closed",
+                     database, closed, " and its change feed" if feed is not None else "")
 
     # ---- tasks ---------------------------------------------------------------------------------
 
