@@ -67,6 +67,9 @@ _TERMINAL: dict[int, tuple[int, ...]] = {
     codes.B_EMPTY_QUERY_RESPONSE: (EXECUTE,),
     codes.B_PORTAL_SUSPENDED: (EXECUTE,),
 }
+# extended-protocol messages whose content pgsluice reads (their parsers raise before
+# changing any state), with the entry kind of each
+_EXTENDED = {codes.F_PARSE: PARSE, codes.F_BIND: BIND, codes.F_DESCRIBE: DESCRIBE, codes.F_CLOSE: CLOSE}
 _TXN_WORDS = re.compile(rb"(?i)\b(begin|start|commit|rollback|end|abort|savepoint|release|prepare)\b")
 _STREAM_MIN = 256 * 1024  # pass a partial DataRow/CopyData through once this much is buffered
 
@@ -206,23 +209,20 @@ def forward(s: ClientSession) -> None:
                         entries.append((SWALLOW_QUERY, None))
                         owed += 1
                         start = end
-        elif code == codes.F_BIND or code == codes.F_DESCRIBE:
+        elif code in _EXTENDED:
             unsynced = True
             if not s.skipping:
                 out.append(buf[start:pos])
-                out.extend(_bind_or_describe(s, backend, code, bytes(buf[pos:end])))
-                start = end
-        elif code == codes.F_PARSE:
-            unsynced = True
-            if not s.skipping:
-                out.append(buf[start:pos])
-                out.extend(_parse(s, backend, bytes(buf[pos:end])))
-                start = end
-        elif code == codes.F_CLOSE:
-            unsynced = True
-            if not s.skipping:
-                out.append(buf[start:pos])
-                out.extend(_close(s, bytes(buf[pos:end])))
+                msg = bytes(buf[pos:end])
+                try:
+                    out.extend(_parse(s, backend, msg) if code == codes.F_PARSE else
+                               _close(s, msg) if code == codes.F_CLOSE else
+                               _bind_or_describe(s, backend, code, msg))
+                except ProtocolError:
+                    # malformed inside: Postgres answers it with its own error (08P01) and
+                    # skips to the next Sync, as for any failed extended-protocol message
+                    entries.append((_EXTENDED[code], None))
+                    out.append(msg)
                 start = end
         elif code in (codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH):
             pass
@@ -706,8 +706,11 @@ def backward(s: ClientSession, backend: Backend) -> None:
     del buf[:pos]
     if ended:
         caching.commit(s)  # before the client sees the commit (gated with Redis)
-    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s):
-        s.held.append(data)  # a write's CommandComplete waits for its ReadyForQuery
+    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s) \
+            and any(kind in _ENDS_AT_READY for kind, _ in entries):
+        # a write's CommandComplete waits for its ReadyForQuery; only while one is still owed
+        # (an error voids what was sent up to the next Sync, and Flush asks for no Sync)
+        s.held.append(data)
         return
     if s.held:
         data = b"".join(s.held) + data

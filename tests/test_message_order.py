@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.embedded import EmbeddedPostgres
-from proxy.pgwire import codes
+from proxy.pgwire import codes, encode
 from tests.rawpg import (
     PgConn,
     bind,
@@ -138,3 +138,16 @@ def test_malformed_bind_gets_an_error(proxy_factory: ProxyFactory, table: None, 
         assert conn.simple("select 1")[-1][0] == codes.B_READY_FOR_QUERY
     assert "Traceback" not in proxy.log_text()
     next_client_is_answered(proxy)
+
+
+def test_error_voids_a_write_mark(one_backend: ProxyHandle) -> None:
+    """A Bind of a statement pgsluice does not know (it may write anything) fails, so Postgres
+    skips to a Sync and ignores the Query after it: the replies before the error, and the
+    error, must still reach the client (they were held for a ReadyForQuery that never came)."""
+    with connect(one_backend) as conn:
+        conn.send_messages([encode.query("select 1"), bind(b"", b"s2", [b"1"]), encode.query("select 2")])
+        got = [conn.read_message(timeout=2)[0] for _ in range(5)]
+        assert bytes(got) == b"TDCZE", got
+        conn.send_messages([sync()])
+        assert conn.read_message(timeout=2) == (codes.B_READY_FOR_QUERY, b"I")
+    next_client_is_answered(one_backend)
