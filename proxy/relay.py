@@ -697,6 +697,14 @@ def backward(s: ClientSession, backend: Backend) -> None:
             name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
             backend.params[name] = value
             s.reported[name] = value
+        elif code == codes.B_NOTIFICATION_RESPONSE and end - pos >= 9:
+            # the sender as its client knows it: the process id of the BackendKeyData pgsluice
+            # gave the client whose server connection sent it (drivers compare the two)
+            key = s.server.backend_keys.get(_I.unpack_from(buf, pos + 5)[0])
+            if key is not None:
+                out.append(buf[start:pos + 5])
+                out.append(_I.pack(key))
+                start = pos + 9
         pos = end
     if start == 0 and not out:
         data = bytes(buf[:pos])

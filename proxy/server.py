@@ -61,6 +61,9 @@ class Server:
         self.clients: set[ClientSession] = set()
         self.admission = Admission(worker, config.workers, stats_dir)  # max_client_conn
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
+        # server process id -> the process id pgsluice gave the client that last used it
+        # (NotificationResponse names the sender by these)
+        self.backend_keys: dict[int, int] = {}
         self.userlist: dict[str, Credential] = (
             load_userlist(config.auth_file) if config.auth_mode == "auth_file" else {})
         self._scram_secrets: dict[tuple[str, str], ScramSecret] = {}
