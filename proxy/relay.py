@@ -100,6 +100,14 @@ class Rejected:
                     " END$pgsluice$").encode()
 
 
+# The mark of a Query entry for COPY ... FROM STDIN, and of the Syncs the client sent after it
+# before its CopyDone / CopyFail: once the COPY has started (CopyInResponse), Postgres ignores
+# those Syncs, so no ReadyForQuery is owed for them; if it never started, they count.
+COPY_IN = object()
+_COPY_IN = re.compile(rb"(?is)copy\b.*\bfrom\s+stdin\b")
+_IN_COPY = frozenset({codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH, codes.F_SYNC,
+                      codes.F_TERMINATE})
+
 _BIND_UNNAMED = encode.message(codes.F_BIND, b"\x00\x00" + b"\x00\x00" * 3)
 _EXECUTE_UNNAMED = encode.message(codes.F_EXECUTE, b"\x00" + b"\x00" * 4)
 
@@ -164,13 +172,18 @@ def forward(s: ClientSession) -> None:
         end = pos + 1 + length
         if end > n:
             break
+        if s.copy_in and code not in _IN_COPY:
+            # Postgres would end the COPY with an error and take this message with it: no
+            # client does that, and pgsluice could not tell what is answered any more
+            raise ProtocolError(f"unexpected message type {code} during COPY FROM STDIN")
         if code == codes.F_EXECUTE:
             unsynced = True
             if not s.skipping:
                 entries.append((EXECUTE, None))
                 s.server.stats.upstream_queries += 1
         elif code == codes.F_SYNC:
-            entries.append((SYNC, None))
+            # in COPY FROM STDIN Postgres ignores it; the CopyInResponse tells (relay.backward)
+            entries.append((SYNC, COPY_IN if s.copy_in else None))
             s.skipping = False
             owed += 1
             unsynced = False
@@ -201,7 +214,11 @@ def forward(s: ClientSession) -> None:
                     start = end
                 else:
                     info = _query(s, backend, sql)
-                    entries.append((QUERY, info))
+                    if info is None and head[:4] == b"copy" and _COPY_IN.match(sql):
+                        s.copy_in = True
+                        entries.append((QUERY, COPY_IN))
+                    else:
+                        entries.append((QUERY, info))
                     restore = _restore_startup(s, sql) if info is not None or s.pinned else None
                     if restore is not None:  # RESET of startup parameters: put them back
                         out.append(buf[start:end])
@@ -224,7 +241,9 @@ def forward(s: ClientSession) -> None:
                     entries.append((_EXTENDED[code], None))
                     out.append(msg)
                 start = end
-        elif code in (codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH):
+        elif code == codes.F_COPY_DONE or code == codes.F_COPY_FAIL:
+            s.copy_in = False
+        elif code == codes.F_COPY_DATA or code == codes.F_FLUSH:
             pass
         elif code == codes.F_FUNCTION_CALL:
             if not s.skipping:
@@ -697,6 +716,13 @@ def backward(s: ClientSession, backend: Backend) -> None:
             name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
             backend.params[name] = value
             s.reported[name] = value
+        elif code == codes.B_COPY_IN_RESPONSE and entries and entries[0] == (QUERY, COPY_IN):
+            ignored = [e for e in entries if e == (SYNC, COPY_IN)]
+            if ignored:
+                backend.ready_owed -= len(ignored)
+                kept = [e for e in entries if e != (SYNC, COPY_IN)]
+                entries.clear()
+                entries.extend(kept)
         elif code == codes.B_NOTIFICATION_RESPONSE and end - pos >= 9:
             # the sender as its client knows it: the process id of the BackendKeyData pgsluice
             # gave the client whose server connection sent it (drivers compare the two)
@@ -767,6 +793,8 @@ def _end_at_ready(s: ClientSession, backend: Backend) -> None:
         if kind in _ENDS_AT_READY:
             if isinstance(arg, QueryInfo):
                 _apply_query(s, backend, arg)
+            elif arg is COPY_IN:
+                s.copy_in = False  # the COPY is over (or never started)
             return
         _void(s, backend, kind, arg)
 
@@ -797,6 +825,8 @@ def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
             del s.statements[name]
     elif (kind == PARSE or kind == SWALLOW_PARSE) and arg is None:
         backend.unnamed_owner = None
+    elif kind == QUERY and arg is COPY_IN:
+        s.copy_in = False  # skipped: no COPY
     elif kind == SWALLOW_CLOSE and isinstance(arg, bytes):
         backend.maybe_prepared.add(arg)  # skipped: it may still be there; close before a Parse
 

@@ -78,6 +78,7 @@ class ClientSession(asyncio.Protocol):
         self.unnamed_writes: frozenset[str] = frozenset()  # tables the unnamed statement writes
         self.stream_left = 0  # bytes of a large backend message still to pass through
         self.skipping = False  # Postgres is discarding messages until Sync after an error
+        self.copy_in = False  # a COPY FROM STDIN of this client's may be running (relay.py)
         self.token = next(_tokens)
         self.queries = 0
         # guardrails (issue 3): set at login when a role policy matches this session

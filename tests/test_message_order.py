@@ -151,3 +151,19 @@ def test_error_voids_a_write_mark(one_backend: ProxyHandle) -> None:
         conn.send_messages([sync()])
         assert conn.read_message(timeout=2) == (codes.B_READY_FOR_QUERY, b"I")
     next_client_is_answered(one_backend)
+
+
+@pytest.mark.parametrize("data", [b"1\tdup\n", b"77\tnew\n"], ids=["copy-fails", "copy-works"])
+def test_sync_inside_copy_in(pg: EmbeddedPostgres, one_backend: ProxyHandle, data: bytes) -> None:
+    """Postgres ignores a Sync sent during COPY FROM STDIN (no ReadyForQuery for it): so does
+    pgsluice, and the replies after the COPY still arrive (they waited for that Sync's)."""
+    from tests.rawpg import copy_data, copy_done
+    msgs = [encode.query("copy mo_t (k, v) from stdin"), sync(), copy_data(data), copy_done(),
+            encode.query("select 2"), bind(b"", b"nope", []), sync()]
+    seen = []
+    for port in (pg.port, one_backend.port):
+        with PgConn.connect("127.0.0.1", port, USER, PASSWORDS[USER], DB, timeout=5) as conn:
+            conn.send_messages(msgs)
+            seen.append("".join(chr(m[0]) for m in conn.read_until_ready(timeout=3, count=3)))
+            conn.simple("delete from mo_t where k = 77")
+    assert seen[1] == seen[0], f"Postgres {seen[0]!r}, pgsluice {seen[1]!r}"
