@@ -34,7 +34,7 @@ from tests.util import ProxyFactory, ProxyHandle
 USER, DB = "trusted_user", "postgres"  # trust: the same login directly and through pgsluice
 CASES = int(os.environ.get("PGSLUICE_FUZZ_CASES", "40"))
 CONNECTIONS = 6  # at once, per case
-POOL = 8  # more than CONNECTIONS: nobody waits for a server connection, answers stay comparable
+POOL = int(os.environ.get("PGSLUICE_FUZZ_POOL", "8"))  # more than CONNECTIONS: answers stay comparable
 _I, _i, _h = struct.Struct("!I"), struct.Struct("!i"), struct.Struct("!h")
 
 SQL = [
