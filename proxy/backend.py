@@ -105,6 +105,7 @@ class Backend(asyncio.Protocol):
         self.last_used = self.created
         self.uses = 0
         self.holder: Any = None
+        self.last_holder = 0  # the BackendKeyData process id of the client it last served
         self._writing = asyncio.Event()
         self._writing.set()
         self._login_waiter: asyncio.Future[None] | None = None

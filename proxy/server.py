@@ -28,6 +28,7 @@ from planner.catalog import load as load_catalog
 
 from .admission import Admission
 from .backend import Credentials, Upstream, send_cancel
+from .backend_keys import BackendKeys
 from .channel import CANCEL, CLOSE_DATABASE, WorkerChannel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
@@ -61,9 +62,7 @@ class Server:
         self.clients: set[ClientSession] = set()
         self.admission = Admission(worker, config.workers, stats_dir)  # max_client_conn
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
-        # server process id -> the process id pgsluice gave the client that last used it
-        # (NotificationResponse names the sender by these)
-        self.backend_keys: dict[int, int] = {}
+        self.backend_keys = BackendKeys(stats_dir if config.workers > 1 else None)  # backend_keys.py
         self.userlist: dict[str, Credential] = (
             load_userlist(config.auth_file) if config.auth_mode == "auth_file" else {})
         self._scram_secrets: dict[tuple[str, str], ScramSecret] = {}

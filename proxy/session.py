@@ -588,11 +588,9 @@ class ClientSession(asyncio.Protocol):
         self.backend = backend
         backend.holder = self
         backend.on_data = self.on_backend_data
-        keys = self.server.backend_keys
-        if keys.get(backend.pid) != self.key[0]:
-            if len(keys) > 100_000:  # server connections come and go: forget the old ones
-                keys.clear()
-            keys[backend.pid] = self.key[0]
+        if backend.last_holder != self.key[0]:
+            backend.last_holder = self.key[0]
+            self.server.backend_keys.set(backend.pid, self.key[0])
         if not self._writing and backend.transport is not None:
             backend.transport.pause_reading()
 

@@ -9,7 +9,7 @@ import asyncio
 import asyncpg
 import psycopg
 
-from tests.util import PASSWORDS, ProxyHandle
+from tests.util import PASSWORDS, ProxyFactory, ProxyHandle
 
 USER, DB = "alice", "app"
 
@@ -41,3 +41,31 @@ def test_psycopg_notification_pid(proxy: ProxyHandle) -> None:
         conn.execute("NOTIFY nt_psy, 'x'")
         notify = next(conn.notifies(timeout=5))
         assert (notify.pid, notify.channel, notify.payload) == (conn.info.backend_pid, "nt_psy", "x")
+
+
+async def test_sender_on_another_worker(proxy_factory: ProxyFactory) -> None:
+    """With two workers the sender's client may be on the other one: still its own pid."""
+    proxy = proxy_factory(env={"PGSLUICE_WORKERS": "2"})
+
+    async def worker(conn: asyncpg.Connection) -> str:
+        return str(dict((r[0], r[1]) for r in await conn.fetch("SHOW CACHE"))["worker_pid"])
+
+    listener = await asyncpg.connect(dsn(proxy))
+    senders: list[asyncpg.Connection] = []
+    try:
+        mine = await worker(listener)
+        for _ in range(40):  # the kernel spreads connections over the workers
+            senders.append(await asyncpg.connect(dsn(proxy)))
+            if await worker(senders[-1]) != mine:
+                break
+            await asyncio.sleep(0.05)
+        sender = senders[-1]
+        assert await worker(sender) != mine, "every connection landed on one worker"
+        got: asyncio.Queue[int] = asyncio.Queue()
+        await listener.add_listener("nt_two", lambda _c, pid, _ch, _p: got.put_nowait(pid))
+        await sender.execute("NOTIFY nt_two")
+        assert await asyncio.wait_for(got.get(), 5) == sender.get_server_pid()
+    finally:
+        await listener.close()
+        for conn in senders:
+            await conn.close()
