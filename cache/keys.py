@@ -11,6 +11,7 @@ keeps custom settings read by row-level-security policies (`app.tenant_id`) in t
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Hashable, Iterable
 
 # Settings that never change a read's result rows or their text form.
@@ -67,3 +68,32 @@ def setting_value(statement: str) -> str:
 def make_key(database: str, user: str, policy: str, settings: Hashable, fingerprint: str,
              params: tuple[str, ...], fmt: Hashable, versions: Hashable) -> tuple[Hashable, ...]:
     return (database, user, policy, settings, fingerprint, params, fmt, versions)
+
+
+_SHARED_PARTS = 4  # database, user, policy, settings: the same objects in every key of a session
+
+
+def key_footprint(key: Hashable) -> int:
+    """Bytes a cache key holds of its own (for cache_max_bytes): the tuple and what is in it,
+    except the parts every key of a session shares (make_key's first four).
+
+    >>> key_footprint(make_key("db", "u", "", (), "f" * 32, ("1",), b"Q", ("g", (1, 2)))) > 300
+    True
+    """
+    if isinstance(key, tuple) and len(key) == 8:
+        return sys.getsizeof(key) + sum(footprint(part) for part in key[_SHARED_PARTS:])
+    return footprint(key)
+
+
+def footprint(obj: object) -> int:
+    """sys.getsizeof of an object and of what a tuple or frozenset holds (what CPython keeps
+    one copy of is free: singletons, small integers, empty and one-character bytes and str)."""
+    if obj is None or obj is True or obj is False:
+        return 0
+    if isinstance(obj, int) and -5 <= obj <= 256:
+        return 0
+    if isinstance(obj, bytes | str) and len(obj) <= 1:
+        return 0
+    if isinstance(obj, tuple | frozenset):
+        return sys.getsizeof(obj) + sum(footprint(item) for item in obj)
+    return sys.getsizeof(obj)

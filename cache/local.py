@@ -1,18 +1,31 @@
 """The in-process cache tier: an LRU bounded in bytes, with a TTL as the last safety net.
 
-Values are the wire messages a result is made of (bytes), so an entry's size is simply
-its length plus a fixed overhead for the key and bookkeeping. Entries larger than
-`max_entry` are refused by `put` (the caller counts that as a bypass).
+Values are the wire messages a result is made of (bytes). An entry is charged what it
+really takes in memory: the value object, the key's own parts (keys.key_footprint) and the
+bookkeeping (entry tuple, timestamp, dict and order slots), so that `max_bytes` bounds what
+the process holds (tests/test_cache_units.py checks it with tracemalloc). Entries larger
+than `max_entry` are refused by `put` (the caller counts that as a bypass).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-ENTRY_OVERHEAD = 200  # bytes charged per entry for its key, tuple and dict slot
+from .keys import key_footprint
+
+# Per entry besides key and value: the (value, stored, size) tuple (64), the timestamp (24),
+# the size (28), and the OrderedDict's hash-table and order slots (about 90, averaged over
+# its fill factor), measured with tracemalloc on CPython 3.11.
+ENTRY_OVERHEAD = 200
+
+
+def entry_size(key: Hashable, value: bytes) -> int:
+    """What an entry takes in memory, as far as the cache is charged for it."""
+    return key_footprint(key) + sys.getsizeof(value) + ENTRY_OVERHEAD
 
 
 @dataclass(slots=True)
@@ -36,7 +49,7 @@ class LocalCache:
         self.ttl = ttl
         self.stats = LocalStats()
         self._clock = clock
-        self._data: OrderedDict[Hashable, tuple[bytes, float]] = OrderedDict()
+        self._data: OrderedDict[Hashable, tuple[bytes, float, int]] = OrderedDict()
 
     def get(self, key: Hashable, max_age: float | None = None) -> bytes | None:
         """The value if present and younger than both the TTL and `max_age` seconds."""
@@ -44,10 +57,10 @@ class LocalCache:
         if item is None:
             self.stats.misses += 1
             return None
-        value, stored = item
+        value, stored, size = item
         age = self._clock() - stored
         if age >= self.ttl:
-            self._drop(key, value)
+            self._drop(key, size)
             self.stats.expired += 1
             self.stats.misses += 1
             return None
@@ -59,20 +72,23 @@ class LocalCache:
         return value
 
     def put(self, key: Hashable, value: bytes) -> bool:
-        size = len(value) + ENTRY_OVERHEAD
-        if len(value) > self.max_entry or size > self.max_bytes:
+        if len(value) > self.max_entry:
+            self.stats.too_large += 1
+            return False
+        size = entry_size(key, value)
+        if size > self.max_bytes:
             self.stats.too_large += 1
             return False
         old = self._data.pop(key, None)
         if old is not None:
-            self.stats.bytes -= len(old[0]) + ENTRY_OVERHEAD
+            self.stats.bytes -= old[2]
             self.stats.entries -= 1
         while self._data and self.stats.bytes + size > self.max_bytes:
-            _, (victim_value, _) = self._data.popitem(last=False)
-            self.stats.bytes -= len(victim_value) + ENTRY_OVERHEAD
+            _, (_, _, victim_size) = self._data.popitem(last=False)
+            self.stats.bytes -= victim_size
             self.stats.entries -= 1
             self.stats.evictions += 1
-        self._data[key] = (value, self._clock())
+        self._data[key] = (value, self._clock(), size)
         self.stats.bytes += size
         self.stats.entries += 1
         return True
@@ -80,7 +96,7 @@ class LocalCache:
     def discard(self, key: Hashable) -> None:
         item = self._data.get(key)
         if item is not None:
-            self._drop(key, item[0])
+            self._drop(key, item[2])
 
     def clear(self) -> None:
         self._data.clear()
@@ -89,7 +105,7 @@ class LocalCache:
     def __len__(self) -> int:
         return len(self._data)
 
-    def _drop(self, key: Hashable, value: bytes) -> None:
+    def _drop(self, key: Hashable, size: int) -> None:
         del self._data[key]
-        self.stats.bytes -= len(value) + ENTRY_OVERHEAD
+        self.stats.bytes -= size
         self.stats.entries -= 1

@@ -36,6 +36,12 @@ _UPDATE = re.compile(r"(?is)\bupdate\b.*\bset\b")
 _DELETE = re.compile(r"(?is)\bdelete\s+from\b")
 _WHERE = re.compile(r"(?i)\bwhere\b")
 _SET_ROLE_FN = re.compile(r"(?i)set_config\s*\(\s*'(role|session_authorization)'")
+_SET_CONFIG = re.compile(r'(?i)(?<![\w$])"?set_config"?\s*\(\s*')
+_LITERAL_NAME = re.compile(r"'([A-Za-z0-9_.]+)'\s*,")
+_READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+# session-level advisory locks outlive the transaction (the _xact_ ones do not)
+_SESSION_LOCK = re.compile(r'(?i)(?<![\w$])"?pg_(try_)?advisory_lock(_shared)?"?\s*\(')
+_RESETS = (["reset", "all"], ["discard", "all"])  # back to the server's defaults, enforced ones too
 _WRITE_FLAGS = {Flag.WRITABLE_CTE: "a data-modifying WITH", Flag.SELECT_INTO: "SELECT INTO",
                 Flag.LOCKING: "a locking clause", Flag.COPY_FROM: "COPY FROM", Flag.SET_ROLE: "SET ROLE"}
 # Functions that write (Postgres would refuse them in a read-only transaction too). Other
@@ -100,6 +106,13 @@ def _read_only(plan: Plan, policy: Policy, statements: list[str], heads: list[li
         what = "a change of the transaction's read-only mode"
     if not what and _SET_ROLE_FN.search(plan.sql):
         what = "a change of role"
+    if not what and any(n is None or n in _READ_ONLY_SETTINGS for n in set_config_names(plan.sql)):
+        what = "a change of the transaction's read-only mode"
+    if not what and any(h[:2] in _RESETS for h in heads[:-1]):
+        # alone (or last), the wire door sets the role's settings again right after it
+        what = "a reset of the session's settings followed by other statements"
+    if not what and _SESSION_LOCK.search(plan.sql):
+        what = "a session-level advisory lock"
     if not what:
         return None
     return _reject(READ_ONLY, f"pgsluice: cannot execute {what} in a read-only session", policy,
@@ -129,8 +142,11 @@ def _denied(plan: Plan, policy: Policy, heads: list[list[str]]) -> Verdict | Non
         rule = "copy_file" if "copy_file" in deny else "file_access"
     elif "set_role" in deny and (Flag.SET_ROLE in plan.flags or _SET_ROLE_FN.search(plan.sql)):
         rule = "set_role"
-    if not rule and policy.statement_timeout and any(h[:1] and h[0] in ("set", "reset") for h in heads) \
-            and re.search(r"(?i)statement_timeout", plan.sql):  # RESET ALL is fine: re-applied
+    if not rule and policy.statement_timeout and (
+            (any(h[:1] and h[0] in ("set", "reset") for h in heads)
+             and re.search(r"(?i)statement_timeout", plan.sql))
+            or any(h[:2] in _RESETS for h in heads[:-1])  # alone or last, it is re-applied at once
+            or any(n is None or n == "statement_timeout" for n in set_config_names(plan.sql))):
         rule = "statement_timeout"
     if not rule:
         rule = _denied_function(plan, policy, heads)
@@ -138,6 +154,35 @@ def _denied(plan: Plan, policy: Policy, heads: list[list[str]]) -> Verdict | Non
         return None
     return _reject(DENIED, f"pgsluice: {rule.replace('_', ' ')} is not allowed for role \"{policy.name}\"",
                    policy, rule, f"See roles.{policy.name}.deny in the pgsluice config.")
+
+
+def extended_verdict(plan: Plan, policy: Policy | None) -> Verdict | None:
+    """What a role's Parse may not carry though a simple Query may: RESET ALL and DISCARD ALL,
+    which the wire door follows with the role's settings again only after a simple Query."""
+    if policy is None or not (policy.read_only or policy.statement_timeout):
+        return None
+    if not any(first_words(s, 2)[:2] in _RESETS for s in split(plan.sql)):
+        return None
+    if policy.read_only:
+        return _reject(READ_ONLY, "pgsluice: cannot execute a reset of the session's settings over the "
+                       "extended protocol in a read-only session", policy, "read_only",
+                       f"Role \"{policy.name}\" is read-only; send RESET ALL as a simple query.")
+    return _reject(DENIED, f"pgsluice: statement timeout is not allowed for role \"{policy.name}\"", policy,
+                   "statement_timeout", "Send RESET ALL as a simple query.")
+
+
+def set_config_names(sql: str) -> list[str | None]:
+    """The setting each set_config() call in `sql` names (lower case); None where the name is
+    not a plain literal, so it cannot be told.
+
+    >>> set_config_names("SELECT set_config('jit', 'off', false), pg_catalog.SET_CONFIG($1, 'x', true)")
+    ['jit', None]
+    """
+    out: list[str | None] = []
+    for m in _SET_CONFIG.finditer(sql):
+        literal = _LITERAL_NAME.match(sql, m.end())
+        out.append(literal.group(1).lower() if literal else None)
+    return out
 
 
 def _denied_function(plan: Plan, policy: Policy, heads: list[list[str]]) -> str:

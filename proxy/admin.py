@@ -103,7 +103,8 @@ def _stats(server: Server) -> Rows:
     rows: list[tuple[object, ...]] = [
         ("workers_reporting", v["workers"]), ("worker", server.worker), ("worker_pid", os.getpid()),
         ("uptime_seconds", round(time.monotonic() - server.started, 1)),
-        ("clients_now", v["clients"]), ("clients_total", totals["clients_total"]),
+        ("clients_now", v["clients"]), ("clients_logged_in", server.admission.total()),
+        ("clients_total", totals["clients_total"]),
         ("queries", sum(a["queries"] for a in agents)),
         ("upstream_queries", totals["upstream_queries"]),
         ("cache_hits", sum(a["hits"] for a in agents)), ("cache_misses", sum(a["misses"] for a in agents)),

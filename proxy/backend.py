@@ -101,6 +101,11 @@ class Backend(asyncio.Protocol):
         self.secret = b""
         self.params: dict[str, str] = {}
         self.status = codes.TXN_IDLE
+        # ReadyForQuery messages owed for what was sent (each Query, Sync, FunctionCall), and
+        # whether extended-protocol messages went out after the last of those: then Postgres
+        # may hold an implicit transaction (with its snapshot) or be skipping to a Sync.
+        self.ready_owed = 0
+        self.unsynced = False
         # Server-side prepared statements present on this connection, oldest first.
         self.prepared: dict[bytes, None] = {}
         # Statements that may exist but must not be trusted (stale plan, or a skipped Close).
@@ -111,6 +116,7 @@ class Backend(asyncio.Protocol):
         self.last_used = self.created
         self.uses = 0
         self.holder: Any = None
+        self.last_holder = 0  # the BackendKeyData process id of the client it last served
         self._writing = asyncio.Event()
         self._writing.set()
         self._login_waiter: asyncio.Future[None] | None = None
@@ -146,6 +152,13 @@ class Backend(asyncio.Protocol):
         holder = self.holder
         if holder is not None:
             holder.resume_reading()
+
+    @property
+    def clean(self) -> bool:
+        """Idle, and every message sent has been answered up to a ReadyForQuery 'I': the one
+        state in which this connection may serve another client (Pool.release checks it)."""
+        return (not self.closed and self.status == codes.TXN_IDLE and self.ready_owed == 0
+                and not self.unsynced and not self.buf)
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -303,6 +316,7 @@ class Backend(asyncio.Protocol):
     async def run(self, sql: str) -> InternalResult:
         """Run a simple query for pgsluice itself; the caller must hold the connection."""
         self.write(encode.query(sql))
+        self.ready_owed += 1
         framer = _BufFramer(self.buf)
         result = InternalResult(status=self.status)
         while True:
@@ -318,6 +332,7 @@ class Backend(asyncio.Protocol):
                 result.tags.append(read_cstr(body, 0)[0])
             elif code == codes.B_READY_FOR_QUERY:
                 self.status = result.status = body[0]
+                self.ready_owed -= 1
                 self.on_data = self._idle_data
                 return result
 
@@ -363,8 +378,10 @@ async def connect(upstream: Upstream, user: str, database: str, creds: Credentia
     return backend
 
 
-async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: float = 5.0) -> None:
-    """Forward a CancelRequest to Postgres for one backend; errors are ignored, as Postgres does."""
+async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: float = 5.0,
+                      still: Callable[[], bool] | None = None) -> None:
+    """Forward a CancelRequest to Postgres for one backend; errors are ignored, as Postgres does.
+    `still`, asked once connected, says whether the cancel is still wanted."""
     try:
         async with asyncio.timeout(timeout):
             if upstream.is_unix:
@@ -380,6 +397,9 @@ async def send_cancel(upstream: Upstream, pid: int, secret: bytes, timeout: floa
                     elif upstream.tls.required:
                         writer.close()
                         return
+            if still is not None and not still():
+                writer.close()
+                return
             writer.write(encode.cancel_request(pid, secret))
             await writer.drain()
             await reader.read()  # Postgres closes when done

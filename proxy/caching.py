@@ -183,7 +183,15 @@ def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes
 
 def _normal_bind(rest: bytes) -> bytes:
     """A Bind's formats, parameters and result formats, with the all-text spellings made one
-    (libpq sends one result format 0, others none: the same reply), for the cache key."""
+    (libpq sends one result format 0, others none: the same reply), for the cache key.
+    A malformed Bind raises ProtocolError: it goes to Postgres, which answers it."""
+    try:
+        return _normal_bind_parts(rest)
+    except struct.error:
+        raise ProtocolError("invalid Bind message") from None
+
+
+def _normal_bind_parts(rest: bytes) -> bytes:
     pos = 0
     (n,) = _H.unpack_from(rest, pos)
     formats = rest[pos + 2:pos + 2 + 2 * n]

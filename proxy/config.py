@@ -64,6 +64,7 @@ class Config:
     server_lifetime: float = 3600.0
     server_check_delay: float = 30.0
     max_prepared_statements: int = 1000
+    idle_transaction_timeout: float = 0.0  # s a client may sit idle inside a transaction (0 = off)
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: LogFormat = "text"
@@ -322,6 +323,8 @@ def validate(config: Config) -> None:
     for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
+    if config.idle_transaction_timeout < 0:
+        raise ConfigError("idle_transaction_timeout must be 0 (off) or positive")
 
 
 def _validate_tls(config: Config) -> None:

@@ -43,8 +43,11 @@ log = logging.getLogger("pgsluice.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
+IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next call
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _BY_SQLSTATE = {
+    # a Bind the request made wrong (a parameter count): the caller's mistake, not a lost link
+    "08P01": grpc.StatusCode.INVALID_ARGUMENT, "3D000": grpc.StatusCode.NOT_FOUND,
     "42501": grpc.StatusCode.PERMISSION_DENIED, "25006": grpc.StatusCode.PERMISSION_DENIED,
     "23505": grpc.StatusCode.ALREADY_EXISTS, "57014": grpc.StatusCode.CANCELLED,
     "53300": grpc.StatusCode.RESOURCE_EXHAUSTED, "57P01": grpc.StatusCode.UNAVAILABLE,
@@ -98,12 +101,23 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
                               application_name=agent.name, settings={"client_encoding": "UTF8"})
 
     def _give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
+        """Keep the session for the agent's next call, for IDLE_KEEP seconds at most (a session
+        is cheap to make; an idle one would linger in SHOW CLIENTS and clients_now)."""
         if client.session.closed:
             return
-        idle = self._idle.setdefault((agent.name, database), [])
+        key = (agent.name, database)
+        idle = self._idle.setdefault(key, [])
         if len(idle) < 64:
             idle.append(client)
+            client.returned += 1
+            asyncio.get_running_loop().call_later(IDLE_KEEP, self._expire, key, client, client.returned)
         else:
+            client.close()
+
+    def _expire(self, key: tuple[str, str], client: InternalClient, returned: int) -> None:
+        idle = self._idle.get(key)
+        if idle is not None and client.returned == returned and client in idle:
+            idle.remove(client)
             client.close()
 
     async def _run(self, agent: AgentAuth, database: str, sql: str, params: list[str | None],
@@ -346,10 +360,43 @@ def _item(outcome: pb.QueryResponse | pb.Error) -> pb.BatchItem:
     return pb.BatchItem(result=outcome)
 
 
+class _DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """A request that does not decode (bad protobuf, invalid UTF-8 in a string) gets
+    INVALID_ARGUMENT instead of grpc's UNKNOWN: each unary-request method decodes its own."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        async def request(raw: bytes, context: Ctx) -> Any:
+            try:
+                return decode(raw)
+            except Exception as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"pgsluice: the request could not be decoded ({type(exc).__name__})")
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: Ctx) -> Any:
+                return await behavior(await request(raw, context), context)
+
+            return handler._replace(request_deserializer=None, unary_unary=unary_unary)
+        stream = handler.unary_stream
+
+        async def unary_stream(raw: bytes, context: Ctx) -> AsyncIterator[Any]:
+            async for item in stream(await request(raw, context), context):
+                yield item
+
+        return handler._replace(request_deserializer=None, unary_stream=unary_stream)
+
+
 class GrpcDoor:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.grpc = grpc.aio.server(options=[
+        self.grpc = grpc.aio.server(interceptors=[_DecodeRequests()], options=[
             ("grpc.max_receive_message_length", server.config.max_message_size),
             ("grpc.max_send_message_length", server.config.max_message_size),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)])

@@ -101,6 +101,7 @@ class InternalClient:
         self._chunk_rows = 0
         self._buffered = 0  # rows queued for the consumer
         self._paused = False
+        self.returned = 0  # times handed back to a door's idle sessions (grpc_door.py)
         session._startup_done = True
         session._start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
 
@@ -109,6 +110,8 @@ class InternalClient:
         async with self._lock:
             if self.session.closed:
                 raise ConnectionError("internal client closed")
+            if "\x00" in sql:
+                return _nul_in_statement()
             self._reply = Reply()
             self._done = asyncio.get_running_loop().create_future()
             self.session.served = "executed"
@@ -125,6 +128,9 @@ class InternalClient:
         async with self._lock:
             if self.session.closed:
                 raise ConnectionError("internal client closed")
+            if "\x00" in sql:
+                yield "end", _nul_in_statement()
+                return
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             self._chunks, self._chunk, self._chunk_rows = queue, [], chunk_rows
             self._buffered, self._paused = 0, False
@@ -215,6 +221,13 @@ class InternalClient:
             self._buffered += len(self._chunk)
             chunks.put_nowait(("rows", self._chunk))
             self._chunk = []
+
+
+def _nul_in_statement() -> Reply:
+    """A statement travels as a C string: a NUL would cut it short (and leave the rest of the
+    Parse message malformed). Postgres's SQLSTATE for a NUL in text."""
+    return Reply(error={"C": "22021", "S": "ERROR",
+                        "M": "pgsluice: the statement contains a NUL character (0x00)"})
 
 
 def _columns(body: bytes) -> list[Column]:

@@ -65,6 +65,8 @@ class LoginIO(Protocol):
     def write(self, data: bytes) -> None: ...
     async def start_tls(self) -> None: ...
 
+    def take_place(self) -> bool: ...
+
 
 class LoginResult:
     """pool None: the admin console."""
@@ -129,7 +131,7 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
         host = io.peer[0] if isinstance(io.peer, tuple) and io.peer else io.peer  # Postgres's words
         raise PgError(INVALID_AUTHORIZATION, f'no pg_hba.conf entry for host "{host}", user "{user}", '
                       f'database "{database}", no encryption', severity="FATAL")
-    if len(server.clients) > server.config.max_client_conn:
+    if database != ADMIN_DB and not io.take_place():  # the admin console is always let in
         raise PgError(TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL")
     settings = settings_from_startup(params)
     if database == ADMIN_DB:
@@ -337,13 +339,15 @@ async def _welcome(pool: Pool, settings: tuple[tuple[str, str], ...],
         backend = probe if probe is not None else await pool.acquire()
         try:
             backend.applied = None
-            reported = await resync(backend, settings)
+            await resync(backend, settings)
         except BaseException:
             pool.discard(backend)
             raise
+        # Postgres reports a parameter only when it differs from what it last reported on
+        # that connection, so what the resync reported is not enough (the previous client
+        # may have left the same value): every value as last reported is this session's.
+        cached = dict(backend.params)
         pool.release(backend)
-        cached = dict(pool.server_params)
-        cached.update(reported)
         pool.status_cache[settings] = cached
     elif probe is not None:
         pool.release(probe)

@@ -142,12 +142,17 @@ class Pool:
         )
 
     def release(self, backend: Backend) -> None:
-        """Give a clean, idle backend back (ReadyForQuery said 'I')."""
+        """Give a backend back: kept only if idle with every message answered (Backend.clean);
+        one in any other state (mid-transaction, skipping to a Sync, a reply unread) is closed."""
         self.held -= 1
         backend.holder = None
         backend.last_used = time.monotonic()
         backend.uses += 1
-        if backend.closed or self.closed or backend.last_used - backend.created > self.settings.lifetime:
+        if not backend.clean or self.closed or backend.last_used - backend.created > self.settings.lifetime:
+            if not backend.closed and not backend.clean:
+                log.warning("pool %s/%s: server connection %d returned in state %s (%d replies owed%s):"
+                            " closed", self.database, self.user, backend.pid, chr(backend.status),
+                            backend.ready_owed, ", no Sync yet" if backend.unsynced else "")
             self._drop(backend)
             self._wake_for_capacity()
             return
@@ -276,6 +281,13 @@ class Pool:
                     return
                 self.held += 1
                 self.release(backend)
+
+    def close_idle(self) -> int:
+        """Close every idle connection (DROP DATABASE is about to run); returns how many."""
+        idle, self.idle = self.idle, []
+        for backend in idle:
+            self._drop(backend)
+        return len(idle)
 
     def close(self) -> None:
         self.closed = True

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from planner import Kind, Plan, Verdict
 from planner.explain import describe
+from planner.guard import extended_verdict
 from planner.normalize import comment_hints
 
 from . import caching, sqlscan
@@ -66,6 +67,9 @@ _TERMINAL: dict[int, tuple[int, ...]] = {
     codes.B_EMPTY_QUERY_RESPONSE: (EXECUTE,),
     codes.B_PORTAL_SUSPENDED: (EXECUTE,),
 }
+# extended-protocol messages whose content pgsluice reads (their parsers raise before
+# changing any state), with the entry kind of each
+_EXTENDED = {codes.F_PARSE: PARSE, codes.F_BIND: BIND, codes.F_DESCRIBE: DESCRIBE, codes.F_CLOSE: CLOSE}
 _TXN_WORDS = re.compile(rb"(?i)\b(begin|start|commit|rollback|end|abort|savepoint|release|prepare)\b")
 _STREAM_MIN = 256 * 1024  # pass a partial DataRow/CopyData through once this much is buffered
 
@@ -95,6 +99,14 @@ class Rejected:
         self.sql = (f"DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = {code}, MESSAGE = {message};"
                     " END$pgsluice$").encode()
 
+
+# The mark of a Query entry for COPY ... FROM STDIN, and of the Syncs the client sent after it
+# before its CopyDone / CopyFail: once the COPY has started (CopyInResponse), Postgres ignores
+# those Syncs, so no ReadyForQuery is owed for them; if it never started, they count.
+COPY_IN = object()
+_COPY_IN = re.compile(rb"(?is)copy\b.*\bfrom\s+stdin\b")
+_IN_COPY = frozenset({codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH, codes.F_SYNC,
+                      codes.F_TERMINATE})
 
 _BIND_UNNAMED = encode.message(codes.F_BIND, b"\x00\x00" + b"\x00\x00" * 3)
 _EXECUTE_UNNAMED = encode.message(codes.F_EXECUTE, b"\x00" + b"\x00" * 4)
@@ -151,6 +163,8 @@ def forward(s: ClientSession) -> None:
     out: Chunks = []
     start = pos = 0
     terminate = False
+    owed = 0  # ReadyForQuery messages this batch will be answered with
+    unsynced: bool | None = None  # whether it ends with extended messages after its last Sync
     while n - pos >= 5:
         code = buf[pos]
         length = _I.unpack_from(buf, pos + 1)[0]
@@ -159,15 +173,25 @@ def forward(s: ClientSession) -> None:
         end = pos + 1 + length
         if end > n:
             break
+        if s.copy_in and code not in _IN_COPY:
+            # Postgres would end the COPY with an error and take this message with it: no
+            # client does that, and pgsluice could not tell what is answered any more
+            raise ProtocolError(f"unexpected message type {code} during COPY FROM STDIN")
         if code == codes.F_EXECUTE:
+            unsynced = True
             if not s.skipping:
                 entries.append((EXECUTE, None))
                 s.server.stats.upstream_queries += 1
         elif code == codes.F_SYNC:
-            entries.append((SYNC, None))
+            # in COPY FROM STDIN Postgres ignores it; the CopyInResponse tells (relay.backward)
+            entries.append((SYNC, COPY_IN if s.copy_in else None))
             s.skipping = False
+            owed += 1
+            unsynced = False
         elif code == codes.F_QUERY:
-            if not s.skipping:
+            if not s.skipping:  # else Postgres drops it unanswered, still skipping to a Sync
+                owed += 1
+                unsynced = False
                 sql = bytes(buf[pos + 5:end - 1])
                 if b"agent=" in sql:
                     _tag_agent(s, sql)
@@ -181,38 +205,51 @@ def forward(s: ClientSession) -> None:
                     caching.note_writes(s, sql)
                 if swap is None and s.policy is not None:
                     swap = _guarded_query(s, backend, sql)
+                if swap is None and head[:7] == b"execute":
+                    swap = _execute(s, backend, sql)
+                elif head[:4] == b"drop" or head[:5] == b"alter":
+                    _database_ddl(s, sql)
                 if swap is not None:
                     out.append(buf[start:pos])
                     out.extend(swap)
                     start = end
                 else:
                     info = _query(s, backend, sql)
-                    entries.append((QUERY, info))
+                    if info is None and head[:4] == b"copy" and _COPY_IN.match(sql):
+                        s.copy_in = True
+                        entries.append((QUERY, COPY_IN))
+                    else:
+                        entries.append((QUERY, info))
                     restore = _restore_startup(s, sql) if info is not None or s.pinned else None
                     if restore is not None:  # RESET of startup parameters: put them back
                         out.append(buf[start:end])
                         out.append(restore)
                         entries.append((SWALLOW_QUERY, None))
+                        owed += 1
                         start = end
-        elif code == codes.F_BIND or code == codes.F_DESCRIBE:
+        elif code in _EXTENDED:
+            unsynced = True
             if not s.skipping:
                 out.append(buf[start:pos])
-                out.extend(_bind_or_describe(s, backend, code, bytes(buf[pos:end])))
+                msg = bytes(buf[pos:end])
+                try:
+                    out.extend(_parse(s, backend, msg) if code == codes.F_PARSE else
+                               _close(s, msg) if code == codes.F_CLOSE else
+                               _bind_or_describe(s, backend, code, msg))
+                except ProtocolError:
+                    # malformed inside: Postgres answers it with its own error (08P01) and
+                    # skips to the next Sync, as for any failed extended-protocol message
+                    entries.append((_EXTENDED[code], None))
+                    out.append(msg)
                 start = end
-        elif code == codes.F_PARSE:
-            if not s.skipping:
-                out.append(buf[start:pos])
-                out.extend(_parse(s, backend, bytes(buf[pos:end])))
-                start = end
-        elif code == codes.F_CLOSE:
-            if not s.skipping:
-                out.append(buf[start:pos])
-                out.extend(_close(s, bytes(buf[pos:end])))
-                start = end
-        elif code in (codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH):
+        elif code == codes.F_COPY_DONE or code == codes.F_COPY_FAIL:
+            s.copy_in = False
+        elif code == codes.F_COPY_DATA or code == codes.F_FLUSH:
             pass
         elif code == codes.F_FUNCTION_CALL:
             if not s.skipping:
+                owed += 1
+                unsynced = False
                 entries.append((FUNC, None))
                 caching.mark_everything(s, True)  # a FunctionCall: anything
         elif code == codes.F_TERMINATE:
@@ -226,6 +263,9 @@ def forward(s: ClientSession) -> None:
     data = b"".join(out)
     if data:
         backend.write(data)
+    backend.ready_owed += owed
+    if unsynced is not None:
+        backend.unsynced = unsynced
     if terminate:
         s.close()
 
@@ -276,6 +316,52 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
     s.entries.append((QUERY, None))
     out.append(encode.query(b"DEALLOCATE " + srv))
     return out
+
+
+_EXECUTE = re.compile(rb'(?is)execute\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)(\s*\(.*\))?\s*;?\s*')
+
+
+def _executed(s: ClientSession, sql: bytes) -> tuple[bytes, bytes] | None:
+    """(client name, arguments) of `EXECUTE name [(args)]` naming one of the client's
+    protocol-level statements (kept on backends under another name), else None."""
+    m = _EXECUTE.fullmatch(sql)
+    if m is None:
+        return None
+    raw = m.group(1)
+    name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
+    return (name, m.group(2) or b"") if name in s.statements else None
+
+
+def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+    """SQL `EXECUTE name` of a statement the client prepared over the protocol (asyncpg's
+    prepare(name=...)): run on the backend under its server-side name."""
+    found = _executed(s, sql)
+    if found is None:
+        return None
+    name, args = found
+    s.unnamed = None
+    backend.unnamed_owner = None
+    s.queries += 1
+    out: Chunks = []
+    srv = _ensure(s, backend, name, out)
+    s.entries.append((QUERY, None))
+    out.append(encode.query(b"EXECUTE " + srv + args))
+    return out
+
+
+_NAME = rb'("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
+_DATABASE_DDL = re.compile(rb"(?is)(?:drop\s+database\s+(?:if\s+exists\s+)?" + _NAME
+                           + rb"|alter\s+database\s+" + _NAME + rb"\s+rename\b)")
+
+
+def _database_ddl(s: ClientSession, sql: bytes) -> None:
+    """DROP DATABASE / ALTER DATABASE ... RENAME: pgsluice's idle connections to that
+    database must not be in its way."""
+    m = _DATABASE_DDL.match(sql)
+    if m is not None:
+        raw = m.group(1) or m.group(2)
+        name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
+        s.server.database_going(name.decode("utf-8", "replace"))
 
 
 _SHOW_PLAN = re.compile(rb"(?is)\s*show\s+plan\s+('(?:[^']|'')*')\s*;?\s*")
@@ -421,11 +507,21 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
             Verdict(False, "42P05", f'prepared statement "{text}" already exists')))
     if s.policy is not None:
         plan = _plan(s, sql)
-        if not plan.verdict.allowed:
-            return _refuse_parse(s, backend, name, _rejected(s, plan.verdict))
+        verdict = plan.verdict if not plan.verdict.allowed else extended_verdict(plan, s.policy)
+        if verdict is not None and not verdict.allowed:
+            return _refuse_parse(s, backend, name, _rejected(s, verdict))
         if plan.rewrites:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)
+    out: Chunks = []
+    if sql[:4].lower() == b"drop" or sql[:5].lower() == b"alter":
+        _database_ddl(s, sql)
+    if sql[:7].lower() == b"execute" and (found := _executed(s, sql)) is not None:
+        # the statement it names lives on this backend under its server-side name: the
+        # client stays here, where that name will keep meaning it
+        s.pin("EXECUTE of a protocol-level statement in a prepared statement")
+        sql = b"EXECUTE " + _ensure(s, backend, found[0], out) + found[1]
+        msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
     writes = caching.writes_of(s, sql) if s.server.cache is not None else caching.NO_WRITES
     if not name:
@@ -434,12 +530,12 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         s.unnamed_gen += 1
         backend.unnamed_owner = (s.token, s.unnamed_gen)
         s.entries.append((PARSE, None))
-        return [msg]
+        out.append(msg)
+        return out
     srv = server_name(sql, types, _search_path(s))
     stmt = Statement(srv, encode.parse(srv, sql, types), writes)
     s.statements[name] = stmt
     prepared = backend.prepared
-    out: Chunks = []
     # A client's Parse always reaches Postgres, so it is analysed against today's schema
     # (a statement kept from before an ALTER would fail with "cached plan must not change
     # result type"). Re-preparing on another backend at Bind is what sharing saves.
@@ -558,6 +654,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 start = end
                 if code == codes.B_READY_FOR_QUERY:
                     backend.status = buf[pos + 5]
+                    backend.ready_owed -= 1
                     entries.popleft()
                     ready = not entries
             pos = end
@@ -582,6 +679,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     s.rows_seen += 1
         elif code == codes.B_READY_FOR_QUERY:
             backend.status = buf[pos + 5]
+            backend.ready_owed -= 1
             if fill is not None:
                 caching.finish(s, fill)
                 fill = None
@@ -631,6 +729,21 @@ def backward(s: ClientSession, backend: Backend) -> None:
             name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
             backend.params[name] = value
             s.reported[name] = value
+        elif code == codes.B_COPY_IN_RESPONSE and entries and entries[0] == (QUERY, COPY_IN):
+            ignored = [e for e in entries if e == (SYNC, COPY_IN)]
+            if ignored:
+                backend.ready_owed -= len(ignored)
+                kept = [e for e in entries if e != (SYNC, COPY_IN)]
+                entries.clear()
+                entries.extend(kept)
+        elif code == codes.B_NOTIFICATION_RESPONSE and end - pos >= 9:
+            # the sender as its client knows it: the process id of the BackendKeyData pgsluice
+            # gave the client whose server connection sent it (drivers compare the two)
+            key = s.server.backend_keys.get(_I.unpack_from(buf, pos + 5)[0])
+            if key is not None:
+                out.append(buf[start:pos + 5])
+                out.append(_I.pack(key))
+                start = pos + 9
         pos = end
     if start == 0 and not out:
         data = bytes(buf[:pos])
@@ -640,8 +753,11 @@ def backward(s: ClientSession, backend: Backend) -> None:
     del buf[:pos]
     if ended:
         caching.commit(s)  # before the client sees the commit (gated with Redis)
-    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s):
-        s.held.append(data)  # a write's CommandComplete waits for its ReadyForQuery
+    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s) \
+            and any(kind in _ENDS_AT_READY for kind, _ in entries):
+        # a write's CommandComplete waits for its ReadyForQuery; only while one is still owed
+        # (an error voids what was sent up to the next Sync, and Flush asks for no Sync)
+        s.held.append(data)
         return
     if s.held:
         data = b"".join(s.held) + data
@@ -652,6 +768,8 @@ def backward(s: ClientSession, backend: Backend) -> None:
         s.request_done()
         if not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
             s.release()
+        elif backend.status != codes.TXN_IDLE:
+            s.idle_in_transaction()
 
 
 def _log_failure(s: ClientSession, body: bytes) -> None:
@@ -688,6 +806,8 @@ def _end_at_ready(s: ClientSession, backend: Backend) -> None:
         if kind in _ENDS_AT_READY:
             if isinstance(arg, QueryInfo):
                 _apply_query(s, backend, arg)
+            elif arg is COPY_IN:
+                s.copy_in = False  # the COPY is over (or never started)
             return
         _void(s, backend, kind, arg)
 
@@ -718,6 +838,8 @@ def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
             del s.statements[name]
     elif (kind == PARSE or kind == SWALLOW_PARSE) and arg is None:
         backend.unnamed_owner = None
+    elif kind == QUERY and arg is COPY_IN:
+        s.copy_in = False  # skipped: no COPY
     elif kind == SWALLOW_CLOSE and isinstance(arg, bytes):
         backend.maybe_prepared.add(arg)  # skipped: it may still be there; close before a Parse
 

@@ -28,8 +28,11 @@ from planner import Catalog, Planner, SessionFacts
 from planner.catalog import load as load_catalog
 from planner.tables import TableFacts
 
+from .admission import Admission
 from .authquery import AuthQuery
 from .backend import Credentials, Upstream, send_cancel
+from .backend_keys import BackendKeys
+from .channel import CANCEL, CLOSE_DATABASE, WorkerChannel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
 from .tls import asyncpg_ssl, door_context, door_tls, upstream_tls
@@ -46,6 +49,7 @@ from .userlist import Credential, load_userlist
 
 log = logging.getLogger("pgsluice.server")
 _I = struct.Struct("!I")
+_PID_COUNTER = (1 << 23) - 1  # cancel key process ids: counter << 8 | worker index, below 2**31
 
 
 class Server:
@@ -63,7 +67,9 @@ class Server:
         self.auth_query = self._auth_query(config) if config.auth_mode == "passthrough" else None
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientSession] = set()
+        self.admission = Admission(worker, config.workers, stats_dir)  # max_client_conn
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
+        self.backend_keys = BackendKeys(stats_dir if config.workers > 1 else None)  # backend_keys.py
         self.userlist: dict[str, Credential] = (
             load_userlist(config.auth_file) if config.auth_mode == "auth_file" else {})
         self._scram_secrets: dict[tuple[str, str], ScramSecret] = {}
@@ -72,7 +78,8 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._janitor: asyncio.Task[None] | None = None
-        self._next_pid = secrets.randbelow(1 << 20) + 1000
+        self._next_pid = secrets.randbelow(_PID_COUNTER)
+        self.channel: WorkerChannel | None = None  # to the other workers (channel.py)
         self.planners: dict[str, Planner] = {}
         self.started = time.monotonic()
         self.paused = False
@@ -294,6 +301,7 @@ class Server:
             self.config, pool_min_size=new.pool_min_size, pool_max_size=new.pool_max_size,
             pool_acquire_timeout=new.pool_acquire_timeout, server_idle_timeout=new.server_idle_timeout,
             server_lifetime=new.server_lifetime, max_client_conn=new.max_client_conn,
+            idle_transaction_timeout=new.idle_transaction_timeout,
             log_level=new.log_level, roles=new.roles, admin_users=new.admin_users)
         settings = self.pool_settings()
         for pool in self.pools.values():
@@ -308,23 +316,66 @@ class Server:
     # ---- cancel --------------------------------------------------------------------------------
 
     def new_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
+        """A (process id, secret) for BackendKeyData; the low byte of the process id is this
+        worker's index, so that a CancelRequest landing on another worker finds its way here."""
         while True:
-            self._next_pid = (self._next_pid % 0x7FFFFFFF) + 1
-            key = (self._next_pid, secrets.token_bytes(4))
+            self._next_pid = (self._next_pid % _PID_COUNTER) + 1
+            key = ((self._next_pid << 8) | self.worker, secrets.token_bytes(4))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = session
                 return key
 
     async def cancel(self, pid: int, secret: bytes) -> None:
+        """A CancelRequest, from a client or a door; sent on to the worker owning the key."""
+        owner = pid & 0xFF
+        if owner != self.worker:
+            if self.channel is not None:
+                await self.channel.send(owner, CANCEL, _I.pack(pid) + secret)
+            return
+        await self.cancel_here(pid, secret)
+
+    async def cancel_here(self, pid: int, secret: bytes) -> None:
         session = self.cancel_keys.get((pid, secret))
         if session is None:
             return  # like Postgres: no answer either way
         self.stats.cancels += 1
         backend = session.backend
         if backend is not None and session.entries:
-            await send_cancel(self.upstream, backend.pid, backend.secret)
+            # by the time the cancel connection is open the query may be over and the server
+            # connection serving someone else: then the cancel is not sent
+            await send_cancel(self.upstream, backend.pid, backend.secret,
+                              still=lambda: session.backend is backend and bool(session.entries))
         elif backend is None:
             session.cancel_wait()  # waiting for an identical query in flight: stop waiting
+
+    async def _from_worker(self, kind: bytes, payload: bytes) -> None:
+        """A request another worker sent over the channel."""
+        if kind == CANCEL and len(payload) == 8:
+            await self.cancel_here(_I.unpack_from(payload)[0], payload[4:])
+        elif kind == CLOSE_DATABASE:
+            self.let_go_of(payload.decode("utf-8", "replace"))
+
+    # ---- databases going away -------------------------------------------------------------------
+
+    def database_going(self, database: str) -> None:
+        """DROP DATABASE or ALTER DATABASE ... RENAME of `database` is about to reach Postgres,
+        which refuses while other sessions are connected to it (after waiting up to 5 s for
+        them to go): every worker lets go of its idle connections to it first."""
+        self.let_go_of(database)
+        if self.channel is not None:
+            self.spawn(self.channel.broadcast(CLOSE_DATABASE, database.encode()))
+
+    def let_go_of(self, database: str) -> None:
+        """Close this worker's idle server connections and change-feed listener of `database`
+        (its planner and feed come back if it is used again)."""
+        closed = sum(pool.close_idle() for (db, _), pool in self.pools.items() if db == database)
+        feed = self.cache.feeds.pop(database, None) if self.cache is not None else None
+        if feed is not None:
+            self.spawn(feed.close())
+            self.planners.pop(database, None)
+        if closed or feed is not None:
+            log.info("database %s about to be dropped or renamed: %d idle server connections%s closed",
+                     database, closed, " and its change feed" if feed is not None else "")
 
     # ---- tasks ---------------------------------------------------------------------------------
 
@@ -353,6 +404,9 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.config.listen_host, self.config.listen_port
+        if self.stats_dir is not None and self.config.workers > 1:  # before a client can come
+            self.channel = WorkerChannel(self.stats_dir, self.worker, self.config.workers, self._from_worker)
+            await self.channel.start()
         server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
                                           reuse_port=self.config.workers > 1, backlog=1024)
         for sock in server.sockets:
@@ -408,6 +462,8 @@ class Server:
             await asyncio.sleep(0.05)
         for client in list(self.clients):
             client.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+        if self.channel is not None:
+            self.channel.close()
         if self._janitor is not None:
             self._janitor.cancel()
         if self._publisher is not None:

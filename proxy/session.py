@@ -31,7 +31,9 @@ from .pgwire.decode import StartupReader
 from .pgwire.errors import (
     ADMIN_SHUTDOWN,
     CONNECTION_FAILURE,
+    IDLE_IN_TRANSACTION_TIMEOUT,
     PROTOCOL_VIOLATION,
+    TOO_MANY_CONNECTIONS,
     PgError,
     ProtocolError,
 )
@@ -80,6 +82,7 @@ class ClientSession(asyncio.Protocol):
         self.unnamed_writes = caching.NO_WRITES  # what the unnamed statement may change
         self.stream_left = 0  # bytes of a large backend message still to pass through
         self.skipping = False  # Postgres is discarding messages until Sync after an error
+        self.copy_in = False  # a COPY FROM STDIN of this client's may be running (relay.py)
         self.token = next(_tokens)
         self.queries = 0
         # guardrails (issue 3): set at login when a role policy matches this session
@@ -120,6 +123,9 @@ class ClientSession(asyncio.Protocol):
         self.admin_statements: dict[bytes, str] = {}
         self.admin_portals: dict[bytes, str] = {}
         self.admin_formats: dict[bytes, tuple[int, ...]] = {}
+        self._idle_timer: asyncio.TimerHandle | None = None  # idle_transaction_timeout
+        self.placed = False  # holds one of the max_client_conn places (admission.py)
+        self._logging_in = False  # counted among the connections still logging in
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -128,11 +134,21 @@ class ClientSession(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         self.server.clients.add(self)
         self.server.stats.clients_total += 1
+        admission = self.server.admission
+        admission.logging_in += 1
+        self._logging_in = True
+        if admission.logging_in > self.server.config.max_client_conn:
+            self.fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already",
+                       detail="Too many connections are logging in at once.")
+            return
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._fresh:
             self._fresh = False
             if data[:1] == bytes((tls.HANDSHAKE,)) and not self._direct_tls():
@@ -159,10 +175,18 @@ class ClientSession(asyncio.Protocol):
             self._admin()
             return
         self.pump()
+        if self.backend is not None and not self.entries:  # part of a message only
+            self.idle_in_transaction()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self.server.clients.discard(self)
+        self._logged_in()
+        if self.placed:
+            self.placed = False
+            self.server.admission.leave()
         self.server.cancel_keys.pop(self.key, None)
         if self.fill is not None:
             caching.abandon(self)
@@ -283,6 +307,18 @@ class ClientSession(asyncio.Protocol):
 
     _startup_done = False
 
+    def take_place(self) -> bool:
+        """One of the max_client_conn places (over all workers), kept until this client goes."""
+        if not self.placed:
+            self.placed = self.server.admission.admit(self.server.config.max_client_conn)
+        return self.placed
+
+    def _logged_in(self) -> None:
+        """No longer among the connections still logging in."""
+        if self._logging_in:
+            self._logging_in = False
+            self.server.admission.logging_in -= 1
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -327,6 +363,12 @@ class ClientSession(asyncio.Protocol):
         log.info("login refused", extra=fields(peer=peer_text(self.peer), sqlstate=sqlstate, error=message))
 
     async def _login(self) -> None:
+        try:
+            await self._log_in()
+        finally:
+            self._logged_in()
+
+    async def _log_in(self) -> None:
         try:
             async with asyncio.timeout(self.server.config.login_timeout):
                 result = await login(self, self.server)
@@ -482,12 +524,14 @@ class ClientSession(asyncio.Protocol):
             if backend.applied != self.settings:
                 held, backend = backend, None  # owned by the resync until it succeeds
                 try:
-                    changed = await resync(held, self.settings)
+                    await resync(held, self.settings)
                 except BaseException:
                     self.pool.discard(held)
                     raise
                 backend = held
-                self._report(changed)
+                # every value as last reported on this connection is this session's now (the
+                # resync reports only what differs from that connection's previous state)
+                self._report(backend.params)
         except PgError as err:
             self._task = None
             relay.fail_pending(self, err)
@@ -607,6 +651,9 @@ class ClientSession(asyncio.Protocol):
         self.backend = backend
         backend.holder = self
         backend.on_data = self.on_backend_data
+        if backend.last_holder != self.key[0]:
+            backend.last_holder = self.key[0]
+            self.server.backend_keys.set(backend.pid, self.key[0])
         if not self._writing and backend.transport is not None:
             backend.transport.pause_reading()
 
@@ -636,6 +683,29 @@ class ClientSession(asyncio.Protocol):
             return
         if backend.closed and self.backend is backend:
             self._backend_lost(backend)
+
+    def idle_in_transaction(self) -> None:
+        """Every reply is out and the client holds its server connection inside a transaction:
+        with idle_transaction_timeout, it has that long to send something (PgBouncer's)."""
+        timeout = self.server.config.idle_transaction_timeout
+        backend = self.backend
+        if timeout and backend is not None and backend.status != codes.TXN_IDLE and self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle_too_long)
+
+    def _idle_too_long(self) -> None:
+        self._idle_timer = None
+        backend = self.backend
+        if self.closed or backend is None or self.entries or backend.status == codes.TXN_IDLE:
+            return
+        log.info("client idle in transaction too long", extra=fields(
+            client=self.token, user=self.user, agent=self.agent,
+            seconds=self.server.config.idle_transaction_timeout))
+        # the server connection is rolled back now, even if the client (stopped, say) never
+        # reads the error and its socket never closes
+        self.backend = None
+        self.server.spawn(self._cleanup(backend))
+        self.fatal(IDLE_IN_TRANSACTION_TIMEOUT, "terminating connection due to idle-in-transaction "
+                   "timeout", hint="pgsluice's idle_transaction_timeout closed it.")
 
     def _backend_lost(self, backend: Backend) -> None:
         self.backend = None
@@ -673,9 +743,14 @@ class ClientSession(asyncio.Protocol):
         if backend.closed:
             pool.discard(backend)
             return
-        if self.entries or backend.buf:
+        if self.entries or backend.buf or backend.ready_owed:
             # a query is still running for nobody: cancel it and drop the connection
             await send_cancel(self.server.upstream, backend.pid, backend.secret)
+            pool.discard(backend)
+            return
+        if backend.unsynced:
+            # extended messages with no Sync after them: Postgres may hold an implicit
+            # transaction (a Sync would commit it) or skip to a Sync; closing rolls it back
             pool.discard(backend)
             return
         try:

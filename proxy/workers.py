@@ -26,6 +26,8 @@ from typing import Any
 
 from cache.versions import SharedCounters
 
+from .admission import make_counts_file
+from .backend_keys import make_file as make_keys_file
 from .config import Config
 
 log = logging.getLogger("pgsluice.workers")
@@ -38,6 +40,8 @@ def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve)
     # (with Redis, versions are there; the workers still share who their server connections are)
     shared = SharedCounters(workers=config.workers) if config.cache else None
     stats_dir = tempfile.mkdtemp(prefix="pgsluice-workers-")
+    make_counts_file(stats_dir, config.workers)  # max_client_conn counts over all workers
+    make_keys_file(stats_dir)  # whose server connection sent a notification
     try:
         return _run(config, reload_from, serve, shared, stats_dir)
     finally:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
+from collections.abc import Hashable
 
 import asyncpg
 import pytest
 
-from cache.local import ENTRY_OVERHEAD, LocalCache
+from cache.keys import make_key
+from cache.local import LocalCache, entry_size
 from cache.singleflight import SingleFlight
 from proxy.embedded import EmbeddedPostgres
 
@@ -21,16 +25,49 @@ class Clock:
 
 
 def test_lru_bounded_in_bytes() -> None:
-    cache = LocalCache(max_bytes=3 * (100 + ENTRY_OVERHEAD), max_entry=150)
+    size = entry_size("a", b"x" * 100)
+    cache = LocalCache(max_bytes=3 * size, max_entry=150)
     for k in "abc":
         assert cache.put(k, b"x" * 100)
     assert cache.get("a") == b"x" * 100  # a is now the most recent
     assert cache.put("d", b"y" * 100)  # evicts b, the least recently used
     assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
-    assert cache.stats.evictions == 1 and cache.stats.bytes == 3 * (100 + ENTRY_OVERHEAD)
+    assert cache.stats.evictions == 1 and cache.stats.bytes == 3 * size
     assert not cache.put("big", b"z" * 151) and cache.stats.too_large == 1
     assert cache.put("a", b"w" * 10)  # replacing frees the old bytes
-    assert cache.stats.bytes == 2 * (100 + ENTRY_OVERHEAD) + 10 + ENTRY_OVERHEAD
+    assert cache.stats.bytes == 2 * size + entry_size("a", b"w" * 10)
+
+
+def _key(i: int, extended: bool) -> Hashable:
+    """A key as the wire door makes it: per session parts shared, per query parts its own."""
+    fmt: Hashable = (b"X", b"", b"\x00\x01\x00\x00\x00\x06" + str(i).encode(), False) if extended else b"Q"
+    return make_key("app", "alice", "", _SETTINGS, f"{i:016x}{i:016x}", (str(i), f"'name {i}'"), fmt,
+                    ("gen-1", (3, i % 500)))
+
+
+_SETTINGS = (("timezone", "SELECT pg_catalog.set_config('TimeZone', 'UTC', false)"),)
+
+
+@pytest.mark.parametrize("payload", [16, 80, 600, 5000])
+@pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
+def test_max_bytes_bounds_what_the_cache_holds(payload: int, extended: bool) -> None:
+    """Many distinct small results: what the cache holds in memory (keys, values, bookkeeping,
+    measured by tracemalloc) stays within 20 % of max_bytes once it is full."""
+    max_bytes = 4 * 1024 * 1024
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache = LocalCache(max_bytes=max_bytes, max_entry=1 << 20)
+        i = 0
+        while cache.stats.evictions < 2000:
+            cache.put(_key(i, extended), b"%d" % i + bytes(payload))
+            i += 1
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.stats.bytes <= max_bytes
+    assert 0.8 * max_bytes <= held <= 1.2 * max_bytes, f"holds {held / max_bytes:.2f} x max_bytes"
 
 
 def test_ttl_and_max_age() -> None:

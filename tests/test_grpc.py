@@ -22,7 +22,7 @@ from protos.pgsluice.v1 import sluice_pb2_grpc
 from proxy import values
 from proxy.embedded import EmbeddedPostgres, free_port
 from tests import cachedb
-from tests.util import ProxyFactory, ProxyHandle
+from tests.util import ProxyFactory, ProxyHandle, wait_until_async
 
 DB = "grpctest"
 TOKEN = "agent-token-123"
@@ -359,3 +359,62 @@ async def test_read_only_role_is_permission_denied_and_priority_batch_runs(stub:
                        metadata=AUTH) for i in range(3)]
     replies = await asyncio.gather(*slow)
     assert [_plain(r.rows[0].values[0]) for r in replies] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("request_", "code", "sqlstate"), [
+    (pb.QueryRequest(sql="select 1\x00"), grpc.StatusCode.INVALID_ARGUMENT, "22021"),
+    (pb.QueryRequest(sql="select 1\x00; select 2", params=[pb.Value(int64=1)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "22021"),
+    (pb.QueryRequest(sql="SELECT $1::int + $2::int", params=[pb.Value(int64=1)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "08P01"),
+    (pb.QueryRequest(sql="SELECT 1", database="grpc_no_such_db"), grpc.StatusCode.NOT_FOUND, "3D000"),
+], ids=["nul", "nul-with-params", "parameter-count", "unknown-database"])
+async def test_bad_requests_are_invalid_argument_at_once(stub: Any, request_: pb.QueryRequest,
+                                                         code: grpc.StatusCode, sqlstate: str) -> None:
+    """A request the caller got wrong is answered at once with a status a client does not
+    retry (not UNAVAILABLE, not a wait until its deadline)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Query(request_, metadata=AUTH, timeout=5)
+    assert info.value.code() == code, info.value.details()
+    assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == sqlstate
+    ok = await stub.Query(pb.QueryRequest(sql="SELECT 3"), metadata=AUTH, timeout=5)
+    assert _plain(ok.rows[0].values[0]) == 3
+
+
+@pytest.mark.parametrize("method", ["Query", "QueryStream", "Explain"])
+async def test_undecodable_request_is_invalid_argument(door: tuple[ProxyHandle, int], method: str) -> None:
+    """Bytes that are not the request message (here: invalid UTF-8 in the sql string)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{door[1]}") as channel:
+        bad = b"\x0a\x02\xff\xfe"  # field 1 (sql), length 2, not UTF-8
+        if method == "QueryStream":
+            call: Any = channel.unary_stream(f"/pgsluice.v1.Sluice/{method}")(bad, metadata=AUTH, timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(f"/pgsluice.v1.Sluice/{method}")(bad, metadata=AUTH, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+
+async def test_idle_internal_sessions_leave_show_clients(door: tuple[ProxyHandle, int], stub: Any) -> None:
+    """The sessions gRPC calls ran on are gone from SHOW CLIENTS (and clients_now) within a
+    couple of seconds of the last call."""
+    proxy, _ = door
+    await asyncio.gather(*(stub.Query(pb.QueryRequest(sql=f"SELECT {i}, pg_sleep(0.05)"), metadata=AUTH)
+                           for i in range(20)))
+    admin = await asyncpg.connect(proxy.dsn(database="pgsluice"), statement_cache_size=0)
+    try:
+        async def internal_sessions() -> int:
+            rows = await admin.fetch("SHOW CLIENTS")
+            return sum(1 for r in rows if r["peer"].startswith("internal"))
+
+        assert await internal_sessions() > 0
+        async def gone() -> bool:
+            return await internal_sessions() == 0
+
+        await wait_until_async(gone, timeout=3, interval=0.1, message="internal sessions gone")
+        stats = {r["stat"]: r["value"] for r in await admin.fetch("SHOW STATS")}
+        assert stats["clients_now"] == 1  # this admin session
+    finally:
+        await admin.close()

@@ -71,6 +71,17 @@ READER_REFUSED = [
     ("SELECT * FROM guard_t FOR UPDATE", "25006"),
     ("SET ROLE postgres", "25006"),
     ("SELECT set_config('role', 'postgres', false)", "25006"),
+    # what would undo the read-only setting on the server connection, or outlive the session
+    ("SELECT set_config('default_transaction_read_only', 'off', false)", "25006"),
+    ("SELECT pg_catalog.SET_CONFIG('Default_Transaction_Read_Only', 'off', false)", "25006"),
+    ("SELECT set_config('transaction_read_only', 'off', true)", "25006"),
+    ("SELECT set_config(lower('DEFAULT_TRANSACTION_READ_ONLY'), 'off', false)", "25006"),
+    ("RESET ALL; INSERT INTO guard_t VALUES (99, 'x')", "25006"),
+    ("DISCARD ALL; SELECT 1", "25006"),
+    ("SELECT pg_advisory_lock(42)", "25006"),
+    ("SELECT pg_try_advisory_lock_shared(42)", "25006"),
+    ('SELECT "pg_advisory_lock"(1, 2)', "25006"),
+    ("SELECT set_config('statement_timeout', '0', false)", "42501"),
     ('SELECT "pg_sleep"(3)', "42501"),
     ("SELECT pg_catalog.pg_sleep(3)", "42501"),
     ("select PG_SLEEP(3)", "42501"),
@@ -93,6 +104,28 @@ def test_reader_refused_and_never_sent(pg: EmbeddedPostgres, guarded: ProxyHandl
     assert count(pg) == 20
     logged = pg.logfile.read_text(errors="replace")[offset:]
     assert marker.strip() not in logged
+
+
+def test_reader_stays_read_only(pg: EmbeddedPostgres, guarded: ProxyHandle) -> None:
+    """After every refused attempt to undo it, Postgres itself still enforces read-only on the
+    reader's server connection, and what a reader may still do (asyncpg's set_config('jit'),
+    transaction-level advisory locks) works."""
+    with connect(guarded, "reader-bot") as conn:
+        for sql in ("RESET ALL; SELECT 1", "SELECT set_config('transaction_read_only', 'off', false)"):
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute(sql)
+        # over the extended protocol (a Parse) nothing would set the role's settings again
+        for sql in ("RESET ALL", "DISCARD ALL", "/* x */ reset all"):
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute(sql, prepare=True)
+        # a lone RESET ALL as a simple Query is followed at once by the role's settings again
+        conn.execute("RESET ALL")
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+        assert conn.execute("SELECT set_config('jit', 'off', false)").fetchone() == ("off",)
+
+        with conn.transaction():
+            assert conn.execute("SELECT pg_advisory_xact_lock(42)").fetchone() == ("",)
+            assert conn.execute("SELECT current_setting('transaction_read_only')").fetchone() == ("on",)
 
 
 def test_reader_reads_with_row_cap(guarded: ProxyHandle) -> None:
@@ -215,7 +248,7 @@ def test_cut_mode(pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: P
 
 async def test_asyncpg_pool_under_a_role(guarded: ProxyHandle) -> None:
     """asyncpg's pool resets connections with pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    RESET ALL — allowed for a read-only role, whose settings come back afterwards."""
+    RESET ALL (a simple Query) — allowed for a read-only role, whose settings come back at once."""
     pool = await asyncpg.create_pool(guarded.dsn(), min_size=1, max_size=2,
                                      server_settings={"application_name": "reader-pool"})
     try:
@@ -226,5 +259,9 @@ async def test_asyncpg_pool_under_a_role(guarded: ProxyHandle) -> None:
                 assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
                 with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                     await conn.execute("INSERT INTO guard_t VALUES (500, 'x')")
+                await conn.execute("RESET ALL")
+                assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
+                with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                    await conn.execute("RESET ALL; SELECT 1")
     finally:
         await pool.close()

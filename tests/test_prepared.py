@@ -76,3 +76,40 @@ def test_duplicate_statement_name_matches_postgres(pg: EmbeddedPostgres, proxy_f
     assert direct[1][1] == "42P05" and direct[2][3] == [b"1"] and direct[5][3] == [b"3"]
     proxy = proxy_factory("--pool-max-size", "1")
     assert duplicate_name_session(proxy.dsn()) == direct
+
+
+def execute_session(dsn: str, other: psycopg.Connection | None = None) -> list[Outcome]:
+    """SQL EXECUTE of statements prepared over the protocol, as a simple Query and inside
+    another prepared statement; `other` runs queries in between, so that through a pool of two
+    the client's next transaction may land on the other server connection."""
+    seen: list[Outcome] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgc = conn.pgconn
+
+        def step(res: pq.abc.PGresult) -> None:
+            seen.append(_outcome(res))
+            if other is not None:
+                with other.transaction():
+                    assert other.execute("SELECT 1").fetchone() == (1,)
+
+        step(pgc.prepare(b"foobar", b"SELECT $1::int * 2"))
+        step(pgc.exec_(b"EXECUTE foobar(21)"))
+        step(pgc.exec_(b"execute FOOBAR (4);"))
+        step(pgc.prepare(b"Quoted Name", b"SELECT 'q'::text"))
+        step(pgc.exec_(b'EXECUTE "Quoted Name"'))
+        step(pgc.exec_(b"EXECUTE nope"))  # 26000
+        step(pgc.prepare(b"outer", b"EXECUTE foobar(5)"))  # a statement that executes another
+        step(pgc.exec_prepared(b"outer", []))
+        step(pgc.exec_params(b"EXECUTE foobar(6)", []))  # the unnamed statement
+        step(pgc.exec_(b"DEALLOCATE foobar"))
+        step(pgc.exec_(b"EXECUTE foobar(1)"))  # 26000: gone
+    return seen
+
+
+def test_sql_execute_of_protocol_statement(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    """asyncpg's test_prepare_explicitly_named: prepare(name='foobar') then EXECUTE foobar."""
+    direct = execute_session(pg.dsn())
+    assert direct[1][3] == [b"42"] and direct[7][3] == [b"10"] and direct[5][1] == "26000"
+    proxy = proxy_factory("--pool-max-size", "2", "--pool-acquire-timeout", "2")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert execute_session(proxy.dsn(), other) == direct
