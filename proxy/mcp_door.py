@@ -140,8 +140,10 @@ class McpHttpDoor:
         sock = socket.create_server((host, port), family=family, reuse_port=reuse_port, backlog=1024)
         sock.setblocking(False)
         tls = self._tls()
-        # log_config=None: uvicorn leaves our logging alone; the SDK logs each request at INFO
-        logging.getLogger("mcp").setLevel(max(logging.WARNING, logging.getLogger().level))
+        # log_config=None: uvicorn leaves our logging alone; it and the SDK log each start, stop
+        # and request at INFO, which our own lines already say
+        for name in ("mcp", "uvicorn"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
         config = uvicorn.Config(self.app(host), log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=int(self.server.config.shutdown_timeout) or None,
                                 **tls)

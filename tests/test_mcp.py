@@ -48,6 +48,7 @@ ANALYZE customers; ANALYZE orders;
 CREATE FUNCTION mcp_noisy() RETURNS int LANGUAGE plpgsql AS $$
 BEGIN RAISE NOTICE 'hello from mcp_noisy'; RETURN 1; END $$;
 """
+CAPPED, CUTTER = "mcp-capped-token", "mcp-cutter-token"
 CONFIG = f"""
 [pgsluice.agents.analyst]
 token = "{TOKEN}"
@@ -60,6 +61,27 @@ token = "{READER}"
 user = "postgres"
 password = "postgres"
 database = "{DB}"
+
+[pgsluice.agents.capped]
+token = "{CAPPED}"
+user = "postgres"
+password = "postgres"
+database = "{DB}"
+
+[pgsluice.agents.cutter]
+token = "{CUTTER}"
+user = "postgres"
+password = "postgres"
+database = "{DB}"
+
+[pgsluice.roles.capped]
+match_application_names = ["capped"]
+max_rows = 5
+
+[pgsluice.roles.cutter]
+match_application_names = ["cutter"]
+max_rows = 4
+max_rows_mode = "cut"
 
 [pgsluice.roles.readonly]
 match_application_names = ["reader"]
@@ -470,6 +492,18 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield exc
 
 
+async def test_a_roles_max_rows_is_stated_too(door: tuple[ProxyHandle, int]) -> None:
+    """A role's max_rows limits (or cuts) results before the door sees them: still never silent."""
+    async with mcp_http(door[1], CAPPED) as capped, mcp_http(door[1], CUTTER) as cutter:
+        out = await call(capped, "query", sql="SELECT g FROM generate_series(1, 100) g")
+        assert out["rows"] == [[1], [2], [3], [4], [5]] and out["truncated"]
+        assert "roles.capped.max_rows" in out["truncation"]
+        small = await call(capped, "query", sql="SELECT g FROM generate_series(1, 3) g")
+        assert small["row_count"] == 3 and not small["truncated"]
+        cut = await call(cutter, "query", sql="SELECT g FROM generate_series(1, 100) g")
+        assert cut["row_count"] == 4 and cut["truncated"] and "cut at 4 rows" in cut["truncation"]
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -603,3 +637,32 @@ def test_stdio_needs_a_known_agent(pg: EmbeddedPostgres, config_file: Path) -> N
         stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 2 and "'nobody'" in out.stderr
+
+
+async def test_https_with_the_wire_doors_certificate(
+    door: tuple[ProxyHandle, int], proxy_factory: ProxyFactory, config_file: Path, tmp_path: Path
+) -> None:
+    """With tls_cert/tls_key the door speaks HTTPS, as the gRPC door does."""
+    import ssl
+
+    from proxy.certs import make_server_files
+
+    files = make_server_files(tmp_path, ["127.0.0.1"])
+    port = free_port()
+    proxy_factory("--config", str(config_file), "--mcp-listen", f"127.0.0.1:{port}",
+                  "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]))
+    await wait_until_async(lambda: _port_open(port), timeout=10, message="MCP door listening")
+    verify = ssl.create_default_context(cafile=str(files["ca"]))
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, verify=verify) as http, \
+            Client(streamable_http_client(f"https://127.0.0.1:{port}/mcp", http_client=http)) as client:
+        out = await call(client, "query", sql="SELECT name FROM customers WHERE id = $1", params=[1])
+        assert out.get("rows") == [["ada"]], out
+    async with httpx2.AsyncClient() as http:
+        with pytest.raises(httpx2.HTTPError):  # plain HTTP is not served there
+            await http.post(f"http://127.0.0.1:{port}/mcp", json={}, timeout=5)
+
+
+def _port_open(port: int) -> bool:
+    from tests.util import port_open
+
+    return port_open("127.0.0.1", port)
