@@ -276,7 +276,11 @@ class McpService:
                 if refused is not None:
                     raise ToolFailure(refused)
                 reply = await self._run(call, text, params, RowLimit(1, self.max_bytes), explain_plan)
-                out["postgres_plan"] = json.loads(reply.rows[0][0] or b"null") if reply.rows else None
+                if reply.truncated:
+                    out["postgres_plan_error"] = {"message": f"the plan is larger than {self.max_bytes} "
+                                                  "bytes (mcp_max_bytes): left out"}
+                elif reply.rows:
+                    out["postgres_plan"] = json.loads(reply.rows[0][0] or b"null")
             except ToolFailure as failure:
                 out["postgres_plan_error"] = failure.error
         return out
@@ -303,6 +307,18 @@ class McpService:
                                 self._plan(call, DESCRIBE_TABLE))
         described: dict[str, Any] = json.loads(reply.rows[0][0] or b"{}")
         described = {k: v for k, v in described.items() if v is not None}
+        cut = []
+        while len(compact(described)) > self.max_bytes:  # the longest list gives way, from its end
+            key = max((k for k, v in described.items() if isinstance(v, list) and v),
+                      key=lambda k: len(compact(described[k])), default=None)
+            if key is None:
+                break
+            described[key] = described[key][:len(described[key]) // 2]
+            cut.append(key)
+        if cut:
+            described["truncated"] = True
+            described["truncation"] = (f"{', '.join(sorted(set(cut)))} cut to fit {self.max_bytes} bytes "
+                                       "(mcp_max_bytes); query pg_catalog for the rest")
         described["served"] = SERVED.get(reply.served, "executed")
         return described
 

@@ -20,10 +20,10 @@ from . import values
 SERVED = {"cache": "cache_hit", "coalesced": "coalesced", "executed": "executed"}
 SAMPLE_MAX = 100
 
-_JSON_VALUE: dict[str, Any] = {"type": ["string", "number", "integer", "boolean", "null", "array", "object"]}
+_JSON_VALUE: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
 _SQL = {"type": "string", "minLength": 1, "description": "One SQL statement (no trailing second one)."}
 _PARAMS = {"type": "array", "items": _JSON_VALUE,
-           "description": "Values for $1, $2, ... in order. Arrays become Postgres arrays, objects JSON."}
+           "description": "Values for $1, $2, ... in order (an array as '{1,2}', JSON as its text)."}
 _TABLE = {"type": "string", "minLength": 1,
           "description": "A table or view name as written in SQL, optionally with its schema: "
                          "orders, sales.orders, \"Mixed Case\"."}

@@ -666,3 +666,16 @@ def _port_open(port: int) -> bool:
     from tests.util import port_open
 
     return port_open("127.0.0.1", port)
+
+
+async def test_describe_of_a_very_wide_table_is_bounded_and_says_so(
+    pg: EmbeddedPostgres, door: tuple[ProxyHandle, int]
+) -> None:
+    columns = ", ".join(f"column_number_{i} text DEFAULT 'some default value'" for i in range(1000))
+    pg.psql(f"CREATE TABLE IF NOT EXISTS very_wide ({columns})", db=DB)
+    async with mcp_http(door[1]) as analyst:
+        out = await call(analyst, "describe_table", table="very_wide")
+    assert out["truncated"] and "columns cut to fit 65536 bytes" in out["truncation"]
+    assert 100 < len(out["columns"]) < 1000 and out["columns"][0]["name"] == "column_number_0"
+    del out["is_error"]
+    assert len(json.dumps(out, separators=(",", ":"))) <= 65536 + 300
