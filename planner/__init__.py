@@ -14,6 +14,7 @@ import dataclasses
 from collections import OrderedDict
 
 from .analyze import analyze as _analyze
+from .batch import Batchable, batchable
 from .canonical import Canonical, canonicalize, parse
 from .catalog import Catalog
 from .guard import check
@@ -110,9 +111,12 @@ class Planner:
         cacheable = not result.why_not and canon is not None
         own = shape.max_param if shape is not None else 0
         reach: Reach | None = None
+        batch: Batchable | None = None
+        why_not_batch = "not cacheable" if not cacheable else "catalog not loaded"
         if canon is not None and self.catalog.loaded:
             if cacheable:
                 reach = for_read(canon.sql, own, result.tables_read, facts, self.catalog)
+                batch, why_not_batch = batchable(canon.sql, own, result.tables_read, facts, self.catalog)
             elif result.kind is Kind.WRITE:
                 reach = for_write(canon.sql, own, facts, self.catalog)
         plan = Plan(
@@ -123,7 +127,7 @@ class Planner:
             functions=frozenset(result.functions), flags=frozenset(result.flags),
             cacheable=cacheable, why_not=result.why_not or ("" if canon else "not understood by the parser"),
             statements=max(1, len(statements)), parsed=result.parsed and canon is not None,
-            hints=comment_hints(sql), reach=reach,
+            hints=comment_hints(sql), reach=reach, batch=batch, why_not_batch=why_not_batch,
         )  # fmt: skip
         return self._guard(plan, facts), canon
 
@@ -133,4 +137,7 @@ class Planner:
         if policy is None:
             return plan
         verdict, sql, rewrites = check(plan, policy)
+        if rewrites and plan.batch is not None:  # a rewritten statement is not the one analysed
+            return dataclasses.replace(plan, verdict=verdict, sql=sql, rewrites=rewrites, batch=None,
+                                       why_not_batch="rewritten by a guardrail")
         return dataclasses.replace(plan, verdict=verdict, sql=sql, rewrites=rewrites)
