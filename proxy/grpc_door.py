@@ -44,7 +44,7 @@ log = logging.getLogger("pgsluice.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
-_SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
+_SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED, "batched": pb.BATCHED}
 _BY_SQLSTATE = {
     # a Bind the request made wrong (a parameter count): the caller's mistake, not a lost link
     "08P01": grpc.StatusCode.INVALID_ARGUMENT, "3D000": grpc.StatusCode.NOT_FOUND,

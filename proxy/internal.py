@@ -62,7 +62,7 @@ class Reply:
     rows: list[list[bytes | None]] = field(default_factory=list)  # text-format values
     tag: str = ""
     error: dict[str, str] | None = None  # ErrorResponse fields: C (SQLSTATE), M, D, H, P...
-    served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight)
+    served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight) / "batched"
     notices: list[dict[str, str]] = field(default_factory=list)  # NoticeResponse fields
     truncated: bool = False  # a RowLimit cut the rows
     dropped: int = 0  # rows that came after the cut (more may not have been read at all)

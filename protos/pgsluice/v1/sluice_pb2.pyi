@@ -18,12 +18,14 @@ class Served(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTED: _ClassVar[Served]
     CACHE_HIT: _ClassVar[Served]
     COALESCED: _ClassVar[Served]
+    BATCHED: _ClassVar[Served]
 INTERACTIVE: Priority
 BATCH: Priority
 SERVED_UNSPECIFIED: Served
 EXECUTED: Served
 CACHE_HIT: Served
 COALESCED: Served
+BATCHED: Served
 
 class Value(_message.Message):
     __slots__ = ("null", "bool", "int64", "double", "numeric", "text", "bytea", "date", "time", "timestamp", "timestamptz", "interval", "uuid", "json", "array", "other")
