@@ -418,3 +418,42 @@ async def test_idle_internal_sessions_leave_show_clients(door: tuple[ProxyHandle
         assert stats["clients_now"] == 1  # this admin session
     finally:
         await admin.close()
+
+
+async def test_burst_of_point_reads_is_served_batched(pg: EmbeddedPostgres, door: tuple[ProxyHandle, int],
+                                                      stub: Any) -> None:
+    """Point reads of one shape arriving while the first is in flight run as one batch: their
+    replies say BATCHED (the first, which ran alone, EXECUTED) and carry each one's own row."""
+    proxy, _ = door
+    sql = "SELECT v, id FROM items WHERE id = $1"
+    lock = await asyncpg.connect(pg.dsn(database=DB))
+    admin = await asyncpg.connect(proxy.dsn(database="pgsluice"), statement_cache_size=0)
+    try:
+        async with lock.transaction():
+            await lock.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            async def read(key: int) -> Any:
+                return await stub.Query(pb.QueryRequest(sql=sql, params=[pb.Value(int64=key)]), metadata=AUTH)
+
+            calls = [asyncio.create_task(read(150))]
+
+            async def lock_waiter() -> bool:
+                return bool(await lock.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
+                                                "wait_event_type = 'Lock' AND datname = $1", DB))
+
+            await wait_until_async(lock_waiter, timeout=10, message="the first read waits for the lock")
+            calls += [asyncio.create_task(read(k)) for k in (151, 152, 153, 999)]
+
+            async def queued() -> bool:
+                rows = await admin.fetch("SHOW CLIENTS")
+                return sum(1 for r in rows if r["peer"].startswith("internal") and r["state"] == "waiting") \
+                    >= 4
+
+            await wait_until_async(queued, timeout=10, message="four reads queued")
+        replies = await asyncio.gather(*calls)
+    finally:
+        await admin.close()
+        await lock.close()
+    assert [r.served for r in replies] == [pb.EXECUTED] + [pb.BATCHED] * 4
+    assert [[_plain(v) for v in row.values] for r in replies for row in r.rows] == \
+        [["v150", 150], ["v151", 151], ["v152", 152], ["v153", 153]]
+    assert replies[-1].command_tag == "SELECT 0"
