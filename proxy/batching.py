@@ -50,7 +50,8 @@ _UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-
 _TEXT_TYPES = (0, 25, 1043)
 _IGNORED = frozenset({codes.B_PARAMETER_STATUS, codes.B_PARSE_COMPLETE, codes.B_BIND_COMPLETE,
                       codes.B_NOTIFICATION_RESPONSE})
-MAX_IDLE_RUNNERS = 4
+MAX_IDLE_RUNNERS = 4  # per user, database and settings
+MAX_RUNNER_KEYS = 256
 
 
 class Waiter:
@@ -165,15 +166,22 @@ class Batcher:
     # ---- the batch ----
 
     async def _run(self, batch: list[Waiter]) -> None:
-        rep = batch[0]
         values: dict[object, str] = {}
         for w in batch:
             values.setdefault(w.norm, w.value)
-        request = _statement(rep, list(values.values()))
+        array = list(values.values())
+        # the statement is any one's text (they differ in spelling only); one whose key is not a
+        # plain `key = value` (`id = -5`) cannot be rewritten: the next one is tried
+        rep, request = batch[0], None
+        for w in batch[:8]:
+            request = _statement(w, array)
+            if request is not None:
+                rep = w
+                break
         answers: dict[object, list[bytes]] | None = None
         rd = b""
         if request is not None:
-            runner = self._runner(rep.s)
+            runner = self._runner(rep)
             try:
                 messages = await runner.run(request)
             except (TimeoutError, ConnectionError):
@@ -203,18 +211,24 @@ class Batcher:
             cache.land(w.flight, payload, True)
             _resolve(w, payload)
 
-    def _runner(self, s: ClientSession) -> _Runner:
-        idle = self._runners.get((s.database, s.user, s.settings))
+    def _runner(self, w: Waiter) -> _Runner:
+        # the settings that can change a result (the group's): application_name and the like
+        # do not make a runner of their own
+        key = (w.s.database, w.s.user, w.req.settings)
+        idle = self._runners.get(key)
         if idle:
             return idle.pop()
-        return _Runner(self.server, s)
+        return _Runner(self.server, w.s, key)
 
     def _give_back(self, runner: _Runner) -> None:
         idle = self._runners.setdefault(runner.key, [])
-        if len(idle) < MAX_IDLE_RUNNERS and not runner.session.closed:
+        keep = len(idle) < MAX_IDLE_RUNNERS and len(self._runners) <= MAX_RUNNER_KEYS
+        if keep and not runner.session.closed:
             idle.append(runner)
         else:
             runner.close()
+            if not idle:
+                del self._runners[runner.key]
 
     def close(self) -> None:
         for idle in self._runners.values():
@@ -522,9 +536,9 @@ class _Runner:
     """A session of the client's user, database and settings that runs batch statements on the
     pool like any client (transaction pooling), bypassing the cache."""
 
-    def __init__(self, server: Server, s: ClientSession) -> None:
+    def __init__(self, server: Server, s: ClientSession, key: Hashable) -> None:
         assert s.pool is not None
-        self.key: Hashable = (s.database, s.user, s.settings)
+        self.key = key
         self._buf = bytearray()
         self._welcomed = False
         self._messages: list[tuple[int, bytes]] = []

@@ -247,3 +247,22 @@ def test_a_thousand_clients_few_statements(pg: EmbeddedPostgres, proxy: ProxyHan
     assert _stat(proxy, "batches") - batches == 2
     agents = _admin(proxy, "SHOW AGENTS")
     assert sum(int(row[-1]) for row in agents) >= 999
+
+
+def test_a_key_the_text_cannot_be_rewritten_for_is_still_batched(pg: EmbeddedPostgres,
+                                                                  proxy: ProxyHandle) -> None:
+    """`id = -3` is `=`, `-`, `3` to the scanner: its text is not the batch's statement, the next
+    one's is; its key is in the array all the same."""
+    keys = [100, -3, 101, 102]
+    _check(pg, proxy, "kint", [_simple(f"SELECT v FROM kint WHERE id = {k}") for k in keys])
+
+
+def test_batching_can_be_turned_off(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    off = proxy_factory("--no-batching")
+    connect(off, DB).close()
+    cachedb.wait_feed(off, DB)
+    keys = [110, 111, 112]
+    want = _direct(pg, [_simple(f"SELECT v FROM kint WHERE id = {k}") for k in keys])
+    got = _burst(pg, off, "kint", [_simple(f"SELECT v FROM kint WHERE id = {k}") for k in keys])
+    assert got == want
+    assert _stat(off, "batched_reads") == 0 and _stat(off, "batches") == 0
