@@ -108,6 +108,8 @@ def measure(args: argparse.Namespace, psql: Path, pgbench: Path, up: Endpoint,
                                             seconds=args.duration, mode=args.mode,
                                             log_prefix=Path(tmp) / f"{name}-{clients}")
             executed = kv_calls(psql, up) - before  # (its own text has the pattern as a $1)
+            if not res.transactions and not res.errors:  # e.g. 256 logins took the whole run
+                res.errors.append("no transaction completed")
             row = {"target": name, "clients": clients, "tps": res.tps, "p99_ms": p99(lat),
                    "mean_ms": statistics.fmean(lat) if lat else None, "transactions": res.transactions,
                    "stmts_per_query": executed / res.transactions if res.transactions else None,

@@ -126,12 +126,14 @@ def _pinned(where: object, column: str) -> int | None:
 
 
 def _equality(node: exp.Expression, column: str) -> int | None:
+    """$n of `column = $n` (the column on the left: the batch statement is made by putting
+    ANY( ) around the value in the text)."""
     if not isinstance(node, exp.EQ):
         return None
-    for col, other in ((node.this, node.expression), (node.expression, node.this)):
-        if isinstance(col, exp.Column) and not isinstance(col.this, exp.Star) and _name(col.this) == column \
-                and isinstance(other, exp.Parameter):
-            return _number(other) or None
+    col, other = node.this, node.expression
+    if isinstance(col, exp.Column) and not isinstance(col.this, exp.Star) and _name(col.this) == column \
+            and isinstance(other, exp.Parameter):
+        return _number(other) or None
     return None
 
 

@@ -155,6 +155,7 @@ def _check(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str, requests: Seque
     ("SELECT * FROM kint WHERE id = 5 OR id = 6", "no (no top-level equality of id to one value"),
     ("SELECT * FROM kint WHERE id = 5 AND id = 6", "no (no top-level equality of id to one value"),
     ("SELECT * FROM kint WHERE v = 'x'", "no (no top-level equality of id to one value"),
+    ("SELECT * FROM kint WHERE 5 = id", "no (no top-level equality of id to one value"),
     ("SELECT * FROM kint a JOIN kbig b ON b.id = a.id WHERE a.id = 5", "no (reads more than one table)"),
     ("SELECT random(), * FROM kint WHERE id = 5", "no (not cacheable"),
 ])
