@@ -9,6 +9,7 @@ pgsluice (SHOW CLIENTS: waiting); then the lock goes and the queue runs as one b
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
@@ -267,3 +268,33 @@ def test_batching_can_be_turned_off(pg: EmbeddedPostgres, proxy_factory: ProxyFa
     got = _burst(pg, off, "kint", [_simple(f"SELECT v FROM kint WHERE id = {k}") for k in keys])
     assert got == want
     assert _stat(off, "batched_reads") == 0 and _stat(off, "batches") == 0
+
+
+def test_a_cancelled_queued_read_gets_57014_and_the_batch_goes_on(pg: EmbeddedPostgres,
+                                                                 proxy: ProxyHandle) -> None:
+    keys = [120, 121, 122, 123]
+    requests = [_simple(f"SELECT v FROM kint WHERE id = {k}") for k in keys]
+    want = _direct(pg, requests)
+    conns = [PgConn.connect(proxy.host, proxy.port, "postgres", "postgres", DB) for _ in requests]
+    lock = psycopg2.connect(pg.dsn(database=DB))
+    try:
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE kint IN ACCESS EXCLUSIVE MODE")
+            requests[0](conns[0])
+            wait_until(lambda: _lock_waiters(pg) >= 1, 10, message="the leader waits for the lock")
+            for send, conn in zip(requests[1:], conns[1:], strict=True):
+                send(conn)
+            wait_until(lambda: _busy(proxy) >= len(requests), 30, message="reads in")
+            assert conns[2].backend_key is not None
+            with socket.create_connection((proxy.host, proxy.port)) as cancel:
+                cancel.sendall(encode.cancel_request(*conns[2].backend_key))
+            cancelled = conns[2].read_until_ready(timeout=10)  # before the lock goes
+            assert rp.sqlstates(cancelled) == ["57014"]
+        lock.commit()
+        got = {i: conns[i].read_until_ready(timeout=30) for i in (0, 1, 3)}
+        assert got == {i: want[i] for i in (0, 1, 3)}
+        assert conns[2].simple("SELECT v FROM kint WHERE id = 122") == want[2]  # still usable
+    finally:
+        lock.close()
+        for conn in conns:
+            conn.close()
