@@ -10,13 +10,15 @@ pgsluice (SHOW CLIENTS: waiting); then the lock goes and the queue runs as one b
 from __future__ import annotations
 
 import socket
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import psycopg2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.pgwire import encode
 from tests import cachedb
 from tests import rawpg as rp
@@ -47,7 +49,10 @@ def proxy(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[
     cachedb.create(pg, DB)
     with psycopg2.connect(pg.dsn(database=DB)) as conn, conn.cursor() as cur:
         cur.execute(SCHEMA)
-    handle = proxy_factory_module("--max-client-conn", "3000", "--pool-max-size", "10")
+    port = free_port()
+    handle = proxy_factory_module("--max-client-conn", "3000", "--pool-max-size", "10",
+                                  "--metrics-listen", f"127.0.0.1:{port}")
+    handle.metrics_port = port  # type: ignore[attr-defined]
     connect(handle, DB).close()
     cachedb.wait_feed(handle, DB)
     yield handle
@@ -249,6 +254,11 @@ def test_a_thousand_clients_few_statements(pg: EmbeddedPostgres, proxy: ProxyHan
     assert _stat(proxy, "batches") - batches == 2
     agents = _admin(proxy, "SHOW AGENTS")
     assert sum(int(row[-1]) for row in agents) >= 999
+    assert float(dict(_admin(proxy, "SHOW STATS"))["batch_mean_size"]) > 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5) as resp:  # type: ignore[attr-defined]
+        metrics = {s.name: s.value for f in text_string_to_metric_families(resp.read().decode())
+                   for s in f.samples if not s.labels}
+    assert metrics["pgsluice_batches_total"] >= 2
 
 
 def test_a_key_the_text_cannot_be_rewritten_for_is_still_batched(pg: EmbeddedPostgres,
