@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psycopg2
 import pytest
 
 from proxy.embedded import EmbeddedPostgres
@@ -41,8 +42,23 @@ def _run(pg: EmbeddedPostgres, database: str, proxies: list[ProxyHandle], seed: 
     assert stats.mismatches == []
     assert stats.reads > 3000 and stats.direct_writes > 10
     # answered from cache often, or nothing is tested (with workers, SHOW CACHE counts one)
-    hits = sum(int(show_cache(p, database)["hits"]) for p in {id(p): p for p in proxies}.values())
+    distinct = {id(p): p for p in proxies}.values()
+    hits = sum(int(show_cache(p, database)["hits"]) for p in distinct)
     assert hits > stats.reads // 20
+    # bursts of point reads were batched (burst batching, issue 16): some, or nothing is tested
+    batched = sum(float(_admin_stats(p)["batched_reads"]) for p in distinct)
+    assert stats.burst_reads >= WRITES * 8 and batched > stats.burst_reads // 10, (batched, stats.burst_reads)
+
+
+def _admin_stats(proxy: ProxyHandle) -> dict[str, str]:
+    conn = psycopg2.connect(proxy.dsn(database="pgsluice"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW STATS")
+            return {str(k): str(v) for k, v in cur.fetchall()}
+    finally:
+        conn.close()
 
 
 def test_one_instance(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
