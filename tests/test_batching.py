@@ -9,11 +9,13 @@ pgsluice (SHOW CLIENTS: waiting); then the lock goes and the queue runs as one b
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
+import asyncpg
 import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,7 +26,7 @@ from tests import cachedb
 from tests import rawpg as rp
 from tests.cachedb import calls, connect
 from tests.rawpg import Msg, PgConn
-from tests.util import PASSWORDS, ProxyFactory, ProxyHandle, wait_until
+from tests.util import PASSWORDS, ProxyFactory, ProxyHandle, wait_until, wait_until_async
 
 DB = "batch1"
 UUIDS = [uuid.UUID(int=(i * 7919) << 64 | i) for i in range(1, 101)]
@@ -308,3 +310,35 @@ def test_a_cancelled_queued_read_gets_57014_and_the_batch_goes_on(pg: EmbeddedPo
         lock.close()
         for conn in conns:
             conn.close()
+
+
+async def test_asyncpg_prepared_statements_are_batched(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
+    """asyncpg binds named statements it prepared earlier (binary parameters and results)."""
+    sql = "SELECT id, v, n, at, b FROM kint WHERE id = $1"
+    keys = [130, 131, 132, 133, 4000, 134]
+    direct = await asyncpg.connect(pg.dsn(database=DB))
+    want = [await direct.fetchrow(sql, k) for k in keys]
+    await direct.close()
+    conns = [await asyncpg.connect(proxy.dsn(database=DB)) for _ in keys]
+    for c in conns:  # prepared (and in asyncpg's statement cache) before the lock: Parse locks too
+        await c.fetchrow(sql, 1)
+    before = _stat(proxy, "batched_reads")
+    lock = await asyncpg.connect(pg.dsn(database=DB))
+    try:
+        async with lock.transaction():
+            await lock.execute("LOCK TABLE kint IN ACCESS EXCLUSIVE MODE")
+            first = asyncio.create_task(conns[0].fetchrow(sql, keys[0]))
+            await wait_until_async(lambda: asyncio.to_thread(_lock_waiters, pg), 10, message="leader waits")
+            rest = [asyncio.create_task(c.fetchrow(sql, k)) for c, k in zip(conns[1:], keys[1:], strict=True)]
+            await wait_until_async(lambda: _busy_at_least(proxy, len(keys)), 10, message="reads in")
+        got = [await first, *[await t for t in rest]]
+    finally:
+        await lock.close()
+        for c in conns:
+            await c.close()
+    assert got == want
+    assert _stat(proxy, "batched_reads") - before == len(keys) - 1
+
+
+async def _busy_at_least(proxy: ProxyHandle, n: int) -> bool:
+    return await asyncio.to_thread(_busy, proxy) >= n
