@@ -6,6 +6,11 @@ client is a hit for a gRPC agent with the same role and settings, and the other 
 Agents authenticate with `authorization: Bearer <token>` ([pgsluice.agents.NAME] in the
 config); Postgres errors come back as gRPC status codes with the SQLSTATE, message,
 detail, hint and position in the trailing metadata (`pgsluice-sqlstate`, ...).
+
+Query, Batch and Session replies are written as bytes by proxy/grpc_wire.py from the wire
+messages the pipeline produced (no protobuf objects per row); the Session stream lives in
+proxy/grpc_session.py. Each method decodes its own request, so one that does not decode is
+INVALID_ARGUMENT (a Session request: an error reply, the stream goes on).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -27,10 +33,11 @@ from planner import SessionFacts
 from planner.explain import describe
 from planner.tables import Effect
 from protos.pgsluice.v1 import sluice_pb2 as pb
-from protos.pgsluice.v1 import sluice_pb2_grpc
 
-from . import values
+from . import grpc_wire, values
 from .config import AgentAuth
+from .grpc_session import Stream
+from .grpc_wire import status_for
 from .idempotency import Idempotency
 from .internal import InternalClient, Reply
 from .snapshot import view
@@ -41,102 +48,198 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgsluice.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
+M = TypeVar("M")
 SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
 IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next call
+IDLE_MAX = 64  # idle internal sessions kept per agent and database
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
-_BY_SQLSTATE = {
-    # a Bind the request made wrong (a parameter count): the caller's mistake, not a lost link
-    "08P01": grpc.StatusCode.INVALID_ARGUMENT, "3D000": grpc.StatusCode.NOT_FOUND,
-    "42501": grpc.StatusCode.PERMISSION_DENIED, "25006": grpc.StatusCode.PERMISSION_DENIED,
-    "23505": grpc.StatusCode.ALREADY_EXISTS, "57014": grpc.StatusCode.CANCELLED,
-    "53300": grpc.StatusCode.RESOURCE_EXHAUSTED, "57P01": grpc.StatusCode.UNAVAILABLE,
-    "28P01": grpc.StatusCode.UNAUTHENTICATED, "28000": grpc.StatusCode.UNAUTHENTICATED,
-}
-_BY_CLASS = {
-    "08": grpc.StatusCode.UNAVAILABLE, "22": grpc.StatusCode.INVALID_ARGUMENT,
-    "23": grpc.StatusCode.FAILED_PRECONDITION, "25": grpc.StatusCode.FAILED_PRECONDITION,
-    "40": grpc.StatusCode.ABORTED, "42": grpc.StatusCode.INVALID_ARGUMENT,
-    "53": grpc.StatusCode.RESOURCE_EXHAUSTED, "54": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "57": grpc.StatusCode.UNAVAILABLE, "XX": grpc.StatusCode.INTERNAL,
-}
+_TOO_BIG = "54000"
+class Outcome(NamedTuple):
+    """One statement's answer: a serialized QueryResponse (ok) or Error, and for an error its
+    fields (for a unary call's status) and whether the timeout hint cancelled it."""
+
+    ok: bool
+    body: bytes
+    error: dict[str, str] | None = None
+    timed_out: bool = False
 
 
-def status_for(sqlstate: str, timed_out: bool = False) -> grpc.StatusCode:
-    if sqlstate == "57014" and timed_out:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return _BY_SQLSTATE.get(sqlstate) or _BY_CLASS.get(sqlstate[:2], grpc.StatusCode.UNKNOWN)
+def failed(fields: dict[str, str], timed_out: bool = False) -> Outcome:
+    code = fields.get("C", "XX000")
+    return Outcome(False, grpc_wire.error(fields, status_for(code, timed_out).value[0]), fields, timed_out)
 
 
-class SluiceService(sluice_pb2_grpc.SluiceServicer):
+class SluiceService:
+    """pgsluice.v1.Sluice (registered by `handlers`, with the serializers each method needs)."""
+
     def __init__(self, server: Server) -> None:
         self.server = server
-        self._idle: dict[tuple[str, str], list[InternalClient]] = {}
+        self._idle: dict[tuple[str, str], deque[tuple[InternalClient, float]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         redis = server.cache.redis if server.cache is not None else None
         self.idempotency = Idempotency(server.config.idempotency_window, redis)
         self.batch_gate = asyncio.Semaphore(max(1, server.config.pool_max_size // 2))
+        self.streams: set[Stream] = set()
+        # a reply's rows stop being kept past this (the message limit less room for the rest)
+        self.max_reply = max(1024, server.config.max_message_size - 4096)
+        self._tokens: dict[str, AgentAuth] = {}
+        self._tokens_of: object = None
+        self._facts: dict[tuple[str, str], SessionFacts] = {}
 
     # ---- plumbing ----
 
     async def _agent(self, context: Ctx) -> AgentAuth:
-        tokens = {a.token: a for a in self.server.config.agents}
+        agents = self.server.config.agents
+        if agents is not self._tokens_of:
+            self._tokens, self._tokens_of = {a.token: a for a in agents}, agents
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                agent = tokens.get(value[7:].strip())
+                agent = self._tokens.get(value[7:].strip())
                 if agent is not None:
                     return agent
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "pgsluice: missing or unknown bearer token")
         raise AssertionError("unreachable")
 
-    def _database(self, agent: AgentAuth, requested: str) -> str:
+    @staticmethod
+    async def _decode(kind: Callable[[bytes], M], raw: bytes, context: Ctx) -> M:
+        try:
+            return kind(raw)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"pgsluice: the request could not be decoded ({type(exc).__name__})")
+            raise AssertionError("unreachable") from None
+
+    def database(self, agent: AgentAuth, requested: str) -> str:
         return requested or agent.database or self.server.admin_database()
 
-    def _take(self, agent: AgentAuth, database: str) -> InternalClient:
+    def take(self, agent: AgentAuth, database: str) -> InternalClient:
         idle = self._idle.get((agent.name, database))
         while idle:
-            client = idle.pop()
+            client, _ = idle.pop()
             if not client.session.closed:
                 return client
         return InternalClient(self.server, agent.user, database, password=agent.password,
                               application_name=agent.name, settings={"client_encoding": "UTF8"})
 
-    def _give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
-        """Keep the session for the agent's next call, for IDLE_KEEP seconds at most (a session
-        is cheap to make; an idle one would linger in SHOW CLIENTS and clients_now)."""
+    def give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
+        """Keep the session for the agent's next call, for about IDLE_KEEP seconds (a session is
+        cheap to make; an idle one would linger in SHOW CLIENTS and clients_now). One timer
+        sweeps them all, not one per call."""
         if client.session.closed:
             return
-        key = (agent.name, database)
-        idle = self._idle.setdefault(key, [])
-        if len(idle) < 64:
-            idle.append(client)
-            client.returned += 1
-            asyncio.get_running_loop().call_later(IDLE_KEEP, self._expire, key, client, client.returned)
-        else:
+        idle = self._idle.setdefault((agent.name, database), deque())
+        if len(idle) >= IDLE_MAX:
             client.close()
+            return
+        loop = asyncio.get_running_loop()
+        idle.append((client, loop.time()))
+        client.returned += 1
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(IDLE_KEEP / 2, self._sweep)
 
-    def _expire(self, key: tuple[str, str], client: InternalClient, returned: int) -> None:
-        idle = self._idle.get(key)
-        if idle is not None and client.returned == returned and client in idle:
-            idle.remove(client)
-            client.close()
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        old = loop.time() - IDLE_KEEP
+        for key, idle in list(self._idle.items()):
+            while idle and idle[0][1] <= old:
+                idle.popleft()[0].close()
+            if not idle:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = loop.call_later(IDLE_KEEP / 2, self._sweep)
+
+    def close_idle(self) -> None:
+        for idle in self._idle.values():
+            for client, _ in idle:
+                client.close()
+        self._idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _run(self, agent: AgentAuth, database: str, sql: str, params: list[str | None],
-                   timeout: float = 0.0) -> tuple[Reply, bool]:
-        client = self._take(agent, database)
+                   timeout: float = 0.0, max_rows: int = 0, wire: bool = True) -> tuple[Reply, bool]:
+        """One statement on a session of the agent's (taken and given back); past `timeout` its
+        statement (or its wait for an identical one) is cancelled."""
+        client = self.take(agent, database)
         timed_out = False
         try:
-            task = asyncio.ensure_future(client.query(sql, params))
-            if timeout > 0:
-                done, _ = await asyncio.wait({task}, timeout=timeout)
-                if not done:  # cancel the statement (or the wait for an identical one)
+            done = client.send(sql, params, wire=wire, max_rows=max_rows, max_bytes=self.max_reply)
+            if timeout > 0 and not done.done():
+                await asyncio.wait((done,), timeout=timeout)
+                if not done.done():
                     timed_out = True
                     await self.server.cancel(*client.session.key)
-            reply = await task
+            reply = await done
         except BaseException:
             client.close()
             raise
-        self._give_back(agent, database, client)
+        self.give_back(agent, database, client)
         return reply, timed_out
+
+    def outcome(self, agent: AgentAuth, database: str, request: pb.QueryRequest, reply: Reply,
+                timed_out: bool, started: float) -> Outcome:
+        """The serialized answer to one statement from its Reply (sent with wire=True)."""
+        if reply.error is not None:
+            return failed(reply.error, timed_out)
+        if reply.oversize:
+            return self._too_big()
+        facts = self._facts.get((database, agent.user))
+        if facts is None:
+            facts = self._facts[(database, agent.user)] = SessionFacts(database, agent.user)
+        plan = self.server.planner_for(database).analyze(request.sql, facts)
+        try:
+            elapsed = (time.perf_counter() - started) * 1000
+            body = grpc_wire.response(reply.wire, reply.tag, reply.served, elapsed, plan.fingerprint,
+                                      reply.truncated, request.format != pb.WIRE)
+        except UnicodeDecodeError:
+            return failed({"C": "22021", "M": "pgsluice: a text value of the reply is not valid UTF-8"})
+        if len(body) > self.max_reply:
+            return self._too_big()
+        return Outcome(True, body)
+
+    def _too_big(self) -> Outcome:
+        return failed({"C": _TOO_BIG, "M": f"pgsluice: the reply is larger than max_message_size "
+                                          f"({self.server.config.max_message_size} bytes)",
+                       "H": "Use QueryStream, or the max_rows hint."})
+
+    async def execute(self, agent: AgentAuth, database: str, request: pb.QueryRequest,
+                      client: InternalClient | None = None) -> Outcome:
+        """Run one statement (on `client`, or on one of the agent's sessions)."""
+        sql = _hinted(request)
+        hints = request.hints
+        params = [values.encode(v) for v in request.params]
+        started = time.perf_counter()
+        if client is not None:
+            reply = await client.send(sql, params, wire=True, max_rows=hints.max_rows,
+                                      max_bytes=self.max_reply)
+            timed_out = False
+        elif hints.priority == pb.BATCH:
+            async with self.batch_gate:
+                reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds,
+                                                   hints.max_rows)
+        else:
+            reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds,
+                                               hints.max_rows)
+        return self.outcome(agent, database, request, reply, timed_out, started)
+
+    async def answer(self, agent: AgentAuth, database: str, request: pb.QueryRequest) -> Outcome:
+        """execute(), through the agent's idempotency keys when the request has one."""
+        if not request.idempotency_key:
+            return await self.execute(agent, database, request)
+        failure: list[Outcome] = []
+
+        async def work() -> bytes | None:
+            outcome = await self.execute(agent, database, request)
+            if not outcome.ok:
+                failure.append(outcome)
+                return None
+            return outcome.body
+
+        stored = await self.idempotency.run(f"{agent.name}:{request.idempotency_key}", work)
+        return Outcome(True, stored) if stored is not None else failure[0]
 
     @staticmethod
     async def _fail(context: Ctx, error: dict[str, str], timed_out: bool) -> None:
@@ -163,70 +266,25 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
 
     # ---- RPCs ----
 
-    async def Query(self, request: pb.QueryRequest, context: Ctx) -> pb.QueryResponse:
+    async def Query(self, raw: bytes, context: Ctx) -> bytes:
+        request = await self._decode(pb.QueryRequest.FromString, raw, context)
         agent = await self._agent(context)
-        database = self._database(agent, request.database)
-        failure: list[tuple[dict[str, str], bool]] = []
+        outcome = await self.answer(agent, self.database(agent, request.database), request)
+        if not outcome.ok:
+            assert outcome.error is not None
+            await self._fail(context, outcome.error, outcome.timed_out)
+        return outcome.body
 
-        async def work() -> bytes | None:
-            outcome, reply, timed_out = await self._execute(agent, database, request)
-            if reply.error is not None:
-                failure.append((reply.error, timed_out))
-                return None
-            assert isinstance(outcome, pb.QueryResponse)
-            return bytes(outcome.SerializeToString())
-
-        if request.idempotency_key:
-            stored = await self.idempotency.run(f"{agent.name}:{request.idempotency_key}", work)
-        else:
-            stored = await work()
-        if stored is None:
-            error, timed_out = failure[0]
-            await self._fail(context, error, timed_out)
-        assert stored is not None
-        return pb.QueryResponse.FromString(stored)
-
-    async def _execute(self, agent: AgentAuth, database: str, request: pb.QueryRequest,
-                       client: InternalClient | None = None
-                       ) -> tuple[pb.QueryResponse | pb.Error, Reply, bool]:
-        """Run one statement (on `client`, or on one taken from the idle ones)."""
-        sql = _hinted(request)
-        hints = request.hints
-        params = [values.encode(v) for v in request.params]
-        started = time.perf_counter()
-        if client is None and hints.priority == pb.BATCH:
-            async with self.batch_gate:
-                reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
-        elif client is None:
-            reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds)
-        else:
-            reply, timed_out = await client.query(sql, params), False
-        if reply.error is not None:
-            err = reply.error
-            return pb.Error(sqlstate=err.get("C", ""), message=err.get("M", ""), detail=err.get("D", ""),
-                            hint=err.get("H", ""), position=err.get("P", ""),
-                            status_code=status_for(err.get("C", ""), timed_out).value[0]), reply, timed_out
-        rows = reply.rows
-        truncated = bool(hints.max_rows) and len(rows) > hints.max_rows
-        if truncated:
-            rows = rows[:hints.max_rows]
-        types = [c.type_oid for c in reply.columns]
-        tail = reply.tag.rsplit(" ", 1)[-1]
-        plan = self.server.planner_for(database).analyze(request.sql, SessionFacts(database, agent.user))
-        return pb.QueryResponse(
-            columns=[pb.Column(name=c.name, type_oid=c.type_oid, type_name=values.type_name(c.type_oid))
-                     for c in reply.columns],
-            rows=[pb.Row(values=[values.decode(v, t) for v, t in zip(row, types, strict=True)])
-                  for row in rows],
-            command_tag=reply.tag, rows_affected=int(tail) if tail.isdigit() else 0,
-            served=_SERVED.get(reply.served, pb.EXECUTED), elapsed_ms=(time.perf_counter() - started) * 1000,
-            fingerprint=plan.fingerprint, truncated=truncated), reply, timed_out
-
-    async def QueryStream(self, request: pb.QueryRequest, context: Ctx) -> AsyncIterator[pb.QueryChunk]:
+    async def Session(self, requests: AsyncIterator[bytes], context: Ctx) -> None:
         agent = await self._agent(context)
-        database = self._database(agent, request.database)
+        await Stream(self, agent, context).run()
+
+    async def QueryStream(self, raw: bytes, context: Ctx) -> AsyncIterator[pb.QueryChunk]:
+        request = await self._decode(pb.QueryRequest.FromString, raw, context)
+        agent = await self._agent(context)
+        database = self.database(agent, request.database)
         sql = _hinted(request)
-        client = self._take(agent, database)
+        client = self.take(agent, database)
         types: list[int] = []
         sent = 0
         limit = request.hints.max_rows
@@ -251,56 +309,55 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
                     yield pb.QueryChunk(command_tag=payload.tag, served=served)
         finally:
             if ended:
-                self._give_back(agent, database, client)
+                self.give_back(agent, database, client)
             else:
                 client.close()
 
-    async def Batch(self, request: pb.BatchRequest, context: Ctx) -> pb.BatchResponse:
+    async def Batch(self, raw: bytes, context: Ctx) -> bytes:
+        request = await self._decode(pb.BatchRequest.FromString, raw, context)
         agent = await self._agent(context)
-        default = self._database(agent, request.database)
+        default = self.database(agent, request.database)
         if request.transaction:
             return await self._transaction(agent, request, default)
         gate = asyncio.Semaphore(BATCH_CONCURRENCY)
 
-        async def one(statement: pb.QueryRequest) -> pb.BatchItem:
+        async def one(statement: pb.QueryRequest) -> tuple[bool, bytes]:
             async with gate:
-                outcome, _, _ = await self._execute(agent, statement.database or default, statement)
-            return _item(outcome)
+                outcome = await self.execute(agent, statement.database or default, statement)
+            return outcome.ok, outcome.body
 
         items = await asyncio.gather(*(one(st) for st in request.statements))
-        return pb.BatchResponse(items=items)
+        return grpc_wire.batch_response(items, False)
 
-    async def _transaction(self, agent: AgentAuth, request: pb.BatchRequest,
-                           database: str) -> pb.BatchResponse:
+    async def _transaction(self, agent: AgentAuth, request: pb.BatchRequest, database: str) -> bytes:
         if any(st.database and st.database != database for st in request.statements):
-            return pb.BatchResponse(items=[_item(pb.Error(
-                sqlstate="0A000", message="a transaction batch runs in one database",
-                status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0]))] * len(request.statements))
-        client = self._take(agent, database)
-        items: list[pb.BatchItem] = []
+            refused = failed({"C": "0A000", "M": "a transaction batch runs in one database"}).body
+            return grpc_wire.batch_response([(False, refused)] * len(request.statements), False)
+        client = self.take(agent, database)
+        items: list[tuple[bool, bytes]] = []
         try:
             begin = await client.query("BEGIN")
-            failed = begin.error is not None
+            failing = begin.error is not None
             for statement in request.statements:
-                if failed:
-                    items.append(_item(pb.Error(
-                        sqlstate="25P02", message="not run: an earlier statement of the transaction failed",
-                        status_code=grpc.StatusCode.ABORTED.value[0])))
+                if failing:
+                    items.append((False, grpc_wire.error(
+                        {"C": "25P02", "M": "not run: an earlier statement of the transaction failed"},
+                        grpc.StatusCode.ABORTED.value[0])))
                     continue
-                outcome, reply, _ = await self._execute(agent, database, statement, client)
-                items.append(_item(outcome))
-                failed = reply.error is not None
-            end = await client.query("ROLLBACK" if failed else "COMMIT")
-            committed = not failed and end.error is None and end.tag == "COMMIT"
+                outcome = await self.execute(agent, database, statement, client)
+                items.append((outcome.ok, outcome.body))
+                failing = not outcome.ok
+            end = await client.query("ROLLBACK" if failing else "COMMIT")
+            committed = not failing and end.error is None and end.tag == "COMMIT"
         except BaseException:
             client.close()
             raise
-        self._give_back(agent, database, client)
-        return pb.BatchResponse(items=items, committed=committed)
+        self.give_back(agent, database, client)
+        return grpc_wire.batch_response(items, committed)
 
     async def Explain(self, request: pb.ExplainRequest, context: Ctx) -> pb.ExplainResponse:
         agent = await self._agent(context)
-        database = self._database(agent, request.database)
+        database = self.database(agent, request.database)
         plan = self.server.planner_for(database).analyze(request.sql, SessionFacts(database, agent.user))
         v = plan.verdict
         out = pb.ExplainResponse(
@@ -309,7 +366,8 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
             tables_written=sorted(plan.tables_written), text=describe(plan),
             verdict="allow" if v.allowed else f"reject {v.sqlstate} [{v.rule}] {v.message}")
         if request.postgres_explain:
-            reply, _ = await self._run(agent, database, "EXPLAIN (FORMAT JSON) " + request.sql, [])
+            reply, _ = await self._run(agent, database, "EXPLAIN (FORMAT JSON) " + request.sql, [],
+                                       wire=False)
             if reply.error is not None:
                 await self._fail(context, reply.error, False)
             out.postgres_plan_json = (reply.rows[0][0] or b"").decode() if reply.rows else ""
@@ -318,7 +376,7 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
     async def Invalidate(self, request: pb.InvalidateRequest,
                          context: Ctx) -> pb.InvalidateResponse:
         agent = await self._agent(context)
-        database = self._database(agent, request.database)
+        database = self.database(agent, request.database)
         cache = self.server.cache
         tables = list(request.tables) or ["*"]
         if cache is not None:
@@ -354,53 +412,44 @@ def _row(row: list[bytes | None], types: list[int]) -> pb.Row:
     return pb.Row(values=[values.decode(v, t) for v, t in zip(row, types, strict=True)])
 
 
-def _item(outcome: pb.QueryResponse | pb.Error) -> pb.BatchItem:
-    if isinstance(outcome, pb.Error):
-        return pb.BatchItem(error=outcome)
-    return pb.BatchItem(result=outcome)
+def _decoding(kind: Callable[[bytes], Any],
+              behavior: Callable[[Any, Ctx], Awaitable[Any]]) -> Callable[[bytes, Ctx], Awaitable[Any]]:
+    """A unary method that takes its request as bytes and decodes it (INVALID_ARGUMENT if not)."""
+    async def unary(raw: bytes, context: Ctx) -> Any:
+        return await behavior(await SluiceService._decode(kind, raw, context), context)
+    return unary
 
 
-class _DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """A request that does not decode (bad protobuf, invalid UTF-8 in a string) gets
-    INVALID_ARGUMENT instead of grpc's UNKNOWN: each unary-request method decodes its own."""
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        decode = handler.request_deserializer
-
-        async def request(raw: bytes, context: Ctx) -> Any:
-            try:
-                return decode(raw)
-            except Exception as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"pgsluice: the request could not be decoded ({type(exc).__name__})")
-
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
-
-            async def unary_unary(raw: bytes, context: Ctx) -> Any:
-                return await behavior(await request(raw, context), context)
-
-            return handler._replace(request_deserializer=None, unary_unary=unary_unary)
-        stream = handler.unary_stream
-
-        async def unary_stream(raw: bytes, context: Ctx) -> AsyncIterator[Any]:
-            async for item in stream(await request(raw, context), context):
-                yield item
-
-        return handler._replace(request_deserializer=None, unary_stream=unary_stream)
+def handlers(service: SluiceService) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    """The service's methods with their serializers: requests arrive as bytes (each method
+    decodes its own); Query, Batch and Session reply with bytes they serialized themselves."""
+    raw = {"request_deserializer": None, "response_serializer": None}
+    methods = {
+        "Query": grpc.unary_unary_rpc_method_handler(service.Query, **raw),
+        "Batch": grpc.unary_unary_rpc_method_handler(service.Batch, **raw),
+        "Session": grpc.stream_stream_rpc_method_handler(service.Session, **raw),
+        "QueryStream": grpc.unary_stream_rpc_method_handler(
+            service.QueryStream, request_deserializer=None,
+            response_serializer=pb.QueryChunk.SerializeToString),
+    }
+    for name, kind, answer in (("Explain", pb.ExplainRequest, pb.ExplainResponse),
+                               ("Invalidate", pb.InvalidateRequest, pb.InvalidateResponse),
+                               ("Stats", pb.StatsRequest, pb.StatsResponse)):
+        methods[name] = grpc.unary_unary_rpc_method_handler(
+            _decoding(kind.FromString, getattr(service, name)), request_deserializer=None,
+            response_serializer=answer.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
 class GrpcDoor:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.grpc = grpc.aio.server(interceptors=[_DecodeRequests()], options=[
+        self.grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", server.config.max_message_size),
             ("grpc.max_send_message_length", server.config.max_message_size),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)])
-        sluice_pb2_grpc.add_SluiceServicer_to_server(SluiceService(server), self.grpc)  # type: ignore[no-untyped-call]
+        self.service = SluiceService(server)
+        self.grpc.add_generic_rpc_handlers((handlers(self.service),))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (pb.DESCRIPTOR.services_by_name["Sluice"].full_name,
@@ -447,6 +496,11 @@ class GrpcDoor:
             await asyncio.sleep(1.0)
 
     async def stop(self, grace: float) -> None:
+        """Session streams stop reading and end once what they read is answered; unary calls
+        in flight get `grace` seconds, as grpc's own stop gives them."""
         if self._checker is not None:
             self._checker.cancel()
+        for stream in list(self.service.streams):
+            stream.shutdown()
         await self.grpc.stop(grace)
+        self.service.close_idle()
