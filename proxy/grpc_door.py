@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cache.deps import write_names
-from planner import SessionFacts
+from planner import Plan, SessionFacts
 from planner.explain import describe
 from planner.tables import Effect
 from protos.pgsluice.v1 import sluice_pb2 as pb
@@ -55,6 +55,7 @@ IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next c
 IDLE_MAX = 64  # idle internal sessions kept per agent and database
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _TOO_BIG = "54000"
+_NO_TOKEN = "pgsluice: missing or unknown bearer token"
 class Outcome(NamedTuple):
     """One statement's answer: a serialized QueryResponse (ok) or Error, and for an error its
     fields (for a unary call's status) and whether the timeout hint cancelled it."""
@@ -89,17 +90,21 @@ class SluiceService:
 
     # ---- plumbing ----
 
-    async def _agent(self, context: Ctx) -> AgentAuth:
+    def _bearer(self, context: Ctx) -> AgentAuth | None:
         agents = self.server.config.agents
         if agents is not self._tokens_of:
             self._tokens, self._tokens_of = {a.token: a for a in agents}, agents
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                agent = self._tokens.get(value[7:].strip())
-                if agent is not None:
-                    return agent
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "pgsluice: missing or unknown bearer token")
-        raise AssertionError("unreachable")
+                return self._tokens.get(value[7:].strip())
+        return None
+
+    async def _agent(self, context: Ctx) -> AgentAuth:
+        agent = self._bearer(context)
+        if agent is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)
+        assert agent is not None
+        return agent
 
     @staticmethod
     async def _decode(kind: Callable[[bytes], M], raw: bytes, context: Ctx) -> M:
@@ -179,20 +184,26 @@ class SluiceService:
         self.give_back(agent, database, client)
         return reply, timed_out
 
+    def plan(self, agent: AgentAuth, database: str, sql: str) -> Plan:
+        """The planner's view of a statement (a dict look-up once seen): its fingerprint for the
+        reply, its kind for a Session stream."""
+        facts = self._facts.get((database, agent.user))
+        if facts is None:
+            facts = self._facts[(database, agent.user)] = SessionFacts(database, agent.user)
+        return self.server.planner_for(database).analyze(sql, facts)
+
     def outcome(self, agent: AgentAuth, database: str, request: pb.QueryRequest, reply: Reply,
-                timed_out: bool, started: float) -> Outcome:
+                timed_out: bool, started: float, fingerprint: str | None = None) -> Outcome:
         """The serialized answer to one statement from its Reply (sent with wire=True)."""
         if reply.error is not None:
             return failed(reply.error, timed_out)
         if reply.oversize:
             return self._too_big()
-        facts = self._facts.get((database, agent.user))
-        if facts is None:
-            facts = self._facts[(database, agent.user)] = SessionFacts(database, agent.user)
-        plan = self.server.planner_for(database).analyze(request.sql, facts)
+        if fingerprint is None:
+            fingerprint = self.plan(agent, database, request.sql).fingerprint
         try:
             elapsed = (time.perf_counter() - started) * 1000
-            body = grpc_wire.response(reply.wire, reply.tag, reply.served, elapsed, plan.fingerprint,
+            body = grpc_wire.response(reply.wire, reply.tag, reply.served, elapsed, fingerprint,
                                       reply.truncated, request.format != pb.WIRE)
         except UnicodeDecodeError:
             return failed({"C": "22021", "M": "pgsluice: a text value of the reply is not valid UTF-8"})
@@ -276,7 +287,13 @@ class SluiceService:
         return outcome.body
 
     async def Session(self, requests: AsyncIterator[bytes], context: Ctx) -> None:
-        agent = await self._agent(context)
+        agent = self._bearer(context)
+        if agent is None:
+            # after the client's first request (unread, not run) or half-close: a client whose
+            # write meets a stream already over sees grpc's own INTERNAL, not this status
+            await context.read()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)
+        assert agent is not None
         await Stream(self, agent, context).run()
 
     async def QueryStream(self, raw: bytes, context: Ctx) -> AsyncIterator[pb.QueryChunk]:

@@ -5,8 +5,10 @@ Rules it keeps:
   another (a timeout's cancel then hits its own statement only). A free session is reused, so
   an agent whose requests do not overlap holds one session; overlapping ones run concurrently
   on more, and identical reads among them coalesce through single-flight.
-- When a statement leaves a transaction open, the stream's later requests for that database
-  run in order on that session, as on a connection, until it is idle again.
+- A statement that changes a session's state (BEGIN and the other transaction statements,
+  SET, PREPARE, LISTEN...: the planner's TXN and SESSION kinds) and every later request of the
+  stream for that database run in order on one session, as on a connection: until the
+  transaction is over, or for good after a SET and the like (what it set holds for them).
 - Flow control: at most MAX_IN_FLIGHT requests are read and not yet answered, and reading
   stops while more than MAX_BUFFERED bytes of replies wait for the client to take them; a
   client that stops reading thus stops pgsluice reading it (HTTP/2 flow control does the rest).
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from planner import Kind
 from protos.pgsluice.v1 import sluice_pb2 as pb
 
 from . import grpc_wire, values
@@ -38,13 +41,15 @@ MAX_IN_FLIGHT = 64  # requests read and not answered, per stream
 MAX_BUFFERED = 1 << 20  # bytes of replies waiting for the client before reading stops
 KEEP_FREE = 4  # free sessions a stream keeps per database (more go back to the door)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_STATEFUL = frozenset({Kind.TXN, Kind.SESSION})
 
 
 class _Job:
-    __slots__ = ("cancel", "client", "database", "id", "request", "started", "timed_out", "timer")
+    __slots__ = ("cancel", "client", "database", "fingerprint", "id", "request", "started", "timed_out",
+                 "timer")
 
-    def __init__(self, request_id: int, request: pb.QueryRequest, database: str) -> None:
-        self.id, self.request, self.database = request_id, request, database
+    def __init__(self, request_id: int, request: pb.QueryRequest, database: str, fingerprint: str) -> None:
+        self.id, self.request, self.database, self.fingerprint = request_id, request, database, fingerprint
         self.client: InternalClient | None = None
         self.started = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -53,14 +58,16 @@ class _Job:
 
 
 class _Serial:
-    """A session with a transaction open: the stream's requests for its database, in order."""
+    """The session the stream's requests for one database run on in order (a transaction, or
+    session state a statement set: `sticky`)."""
 
-    __slots__ = ("client", "jobs", "running")
+    __slots__ = ("client", "jobs", "running", "sticky")
 
-    def __init__(self, client: InternalClient) -> None:
+    def __init__(self, client: InternalClient, sticky: bool = False) -> None:
         self.client = client
         self.jobs: deque[_Job] = deque()
         self.running = False
+        self.sticky = sticky
 
 
 class Stream:
@@ -175,18 +182,25 @@ class Stream:
                 _INVALID)))
             return
         request = message.query
-        job = _Job(message.id, request, request.database or self.default_database)
+        database = request.database or self.default_database
+        plan = self.service.plan(self.agent, database, request.sql)
+        job = _Job(message.id, request, database, plan.fingerprint)
         self.in_flight += 1
-        serial = self.serial.get(job.database)
+        serial = self.serial.get(database)
+        if serial is None and plan.kind in _STATEFUL:
+            free = self.free.get(database)
+            serial = self.serial[database] = _Serial(free.pop() if free else self.service.take(self.agent,
+                                                                                               database))
         if serial is not None:
+            serial.sticky |= plan.kind is Kind.SESSION
             if request.idempotency_key:
-                self._answer(job, err=_refused("0A000", "pgsluice: an idempotency_key is not taken inside a "
-                                                    "transaction"))
+                self._answer(job, err=_refused("0A000", "pgsluice: an idempotency_key is not taken on a "
+                                                        "stream's transaction or session state"))
                 return
             serial.jobs.append(job)
             if not serial.running:
                 serial.running = True
-                self.loop.call_soon(self._next, serial)
+                self._next(serial)
             return
         if request.idempotency_key or request.hints.priority == pb.BATCH:
             task = self.loop.create_task(self._slow(job))  # idempotency keys, the batch gate
@@ -208,7 +222,8 @@ class Stream:
             done = client.send(sql, [values.encode(v) for v in request.params] if request.params else None,
                                wire=True, max_rows=hints.max_rows, max_bytes=self.service.max_reply)
         except ConnectionError:
-            self._answer(job, err=_refused("08006", "pgsluice: the stream's session was lost"))
+            self._answer(job, err=_lost())
+            self._release(job.database, client, "I")
             return
         self.busy[client] = job
         if done.done():
@@ -229,7 +244,8 @@ class Stream:
         try:
             reply = done.result()
         except ConnectionError:
-            self._answer(job, err=_refused("08006", "pgsluice: the stream's session was lost"))
+            self._answer(job, err=_lost())
+            self._release(job.database, client, "I")
             return
         serial = self.serial.get(job.database)
         if reply.status != "I" and serial is not None and serial.client is not client:
@@ -240,7 +256,7 @@ class Stream:
                                                 "this statement's was rolled back"))
             return
         outcome = self.service.outcome(self.agent, job.database, job.request, reply, job.timed_out,
-                                       job.started)
+                                       job.started, job.fingerprint)
         self._answer(job, outcome.body if outcome.ok else None, None if outcome.ok else outcome.body)
         if job.cancel is not None and not job.cancel.done():  # the session is free once it is sent
             job.cancel.add_done_callback(lambda _: self._release(job.database, client, reply.status))
@@ -254,11 +270,15 @@ class Stream:
 
     def _release(self, database: str, client: InternalClient, status: str) -> None:
         """A session's request is over: keep it for the transaction, the stream, or the door."""
-        if self.over or client.session.closed:
-            if not client.session.closed and not self.over:
-                client.close()
+        if self.over:
             return
         serial = self.serial.get(database)
+        if client.session.closed:
+            if serial is not None and serial.client is client:  # what waited for it cannot run
+                del self.serial[database]
+                for job in serial.jobs:
+                    self._answer(job, err=_lost())
+            return
         if status != "I" and serial is None:
             serial = self.serial[database] = _Serial(client)
         if serial is not None and serial.client is client:
@@ -266,7 +286,7 @@ class Stream:
                 self.loop.call_soon(self._next, serial)
                 return
             serial.running = False
-            if status != "I":
+            if status != "I" or serial.sticky:
                 return
             del self.serial[database]
         free = self.free.setdefault(database, [])
@@ -281,12 +301,7 @@ class Stream:
         if not serial.jobs or serial.client.busy:
             serial.running = bool(serial.jobs) and serial.client.busy
             return
-        job = serial.jobs.popleft()
-        if serial.client.session.closed:
-            self._answer(job, err=_refused("08006", "pgsluice: the stream's session was lost"))
-            self.loop.call_soon(self._next, serial)
-            return
-        self._run(job, serial.client)
+        self._run(serial.jobs.popleft(), serial.client)
 
     def _timeout(self, job: _Job) -> None:
         """The request's own timeout: cancel its statement (or its wait for an identical one)."""
@@ -321,6 +336,10 @@ class Stream:
             for client in free:
                 self.service.give_back(self.agent, database, client)
         self.free.clear()
+
+
+def _lost() -> bytes:
+    return _refused("08006", "pgsluice: the stream's session was lost")
 
 
 def _refused(sqlstate: str, message: str) -> bytes:

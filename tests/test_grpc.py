@@ -75,8 +75,24 @@ def _plain(v: pb.Value) -> Any:
     return getattr(v, kind)
 
 
-async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any) -> None:
-    reply = await stub.Query(pb.QueryRequest(sql=TYPED), metadata=AUTH)
+async def ask(stub: Any, request: pb.QueryRequest, transport: str) -> pb.QueryResponse:
+    """One query as a unary call, or as the one request of a Session stream."""
+    if transport == "unary":
+        reply: pb.QueryResponse = await stub.Query(request, metadata=AUTH)
+        return reply
+    call = stub.Session(metadata=AUTH)
+    await call.write(pb.SessionRequest(id=77, query=request))
+    await call.done_writing()
+    answers = [a async for a in call]
+    assert len(answers) == 1 and answers[0].id == 77, answers
+    assert answers[0].WhichOneof("outcome") == "result", answers[0].error
+    assert await call.code() == grpc.StatusCode.OK
+    return answers[0].result
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any, transport: str) -> None:
+    reply = await ask(stub, pb.QueryRequest(sql=TYPED), transport)
     got = {c.name: _plain(v) for c, v in zip(reply.columns, reply.rows[0].values, strict=True)}
     conn = await asyncpg.connect(pg.dsn(database=DB))
     await conn.execute("SET TimeZone = 'UTC'")
@@ -99,13 +115,14 @@ async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any) -> No
     assert types["i8"] == "int8" and types["arr"] == "_int4" and types["other"].startswith("oid ")
 
 
-async def test_parameters_are_bound_and_typed_both_ways(stub: Any) -> None:
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_parameters_are_bound_and_typed_both_ways(stub: Any, transport: str) -> None:
     params = [pb.Value(int64=7), pb.Value(text="it's"), pb.Value(null=True), pb.Value(bytea=b"\x01\x02"),
               pb.Value(array=pb.Array(values=[pb.Value(int64=1), pb.Value(null=True)])),
               pb.Value(double=math.inf)]
-    reply = await stub.Query(pb.QueryRequest(
+    reply = await ask(stub, pb.QueryRequest(
         sql="SELECT $1::int8 + 1 AS a, $2::text AS b, $3::text AS c, $4::bytea AS d, $5::int[] AS e, "
-            "$6::float8 AS f", params=params), metadata=AUTH)
+            "$6::float8 AS f", params=params), transport)
     assert [_plain(v) for v in reply.rows[0].values] == [8, "it's", None, b"\x01\x02", [1, None], math.inf]
     assert values.encode(pb.Value(text='a"b')) == 'a"b'
 
