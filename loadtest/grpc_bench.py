@@ -11,9 +11,11 @@ reads of customers by id, nearly all answered from cache after the warm-up), `--
 per second per agent, p99 within `--slo-ms`, one generator process (so the generator's own
 cost per query counts, as it does for agents), through asyncpg (wire: its statement cache on)
 or proxy.client.SluiceClient (stream: one Session per agent; unary and canned: a unary Query
-per query). Each step also reads the serving process's CPU time from /proc over the recorded
-part: CPU per answered query at the largest step that held the SLO. `canned-stream` (not run
-unless named) is the canned server answering on Session streams.
+per query). Before its find-max, every key of the profile is read once through the target's
+own client, so the cache holds all of them (pgsluice's cache_ttl is an hour here: the run
+measures a door, not misses). Each step also reads the serving process's CPU time from /proc
+over the recorded part: CPU per answered query at the largest step that held the SLO.
+`canned-stream` (not run unless named) is the canned server answering on Session streams.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import run_script
-from loadtest.agents import Plan, run
+from loadtest.agents import Plan, _Conn, run
 from loadtest.cache_bench import prepare, server
 from loadtest.findmax import Slo, find_max
 from loadtest.load import _run_loop
 from loadtest.passthrough import REPO_ROOT, pgsluice, tree_cpu_seconds
 from loadtest.pgbouncer import free_port, stop_process, wait_for_port
+from loadtest.profiles import Profile, load_profile
 
 TARGETS = ("wire", "stream", "unary", "canned")
 PROFILE = "customer-reads"
@@ -59,8 +62,31 @@ def canned(port: int) -> Iterator[int]:
         stop_process(proc)
 
 
+async def prime(url: str, connections: int = 16) -> int:
+    """Read every key the profile can draw once, through `url`'s own kind of client."""
+    profile = load_profile(PROFILE)
+    assert isinstance(profile, Profile)
+    work = [(t.sql, [key]) for t in profile.templates for p in t.params for key in range(p.low, p.high + 1)]
+
+    async def worker(share: list[tuple[str, list[Any]]]) -> None:
+        conn = _Conn(url)
+        await conn.open()
+        try:
+            for sql, params in share:
+                await conn.query(sql, params)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(worker(work[i::connections]) for i in range(connections)))
+    return len(work)
+
+
 async def capacity(name: str, url: str, pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
     """find-max for one target, with the serving process's CPU per answered query per step."""
+    if not name.startswith("canned"):
+        started = time.monotonic()
+        keys = await prime(url)
+        print(f"  {name}: {keys} keys read once in {time.monotonic() - started:.1f} s", flush=True)
     plan = Plan(url, PROFILE, args.start_agents, args.rate, args.duration, grace=max(2.0, args.duration / 2),
                 warmup=args.warmup)
 
@@ -119,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         gport, cport = free_port(), free_port()
         ep, pid = stack.enter_context(pgsluice(up, 8, extra=(
             "--config", str(config), "--grpc-listen", f"127.0.0.1:{gport}", "--metrics-listen", "",
-            "--max-client-conn", "5000")))
+            "--max-client-conn", "5000", "--cache-ttl", "3600")))
         wanted = any(t.startswith("canned") for t in targets)
         canned_pid = stack.enter_context(canned(cport)) if wanted else None
         time.sleep(1.0)  # catalog and change feed

@@ -82,6 +82,7 @@ class Stream:
         self.room = asyncio.Event()  # for the reader: below the limits again
         self.reader_waits = False
         self.writing = False
+        self.starting = False
         self.free: dict[str, list[InternalClient]] = {}
         self.serial: dict[str, _Serial] = {}
         self.busy: dict[InternalClient, _Job] = {}
@@ -152,7 +153,11 @@ class Stream:
                 raw = await self.context.read()
                 if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
                     return
-                self._start(raw)
+                self.starting = True  # a reply _start makes at once is written below, by this task
+                try:
+                    self._start(raw)
+                finally:
+                    self.starting = False
                 if self.outbox and not self.writing:  # answered at once: no hop to the writer
                     await self._drain()
         finally:
@@ -168,7 +173,7 @@ class Stream:
             return
         self.outbox.append(message)
         self.buffered += len(message)
-        if not self.writing:
+        if not self.writing and not self.starting:
             self.wake.set()
 
     # ---- requests ----

@@ -38,6 +38,10 @@ _I = struct.Struct("!I")
 _H = struct.Struct("!h")
 _i = struct.Struct("!i")
 _NULL = _i.pack(-1)
+# Describe portal, Execute (all rows), Sync: the same after every Bind
+_TAIL = (encode.message(codes.F_DESCRIBE, b"P\x00") + encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0))
+         + encode.sync())
+_parses: dict[str, bytes] = {}  # statement text -> its unnamed Parse message (the texts agents repeat)
 _KEPT = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE})
 
 
@@ -195,6 +199,13 @@ class InternalClient:
                     self.close()  # left mid-result: the session (and its statement) goes
 
     def _send(self, sql: str, values: list[str | None]) -> None:
+        parse = _parses.get(sql)
+        if parse is None:
+            parse = encode.parse(b"", sql.encode())
+            if len(sql) <= 4096:  # at most 1,024 texts of 4 kB
+                if len(_parses) >= 1024:
+                    _parses.clear()
+                _parses[sql] = parse
         bind = [b"\x00\x00", _H.pack(0), _H.pack(len(values))]
         for v in values:
             if v is None:
@@ -203,10 +214,7 @@ class InternalClient:
                 raw = v.encode()
                 bind.append(_i.pack(len(raw)) + raw)
         bind.append(_H.pack(0))
-        self.session.data_received(b"".join((
-            encode.parse(b"", sql.encode()), encode.message(codes.F_BIND, b"".join(bind)),
-            encode.message(codes.F_DESCRIBE, b"P\x00"),
-            encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0)), encode.sync())))
+        self.session.data_received(b"".join((parse, encode.message(codes.F_BIND, b"".join(bind)), _TAIL)))
 
     def close(self) -> None:
         self.session.data_received(encode.terminate())
