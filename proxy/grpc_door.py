@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -39,6 +38,7 @@ from .config import AgentAuth
 from .grpc_session import Stream
 from .grpc_wire import status_for
 from .idempotency import Idempotency
+from .idle_sessions import IdleSessions
 from .internal import InternalClient, Reply
 from .snapshot import view
 from .stats import quantile
@@ -76,8 +76,7 @@ class SluiceService:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self._idle: dict[tuple[str, str], deque[tuple[InternalClient, float]]] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.idle = IdleSessions(server, keep=IDLE_KEEP, most=IDLE_MAX)
         redis = server.cache.redis if server.cache is not None else None
         self.idempotency = Idempotency(server.config.idempotency_window, redis)
         self.batch_gate = asyncio.Semaphore(max(1, server.config.pool_max_size // 2))
@@ -119,50 +118,10 @@ class SluiceService:
         return requested or agent.database or self.server.admin_database()
 
     def take(self, agent: AgentAuth, database: str) -> InternalClient:
-        idle = self._idle.get((agent.name, database))
-        while idle:
-            client, _ = idle.pop()
-            if not client.session.closed:
-                return client
-        return InternalClient(self.server, agent.user, database, password=agent.password,
-                              application_name=agent.name, settings={"client_encoding": "UTF8"})
+        return self.idle.take(agent, database)
 
     def give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
-        """Keep the session for the agent's next call, for about IDLE_KEEP seconds (a session is
-        cheap to make; an idle one would linger in SHOW CLIENTS and clients_now). One timer
-        sweeps them all, not one per call."""
-        if client.session.closed:
-            return
-        idle = self._idle.setdefault((agent.name, database), deque())
-        if len(idle) >= IDLE_MAX:
-            client.close()
-            return
-        loop = asyncio.get_running_loop()
-        idle.append((client, loop.time()))
-        client.returned += 1
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(IDLE_KEEP / 2, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        loop = asyncio.get_running_loop()
-        old = loop.time() - IDLE_KEEP
-        for key, idle in list(self._idle.items()):
-            while idle and idle[0][1] <= old:
-                idle.popleft()[0].close()
-            if not idle:
-                del self._idle[key]
-        if self._idle:
-            self._sweeper = loop.call_later(IDLE_KEEP / 2, self._sweep)
-
-    def close_idle(self) -> None:
-        for idle in self._idle.values():
-            for client, _ in idle:
-                client.close()
-        self._idle.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self.idle.give_back(agent, database, client)
 
     async def _run(self, agent: AgentAuth, database: str, sql: str, params: list[str | None],
                    timeout: float = 0.0, max_rows: int = 0, wire: bool = True) -> tuple[Reply, bool]:
@@ -540,4 +499,4 @@ class GrpcDoor:
         for stream in list(self.service.streams):
             stream.shutdown()
         await self.grpc.stop(grace)
-        self.service.close_idle()
+        self.service.idle.close()

@@ -107,6 +107,7 @@ async def test_errors_are_replies_and_the_stream_goes_on(door: tuple[ProxyHandle
                 (5, "SELECT nope FROM items", "42703", grpc.StatusCode.INVALID_ARGUMENT)]
     for request_id, sql, _, _ in requests:
         await call.write(_request(request_id, sql))
+    await call.write(_request(7, "SELECT 1", database="grpc_no_such_db"))
     await call.write(_request(6, "SELECT 6 AS six"))
     await call.done_writing()
     answers = {a.id: a async for a in call}
@@ -116,6 +117,8 @@ async def test_errors_are_replies_and_the_stream_goes_on(door: tuple[ProxyHandle
         assert answers[request_id].WhichOneof("outcome") == "error"
         assert error.sqlstate == sqlstate and error.message and error.status_code == code.value[0]
     assert answers[1].error.position == "1"
+    assert answers[7].error.sqlstate == "3D000"
+    assert answers[7].error.status_code == grpc.StatusCode.NOT_FOUND.value[0]
     assert _plain(answers[6].result.rows[0].values[0]) == 6
     # bytes that are not a SessionRequest (invalid UTF-8 in the sql): an error reply with the
     # id when it can be read, and the stream goes on
