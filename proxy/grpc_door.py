@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -36,7 +36,7 @@ from protos.pgsluice.v1 import sluice_pb2 as pb
 from . import grpc_wire, values
 from .config import AgentAuth
 from .grpc_session import Stream
-from .grpc_wire import status_for
+from .grpc_wire import Outcome, failed, status_for
 from .idempotency import Idempotency
 from .idle_sessions import IdleSessions
 from .internal import InternalClient, Reply
@@ -56,21 +56,6 @@ IDLE_MAX = 64  # idle internal sessions kept per agent and database
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _TOO_BIG = "54000"
 _NO_TOKEN = "pgsluice: missing or unknown bearer token"
-class Outcome(NamedTuple):
-    """One statement's answer: a serialized QueryResponse (ok) or Error, and for an error its
-    fields (for a unary call's status) and whether the timeout hint cancelled it."""
-
-    ok: bool
-    body: bytes
-    error: dict[str, str] | None = None
-    timed_out: bool = False
-
-
-def failed(fields: dict[str, str], timed_out: bool = False) -> Outcome:
-    code = fields.get("C", "XX000")
-    return Outcome(False, grpc_wire.error(fields, status_for(code, timed_out).value[0]), fields, timed_out)
-
-
 class SluiceService:
     """pgsluice.v1.Sluice (registered by `handlers`, with the serializers each method needs)."""
 

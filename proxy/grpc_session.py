@@ -45,11 +45,13 @@ _STATEFUL = frozenset({Kind.TXN, Kind.SESSION})
 
 
 class _Job:
-    __slots__ = ("cancel", "client", "database", "fingerprint", "id", "request", "started", "timed_out",
-                 "timer")
+    __slots__ = ("cancel", "client", "database", "fingerprint", "id", "params", "request", "sql", "started",
+                 "timed_out", "timer")
 
     def __init__(self, request_id: int, request: pb.QueryRequest, database: str, fingerprint: str) -> None:
         self.id, self.request, self.database, self.fingerprint = request_id, request, database, fingerprint
+        self.sql = request.sql
+        self.params: list[str | None] = []
         self.client: InternalClient | None = None
         self.started = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -188,8 +190,17 @@ class Stream:
             return
         request = message.query
         database = request.database or self.default_database
-        plan = self.service.plan(self.agent, database, request.sql)
-        job = _Job(message.id, request, database, plan.fingerprint)
+        try:
+            plan = self.service.plan(self.agent, database, request.sql)
+            job = _Job(message.id, request, database, plan.fingerprint)
+            hints = request.hints
+            if hints.HasField("max_staleness_seconds"):
+                job.sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {request.sql}"
+            job.params = [values.encode(v) for v in request.params]
+        except Exception:
+            log.exception("gRPC session request not started")
+            self._reply(grpc_wire.session_reply(message.id, err=_internal()))
+            return
         self.in_flight += 1
         serial = self.serial.get(database)
         if serial is None and plan.kind in _STATEFUL:
@@ -221,11 +232,8 @@ class Stream:
         job.client = client
         job.started = time.perf_counter()
         try:
-            sql = request.sql
-            if hints.HasField("max_staleness_seconds"):
-                sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {sql}"
-            done = client.send(sql, [values.encode(v) for v in request.params] if request.params else None,
-                               wire=True, max_rows=hints.max_rows, max_bytes=self.service.max_reply)
+            done = client.send(job.sql, job.params, wire=True, max_rows=max(0, hints.max_rows),
+                               max_bytes=self.service.max_reply)
         except ConnectionError:
             self._answer(job, err=_lost())
             self._release(job.database, client, "I")
@@ -260,8 +268,12 @@ class Stream:
             self._answer(job, err=_refused("25001", "pgsluice: another transaction of this stream is open; "
                                                 "this statement's was rolled back"))
             return
-        outcome = self.service.outcome(self.agent, job.database, job.request, reply, job.timed_out,
-                                       job.started, job.fingerprint)
+        try:
+            outcome = self.service.outcome(self.agent, job.database, job.request, reply, job.timed_out,
+                                           job.started, job.fingerprint)
+        except Exception:
+            log.exception("gRPC session reply not encoded")
+            outcome = grpc_wire.failed({"C": "XX000", "M": "pgsluice: internal error"})
         self._answer(job, outcome.body if outcome.ok else None, None if outcome.ok else outcome.body)
         if job.cancel is not None and not job.cancel.done():  # the session is free once it is sent
             job.cancel.add_done_callback(lambda _: self._release(job.database, client, reply.status))
@@ -324,7 +336,7 @@ class Stream:
             raise
         except Exception:
             log.exception("gRPC session request failed")
-            self._answer(job, err=_refused("XX000", "pgsluice: internal error"))
+            self._answer(job, err=_internal())
             return
         self._answer(job, outcome.body if outcome.ok else None, None if outcome.ok else outcome.body)
 
@@ -341,6 +353,10 @@ class Stream:
             for client in free:
                 self.service.give_back(self.agent, database, client)
         self.free.clear()
+
+
+def _internal() -> bytes:
+    return _refused("XX000", "pgsluice: internal error")
 
 
 def _lost() -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import grpc
 
@@ -231,3 +232,18 @@ def request_id(raw: bytes) -> int:
             return n & _MASK64
         shift += 7
     return 0
+
+
+class Outcome(NamedTuple):
+    """One statement's answer: a serialized QueryResponse (ok) or Error, and for an error its
+    fields (for a unary call's status) and whether the timeout hint cancelled it."""
+
+    ok: bool
+    body: bytes
+    error: dict[str, str] | None = None
+    timed_out: bool = False
+
+
+def failed(fields: dict[str, str], timed_out: bool = False) -> Outcome:
+    code = fields.get("C", "XX000")
+    return Outcome(False, error(fields, status_for(code, timed_out).value[0]), fields, timed_out)
