@@ -160,6 +160,23 @@ async def test_a_request_timeout_cancels_its_statement_only(pg: EmbeddedPostgres
     await call.done_writing()
 
 
+async def test_a_client_that_goes_away_cancels_its_statements(pg: EmbeddedPostgres, stub: Any) -> None:
+    call = stub.Session(metadata=AUTH)
+    await call.write(_request(1, "SELECT pg_sleep(30), 'abandoned'"))
+
+    async def running() -> int:
+        return await count(pg, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%''abandoned''%' "
+                               "AND state = 'active' AND pid <> pg_backend_pid()")
+
+    await wait_until_async(running, timeout=5, message="the statement runs")
+    call.cancel()
+
+    async def stopped() -> bool:
+        return await running() == 0
+
+    await wait_until_async(stopped, timeout=5, message="the statement cancelled")
+
+
 async def test_a_transaction_runs_in_order_on_its_session(pg: EmbeddedPostgres, stub: Any) -> None:
     call = stub.Session(metadata=AUTH)
     steps = ["BEGIN", "INSERT INTO tx_log VALUES (1)", "INSERT INTO tx_log VALUES (2)",
