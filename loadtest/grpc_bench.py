@@ -33,11 +33,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from loadtest import run_script
-from loadtest.agents import Plan, _Conn, run
+from loadtest.agents import Plan, _Conn, cpu_seconds, run
 from loadtest.cache_bench import prepare, server
 from loadtest.findmax import Slo, find_max
 from loadtest.load import _run_loop
@@ -91,12 +92,17 @@ async def capacity(name: str, url: str, pid: int | None, args: argparse.Namespac
                 warmup=args.warmup)
 
     async def step(p: Plan) -> dict[str, Any]:
-        marks: list[float | None] = []
-        out = await run(p, args.processes, at_record_start=lambda: marks.append(tree_cpu_seconds(pid)))
-        after = tree_cpu_seconds(pid)
-        before = marks[0] if marks else None
-        out["server_cpu_us"] = ((after - before) * 1e6 / out["ok"]
-                                if before is not None and after is not None and out["ok"] else None)
+        marks: list[tuple[float | None, float]] = []
+        out = await run(p, args.processes,
+                        at_record_start=lambda: marks.append((tree_cpu_seconds(pid), cpu_seconds())))
+        after, mine = tree_cpu_seconds(pid), cpu_seconds()
+        before, mine_before = marks[0] if marks else (None, 0.0)
+        ok = out["ok"]
+        known = before is not None and after is not None and ok > 0
+        out["server_cpu_us"] = (after - before) * 1e6 / ok if known else None  # type: ignore[operator]
+        # the generator's own CPU, when it runs in this process (after the recorded part it idles)
+        mine_known = bool(marks) and ok > 0 and args.processes == 1
+        out["generator_cpu_us"] = (mine - mine_before) * 1e6 / ok if mine_known else None
         return out
 
     def show(row: dict[str, Any]) -> None:
@@ -104,13 +110,25 @@ async def capacity(name: str, url: str, pid: int | None, args: argparse.Namespac
         print(f"  {name}: {row['agents']} agents  p99 {'-' if p99 is None else f'{p99:.1f}'} ms  "
               f"errors {row['error_rate']:.2%}  {'ok' if row['passed'] else 'over the SLO'}", flush=True)
 
+    fixed: dict[str, Any] = {}
+    if args.cpu_agents:  # every target at the same load: CPU per query compared like for like
+        out = await step(replace(plan, agents=args.cpu_agents))
+        fixed = {"agents": args.cpu_agents, "ok": out["ok"], "p99_ms": out["latency_ms"].get("p99"),
+                 "server_cpu_us": out["server_cpu_us"], "generator_cpu_us": out["generator_cpu_us"]}
+        print(f"  {name}: {args.cpu_agents} agents x {args.rate:g}/s: server "
+              f"{_us(fixed['server_cpu_us'])} µs, generator {_us(fixed['generator_cpu_us'])} µs of CPU "
+              "per query", flush=True)
     found = await find_max(plan, step, Slo(args.slo_ms, args.max_error_rate), start=args.start_agents,
                            limit=args.max_agents, on_step=show)
     best = found.pop("best_run") or {}
     return {**found, "p99_ms_at_max": best.get("latency_ms", {}).get("p99"),
             "achieved_qps_at_max": best.get("achieved_qps"),
             "server_cpu_us_at_max": best.get("server_cpu_us"),
-            "generator_cpu_at_max": best.get("generator_cpu_fraction")}
+            "generator_cpu_at_max": best.get("generator_cpu_fraction"), "fixed_load": fixed}
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-agents", type=int, default=8)
     p.add_argument("--max-agents", type=int, default=1024)
     p.add_argument("--processes", type=int, default=1, help="generator processes")
+    p.add_argument("--cpu-agents", type=int, default=16,
+                   help="first a run of this many agents on every target: CPU per query at one load "
+                        "(0: none)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
@@ -159,12 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = _run_loop(capacity(name, url, serving, args))
             loads.append(os.getloadavg())
             time.sleep(1.0)
-    print(f"\n{'target':<14} {'max agents':>10} {'queries/s':>10} {'p99 ms':>7} {'server CPU µs/query':>20}")
+    print(f"\n{'target':<14} {'max agents':>10} {'queries/s':>10} {'p99 ms':>7} {'server µs/q at max':>19} "
+          f"{'server µs/q':>12} {'generator µs/q':>15}")
     for name, r in results.items():
-        cpu, p99 = r["server_cpu_us_at_max"], r["p99_ms_at_max"]
+        p99, fixed = r["p99_ms_at_max"], r["fixed_load"]
         print(f"{name:<14} {r['max_agents']:>9}{'+' if r['limit_reached'] else ' '} "
               f"{r['achieved_qps_at_max'] or 0:>10.0f} {'-' if p99 is None else f'{p99:.1f}':>7} "
-              f"{'-' if cpu is None else f'{cpu:.0f}':>20}")
+              f"{_us(r['server_cpu_us_at_max']):>19} {_us(fixed.get('server_cpu_us')):>12} "
+              f"{_us(fixed.get('generator_cpu_us')):>15}")
+    if args.cpu_agents:
+        print(f"(the last two columns: {args.cpu_agents} agents x {args.rate:g} queries/s on every target)")
     ratios = {}
     for a, b in (("stream", "wire"), ("unary", "canned"), ("stream", "unary")):
         if a in results and b in results and results[b]["max_agents"]:
