@@ -153,8 +153,8 @@ class Counters:
 class _Conn:
     """One agent's connection: asyncpg on the wire (statement cache on, as its users run it) or
     pgsluice's gRPC client for grpc://TOKEN@host:port/database, one Session stream per agent
-    as the client does by default (`?calls=unary`: a unary call per query; `?format=wire`:
-    WIRE replies)."""
+    as the client does by default (`?calls=unary`: a unary call per query; `?format=typed`:
+    typed replies instead of WIRE ones)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -168,7 +168,7 @@ class _Conn:
             options = dict(parse_qsl(parts.query))
             self.grpc = SluiceClient(f"{parts.hostname}:{parts.port}", unquote(parts.username or ""),
                                      parts.path.lstrip("/"), stream=options.get("calls", "stream") != "unary",
-                                     wire=options.get("format", "typed") == "wire")
+                                     wire=options.get("format", "wire") != "typed")
         else:  # ?statement_cache_size=0 for poolers without prepared statements (PgBouncer < 1.21)
             parts = urlsplit(self.url)
             query = dict(parse_qsl(parts.query))

@@ -12,8 +12,8 @@ side; each run starts with `--warmup` seconds on its connections that are not re
 its /metrics). `--find-max` ramps the number of agents per target until p99 crosses `--slo-ms`
 or errors pass `--max-error-rate`. Targets are postgresql:// URLs or
 grpc://TOKEN@host:port/database for pgsluice's gRPC door (one Session stream per agent, as
-proxy.client.SluiceClient does; `?calls=unary` for a unary call per query, `?format=wire`
-for WIRE replies). Profiles: loadtest/profiles/.
+proxy.client.SluiceClient does; `?calls=unary` for a unary call per query, `?format=typed`
+for typed replies instead of WIRE ones). Profiles: loadtest/profiles/.
 """
 
 from __future__ import annotations

@@ -102,15 +102,31 @@ def rows_from_wire(wire: bytes) -> list[dict[str, Any]]:
                     at += length
             out.append(dict(zip(names, row, strict=True)))
         elif code == 0x54:  # RowDescription
-            (count,) = _H.unpack_from(wire, pos + 5)
-            at, names, decoders = pos + 7, [], []
-            for _ in range(count):
-                stop = wire.index(b"\x00", at)
-                names.append(wire[at:stop].decode())
-                decoders.append(_from_wire(_I.unpack_from(wire, stop + 7)[0]))
-                at = stop + 19
+            names, decoders = _described(wire[pos:end])
         pos = end
     return out
+
+
+_descriptions: dict[bytes, tuple[list[str], list[Callable[[bytes], Any]]]] = {}
+
+
+def _described(message: bytes) -> tuple[list[str], list[Callable[[bytes], Any]]]:
+    """A RowDescription's column names and decoders, remembered: a query shape's RowDescription
+    is the same bytes every time."""
+    known = _descriptions.get(message)
+    if known is not None:
+        return known
+    (count,) = _H.unpack_from(message, 5)
+    at, names, decoders = 7, list[str](), list[Callable[[bytes], Any]]()
+    for _ in range(count):
+        stop = message.index(b"\x00", at)
+        names.append(message[at:stop].decode())
+        decoders.append(_from_wire(_I.unpack_from(message, stop + 7)[0]))
+        at = stop + 19
+    if len(_descriptions) >= 1024:
+        _descriptions.clear()
+    _descriptions[message] = names, decoders
+    return names, decoders
 
 
 def from_value(v: pb.Value) -> Any:
@@ -135,13 +151,14 @@ def _read(pem: str | bytes | None) -> bytes | None:
 class SluiceClient:
     """`tls=True` (or a `ca`) talks TLS: `ca` is the CA bundle that signed pgsluice's certificate
     (None: the system's roots); `cert`/`key` are a client certificate, when pgsluice has tls_ca.
-    Each is PEM bytes or a file path. `stream=False`: every query is a unary call. `wire=True`:
-    replies come as Postgres's own messages (format WIRE), decoded here — less work for
-    pgsluice, the same values."""
+    Each is PEM bytes or a file path. `stream=False`: every query is a unary call. Replies
+    come as Postgres's own messages (format WIRE), decoded here to the same values as typed
+    replies, with less work for both sides; `wire=False` asks for typed replies (`last.rows`).
+    `last` is the last reply: `served`, `command_tag`, `elapsed_ms`, `fingerprint`..."""
 
     def __init__(self, target: str, token: str, database: str = "", *, tls: bool = False,
                  ca: str | bytes | None = None, cert: str | bytes | None = None,
-                 key: str | bytes | None = None, stream: bool = True, wire: bool = False) -> None:
+                 key: str | bytes | None = None, stream: bool = True, wire: bool = True) -> None:
         if tls or ca is not None or cert is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
                                                        certificate_chain=_read(cert))

@@ -115,7 +115,7 @@ class SluiceService:
         client = self.take(agent, database)
         timed_out = False
         try:
-            done = client.send(sql, params, wire=wire, max_rows=max_rows, max_bytes=self.max_reply)
+            done = client.send(sql, params, wire=wire, max_rows=max(0, max_rows), max_bytes=self.max_reply)
             if timeout > 0 and not done.done():
                 await asyncio.wait((done,), timeout=timeout)
                 if not done.done():
@@ -168,7 +168,7 @@ class SluiceService:
         params = [values.encode(v) for v in request.params]
         started = time.perf_counter()
         if client is not None:
-            reply = await client.send(sql, params, wire=True, max_rows=hints.max_rows,
+            reply = await client.send(sql, params, wire=True, max_rows=max(0, hints.max_rows),
                                       max_bytes=self.max_reply)
             timed_out = False
         elif hints.priority == pb.BATCH:
@@ -235,7 +235,7 @@ class SluiceService:
             started = time.perf_counter()
             client = self.take(agent, database)
             done = client.send(_hinted(request), [values.encode(v) for v in request.params],
-                               wire=True, max_rows=hints.max_rows, max_bytes=self.max_reply)
+                               wire=True, max_rows=max(0, hints.max_rows), max_bytes=self.max_reply)
             if not done.done():
                 try:
                     await done

@@ -345,11 +345,12 @@ TYPED = """SELECT true AS b, 32767::int2 AS i2, -2147483648 AS i4, 9223372036854
 async def test_wire_format_gives_the_same_values(door: tuple[ProxyHandle, int]) -> None:
     """format = WIRE: Postgres's own messages in the reply, decoded by the client to the same
     values as the typed reply."""
-    async with SluiceClient(f"127.0.0.1:{door[1]}", token=TOKEN) as typed, \
-            SluiceClient(f"127.0.0.1:{door[1]}", token=TOKEN, wire=True) as wire:
+    async with SluiceClient(f"127.0.0.1:{door[1]}", token=TOKEN, wire=False) as typed, \
+            SluiceClient(f"127.0.0.1:{door[1]}", token=TOKEN) as wire:
         a = (await typed.query(TYPED))[0]
         b = (await wire.query(TYPED))[0]
         assert wire.last is not None and wire.last.wire[:1] == b"T" and not wire.last.rows
+        assert typed.last is not None and typed.last.rows and not typed.last.wire
         assert math.isnan(a.pop("nan")) and math.isnan(b.pop("nan"))
         assert a == b and a["i4"] == -2147483648 and a["empty"] == "" and a["by"] == b"\x00\xff\x10"
 

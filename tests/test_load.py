@@ -178,7 +178,7 @@ async def test_grpc_target(pg: EmbeddedPostgres, sample: str, proxy_factory: Pro
                       f'password = "postgres"\ndatabase = "{DB}"\n')
     port = free_port()
     proxy_factory("--config", str(config), "--grpc-listen", f"127.0.0.1:{port}")
-    for options, stream in (("", True), ("?calls=unary", False), ("?format=wire", True)):
+    for options, stream in (("", True), ("?calls=unary", False), ("?format=typed", True)):
         url = f"grpc://load-token@127.0.0.1:{port}/{DB}{options}"
         conn = _Conn(url)
         await conn.open()  # agents go through the Session stream unless told otherwise
