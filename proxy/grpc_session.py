@@ -85,6 +85,7 @@ class Stream:
         self.reader_waits = False
         self.writing = False
         self.starting = False
+        self.reading = False
         self.free: dict[str, list[InternalClient]] = {}
         self.serial: dict[str, _Serial] = {}
         self.busy: dict[InternalClient, _Job] = {}
@@ -110,9 +111,10 @@ class Stream:
             self.context.set_details("pgsluice is shutting down: requests without a reply were not run")
 
     def shutdown(self) -> None:
-        """Stop reading; the stream ends once the requests it read are answered."""
+        """Stop reading; the stream ends once the requests it read are answered (a reply the
+        reader is writing is not cut: it stops after)."""
         self.closing = True
-        if self.reader is not None:
+        if self.reader is not None and self.reading:
             self.reader.cancel()
 
     # ---- the two loops ----
@@ -147,12 +149,14 @@ class Stream:
 
     async def _read(self) -> None:
         try:
-            while True:
+            while not self.closing:
+                self.reading = True  # shutdown() may cancel this task only while it waits to read
                 while self.in_flight >= MAX_IN_FLIGHT or self.buffered > MAX_BUFFERED:
                     self.room.clear()
                     self.reader_waits = True
                     await self.room.wait()
                 raw = await self.context.read()
+                self.reading = False
                 if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
                     return
                 self.starting = True  # a reply _start makes at once is written below, by this task
