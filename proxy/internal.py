@@ -140,9 +140,9 @@ class InternalClient:
         """Start one statement now; the client must not be busy (query() waits its turn, this
         does not). The future may be done on return: a cache hit is answered synchronously.
         `wire`: keep the reply's messages in Reply.wire instead of parsing columns and rows (the
-        tag and an error are parsed as always); `max_rows` (> 0)
-        keeps that many rows (truncated says more came); `max_bytes` (> 0) drops the rows of a
-        reply that grows past it (oversize), so a huge result never sits in memory whole."""
+        tag and an error are parsed as always); `max_rows` (> 0) keeps that many rows (truncated
+        says more came); `max_bytes` (> 0) drops the rows of a reply that grows past it
+        (oversize), so a huge result never sits in memory whole."""
         if self.session.closed:
             raise ConnectionError("internal client closed")
         if self.busy:
@@ -230,6 +230,8 @@ class InternalClient:
         buf = self._buf
         if buf:
             buf += data
+            if len(buf) < 5 or len(buf) < 1 + _I.unpack_from(buf, 1)[0]:
+                return  # the message under way is not whole yet (a large one comes in pieces)
             data = bytes(buf)
             buf.clear()
         pos, n = 0, len(data)
@@ -265,6 +267,8 @@ class InternalClient:
         if self._max_bytes and self._wire_size > self._max_bytes and not reply.oversize:
             reply.oversize = True  # the rows go now, the rest of them as they come
             wire[:] = [m for m in wire if m[0] != codes.B_DATA_ROW]
+            if code == codes.B_DATA_ROW:
+                return
         wire.append(message)
 
     def _message(self, code: int, body: bytes) -> None:
