@@ -236,8 +236,9 @@ class SluiceClient:
                     await call.write(outbox.popleft())
                 wake.clear()
                 await wake.wait()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            pass  # the stream ended: the reader says why
+        except Exception:  # the stream ended (the reader says why), or it must: nothing more is sent
+            if not call.done():
+                call.cancel()
 
     async def _read(self, call: Any) -> None:
         pending = self._pending
@@ -253,6 +254,11 @@ class SluiceClient:
             code, details = await call.code(), await call.details()
         except grpc.aio.AioRpcError as err:
             code, details = err.code(), err.details() or ""
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this reader is being stopped
+                raise
+            code, details = grpc.StatusCode.CANCELLED, "the session stream was cancelled"
         self._ended(call, SluiceError(code, "", details or f"the session stream ended ({code.name})"))
 
     def _ended(self, call: Any, error: SluiceError) -> None:

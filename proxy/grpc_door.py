@@ -16,6 +16,7 @@ INVALID_ARGUMENT (a Session request: an error reply, the stream goes on).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -253,9 +254,10 @@ class SluiceService:
     async def Session(self, requests: AsyncIterator[bytes], context: Ctx) -> None:
         agent = self._bearer(context)
         if agent is None:
-            # after the client's first request (unread, not run) or half-close: a client whose
-            # write meets a stream already over sees grpc's own INTERNAL, not this status
-            await context.read()
+            # after the client's first request (not run) or half-close, 10 s at most: a client
+            # whose write meets a stream already over sees grpc's own INTERNAL, not this status
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(context.read(), 10)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)
         assert agent is not None
         await Stream(self, agent, context).run()
