@@ -35,11 +35,11 @@ from planner.tables import Effect
 from protos.pgsluice.v1 import sluice_pb2 as pb
 
 from . import grpc_wire, values
+from .agents import AgentSessions, agent_for_token, bearer_token
 from .config import AgentAuth
 from .grpc_session import Stream
 from .grpc_wire import Outcome, failed, status_for
 from .idempotency import Idempotency
-from .idle_sessions import IdleSessions
 from .internal import InternalClient, Reply
 from .snapshot import view
 from .stats import quantile
@@ -52,8 +52,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 M = TypeVar("M")
 SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
-IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next call
-IDLE_MAX = 64  # idle internal sessions kept per agent and database
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _TOO_BIG = "54000"
 _NO_TOKEN = "pgsluice: missing or unknown bearer token"
@@ -62,26 +60,23 @@ class SluiceService:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.idle = IdleSessions(server, keep=IDLE_KEEP, most=IDLE_MAX)
+        self.sessions = AgentSessions(server)  # agents.py: idle internal sessions per agent (as MCP's)
         redis = server.cache.redis if server.cache is not None else None
         self.idempotency = Idempotency(server.config.idempotency_window, redis)
         self.batch_gate = asyncio.Semaphore(max(1, server.config.pool_max_size // 2))
         self.streams: set[Stream] = set()
         # a reply's rows stop being kept past this (the message limit less room for the rest)
         self.max_reply = max(1024, server.config.max_message_size - 4096)
-        self._tokens: dict[str, AgentAuth] = {}
-        self._tokens_of: object = None
         self._facts: dict[tuple[str, str], SessionFacts] = {}
 
     # ---- plumbing ----
 
     def _bearer(self, context: Ctx) -> AgentAuth | None:
-        agents = self.server.config.agents
-        if agents is not self._tokens_of:
-            self._tokens, self._tokens_of = {a.token: a for a in agents}, agents
+        """The agent of the call's bearer token (agents.py, shared with the MCP door), or None."""
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return self._tokens.get(value[7:].strip())
+            if key == "authorization" and isinstance(value, str):
+                token = bearer_token(value)
+                return agent_for_token(self.server.config.agents, token) if token else None
         return None
 
     async def _agent(self, context: Ctx) -> AgentAuth:
@@ -101,13 +96,13 @@ class SluiceService:
             raise AssertionError("unreachable") from None
 
     def database(self, agent: AgentAuth, requested: str) -> str:
-        return requested or agent.database or self.server.admin_database()
+        return self.sessions.database(agent, requested)
 
     def take(self, agent: AgentAuth, database: str) -> InternalClient:
-        return self.idle.take(agent, database)
+        return self.sessions.take(agent, database)
 
     def give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
-        self.idle.give_back(agent, database, client)
+        self.sessions.give_back(agent, database, client)
 
     async def _run(self, agent: AgentAuth, database: str, sql: str, params: list[str | None],
                    timeout: float = 0.0, max_rows: int = 0, wire: bool = True) -> tuple[Reply, bool]:
@@ -486,4 +481,4 @@ class GrpcDoor:
         for stream in list(self.service.streams):
             stream.shutdown()
         await self.grpc.stop(grace)
-        self.service.idle.close()
+        self.service.sessions.close()

@@ -4,6 +4,8 @@ exactly what the wire door does — planner, guardrails, cache, single-flight, p
     client = InternalClient(server, user="app", database="shop", password="...")
     reply = await client.query("SELECT name FROM customers WHERE id = $1", ["42"])
     reply.columns, reply.rows, reply.tag, reply.served, reply.error
+    reply = await client.query(sql, limit=RowLimit(rows=500, bytes=65536, cancel=True))
+    reply.truncated  # rows past the limit were dropped as they came (and the statement cancelled)
 
 Each InternalClient is one ClientSession (same counters, same policies, same transaction
 pooling) whose transport is a sink in memory. Requests go in as the extended protocol
@@ -51,6 +53,20 @@ class Column:
     type_oid: int
 
 
+MAX_NOTICES = 50  # kept per reply; a loop raising notices must not grow one without bound
+
+
+@dataclass(frozen=True, slots=True)
+class RowLimit:
+    """Keep at most `rows` rows and `bytes` bytes of values; the rest are dropped as they come,
+    so a huge result never sits in memory. `cancel`: once cut, cancel the statement (only for
+    a statement whose rows are its only effect: a cancelled write would be rolled back)."""
+
+    rows: int
+    bytes: int
+    cancel: bool = False
+
+
 @dataclass(slots=True)
 class Reply:
     columns: list[Column] = field(default_factory=list)
@@ -60,7 +76,10 @@ class Reply:
     served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight)
     status: str = "I"  # ReadyForQuery's: "I" idle, "T" in a transaction, "E" in a failed one
     wire: bytes = b""  # send(wire=True): RowDescription, DataRow... and CommandComplete messages
-    truncated: bool = False  # max_rows cut rows (they were read and dropped)
+    notices: list[dict[str, str]] = field(default_factory=list)  # NoticeResponse fields
+    truncated: bool = False  # a RowLimit or max_rows cut the rows (the rest were dropped)
+    dropped: int = 0  # rows that came after a RowLimit's cut (more may not have been read at all)
+    cancelled: bool = False  # the cut cancelled the statement
     oversize: bool = False  # the reply passed max_bytes: its rows were dropped
 
 
@@ -121,14 +140,29 @@ class InternalClient:
         self._max_rows = 0
         self._max_bytes = 0
         self._rows = 0
+        self._limit: RowLimit | None = None
+        self._kept = 0  # bytes of values kept under the limit
+        self._cancel: asyncio.Task[None] | None = None
         self.returned = 0  # times handed back to a door's idle sessions (grpc_door.py)
         session._startup_done = True
         session._start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
 
-    async def query(self, sql: str, params: list[str | None] | None = None) -> Reply:
-        """Run one statement (parameters as text, NULL as None); the reply as Postgres gave it."""
+    async def query(self, sql: str, params: list[str | None] | None = None,
+                    limit: RowLimit | None = None) -> Reply:
+        """Run one statement (parameters as text, NULL as None); the reply as Postgres gave it,
+        but for the rows past `limit`."""
         async with self._lock:
-            return await self.send(sql, params)
+            done = self.send(sql, params, limit=limit)
+            try:
+                reply = await done
+            finally:
+                self._limit = None
+            if self._cancel is not None:
+                await self._cancel
+                self._cancel = None
+            if reply.cancelled and reply.error is not None and reply.error.get("C") == "57014":
+                reply.error = None  # our own cancel: the rows kept are the answer
+            return reply
 
     @property
     def busy(self) -> bool:
@@ -136,13 +170,14 @@ class InternalClient:
         return self._done is not None and not self._done.done()
 
     def send(self, sql: str, params: list[str | None] | None = None, *, wire: bool = False,
-             max_rows: int = 0, max_bytes: int = 0) -> asyncio.Future[Reply]:
+             max_rows: int = 0, max_bytes: int = 0, limit: RowLimit | None = None) -> asyncio.Future[Reply]:
         """Start one statement now; the client must not be busy (query() waits its turn, this
         does not). The future may be done on return: a cache hit is answered synchronously.
         `wire`: keep the reply's messages in Reply.wire instead of parsing columns and rows (the
         tag and an error are parsed as always); `max_rows` (> 0) keeps that many rows (truncated
         says more came); `max_bytes` (> 0) drops the rows of a reply that grows past it
-        (oversize), so a huge result never sits in memory whole."""
+        (oversize), so a huge result never sits in memory whole; `limit` (parsed replies only):
+        see RowLimit (query() clears it and waits for its cancel)."""
         if self.session.closed:
             raise ConnectionError("internal client closed")
         if self.busy:
@@ -155,6 +190,7 @@ class InternalClient:
         self._done = done
         self._wire, self._wire_size = ([] if wire else None), 0
         self._max_rows, self._max_bytes, self._rows = max_rows, max_bytes, 0
+        self._limit, self._kept = limit, 0
         self.session.served = "executed"
         self._send(sql, params or [])
         return done
@@ -281,7 +317,9 @@ class InternalClient:
             if chunks is not None:
                 chunks.put_nowait(("columns", reply.columns))
         elif code == codes.B_DATA_ROW:
-            if chunks is None:
+            if chunks is None and self._limit is not None:
+                self._limited(reply, self._limit, body)
+            elif chunks is None:
                 reply.rows.append(_values(body))
             else:
                 self._chunk.append(_values(body))
@@ -291,6 +329,8 @@ class InternalClient:
             reply.tag = body.rstrip(b"\x00").decode()
         elif code == codes.B_ERROR_RESPONSE:
             reply.error = parse_error_fields(body)
+        elif code == codes.B_NOTICE_RESPONSE and len(reply.notices) < MAX_NOTICES:
+            reply.notices.append(parse_error_fields(body))
         elif code == codes.B_READY_FOR_QUERY and self._done is not None and not self._done.done():
             reply.served = self.session.served
             reply.status = chr(body[0]) if body else "I"
@@ -302,6 +342,22 @@ class InternalClient:
                 self._flush(chunks)
                 reply.served = self.session.served
                 chunks.put_nowait(("end", reply))
+
+    def _limited(self, reply: Reply, limit: RowLimit, body: bytes) -> None:
+        if reply.truncated:
+            reply.dropped += 1
+            return
+        size = len(body) - 2  # the values and their lengths
+        if len(reply.rows) < limit.rows and self._kept + size <= limit.bytes:
+            self._kept += size
+            reply.rows.append(_values(body))
+            return
+        reply.truncated = True
+        reply.dropped = 1
+        if limit.cancel and self.session.backend is not None:
+            reply.cancelled = True
+            self._cancel = asyncio.get_running_loop().create_task(
+                self.session.server.cancel(*self.session.key))
 
     def _flush(self, chunks: asyncio.Queue[tuple[str, Any]]) -> None:
         if self._chunk:

@@ -1,30 +1,58 @@
-"""Internal sessions kept between an agent's calls: a door without connections (gRPC's unary
-calls, a Session stream's spare sessions) takes one per call and gives it back, so a call
-usually finds a session ready instead of making one.
+"""Agents of the non-wire doors (gRPC, MCP): who a bearer token is, and the internal sessions
+each agent's calls run on.
 
-Rules: a session waits about `keep` seconds (one timer sweeps them all, not one per call: an
-idle session would linger in SHOW CLIENTS and clients_now), at most `most` per agent and
-database, and the most recently returned is taken first (its caches are the warmest).
+A token names one [pgsluice.agents.NAME] (compared in constant time); the agent's calls run
+as its Postgres user with application_name = NAME, so the role policy that matches either
+applies to them exactly as to a wire client. An agent's sessions are kept for IDLE_KEEP
+seconds after a call, so a burst of calls reuses a few of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections import deque
 from typing import TYPE_CHECKING
 
+from .config import AgentAuth
 from .internal import InternalClient
 
 if TYPE_CHECKING:
-    from .config import AgentAuth
     from .server import Server
 
+IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next call
+MAX_IDLE = 64  # idle sessions kept per (agent, database)
 
-class IdleSessions:
-    def __init__(self, server: Server, keep: float = 1.0, most: int = 64) -> None:
+
+def agent_for_token(agents: tuple[AgentAuth, ...], token: str) -> AgentAuth | None:
+    """The agent whose token this is (every token compared, in constant time), or None."""
+    found = None
+    given = token.encode()
+    for agent in agents:
+        if hmac.compare_digest(agent.token.encode(), given):
+            found = agent
+    return found
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class AgentSessions:
+    """Internal sessions per (agent, database): taken for a call, given back after it. A session
+    waits about IDLE_KEEP seconds (one timer sweeps them all, not one per call: an idle session
+    would linger in SHOW CLIENTS and clients_now), at most MAX_IDLE per agent and database, and
+    the most recently returned is taken first (its caches are the warmest)."""
+
+    def __init__(self, server: Server, keep: float = IDLE_KEEP, most: int = MAX_IDLE) -> None:
         self.server, self.keep, self.most = server, keep, most
         self._idle: dict[tuple[str, str], deque[tuple[InternalClient, float]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def database(self, agent: AgentAuth, requested: str = "") -> str:
+        return requested or agent.database or self.server.admin_database()
 
     def take(self, agent: AgentAuth, database: str) -> InternalClient:
         idle = self._idle.get((agent.name, database))
@@ -61,6 +89,7 @@ class IdleSessions:
             self._sweeper = loop.call_later(self.keep / 2, self._sweep)
 
     def close(self) -> None:
+        """Close every idle session (the door stops)."""
         for idle in self._idle.values():
             for client, _ in idle:
                 client.close()
