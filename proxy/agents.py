@@ -14,8 +14,11 @@ import hmac
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .config import AgentAuth
+from planner import SessionFacts
+
+from .config import AgentAuth, Config
 from .internal import InternalClient
+from .session import session_facts
 
 if TYPE_CHECKING:
     from .server import Server
@@ -50,6 +53,20 @@ class AgentSessions:
         self.server, self.keep, self.most = server, keep, most
         self._idle: dict[tuple[str, str], deque[tuple[InternalClient, float]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._facts: dict[tuple[str, str], SessionFacts] = {}
+        self._facts_of: Config | None = None
+
+    def facts(self, agent: AgentAuth, database: str) -> SessionFacts:
+        """The planner's facts of the agent's sessions on `database`, role policy included (what
+        its statements are planned and judged with), for plans a door makes outside a session."""
+        config = self.server.config
+        if config is not self._facts_of:  # reloaded: the roles may have changed
+            self._facts, self._facts_of = {}, config
+        facts = self._facts.get((agent.name, database))
+        if facts is None:
+            facts, _ = session_facts(config, agent.user, database, {"application_name": agent.name})
+            self._facts[(agent.name, database)] = facts
+        return facts
 
     def database(self, agent: AgentAuth, requested: str = "") -> str:
         return requested or agent.database or self.server.admin_database()

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cache.deps import write_names
-from planner import Plan, SessionFacts
+from planner import Plan
 from planner.explain import describe
 from planner.tables import Effect
 from protos.pgsluice.v1 import sluice_pb2 as pb
@@ -67,7 +67,6 @@ class SluiceService:
         self.streams: set[Stream] = set()
         # a reply's rows stop being kept past this (the message limit less room for the rest)
         self.max_reply = max(1024, server.config.max_message_size - 4096)
-        self._facts: dict[tuple[str, str], SessionFacts] = {}
 
     # ---- plumbing ----
 
@@ -126,11 +125,9 @@ class SluiceService:
 
     def plan(self, agent: AgentAuth, database: str, sql: str) -> Plan:
         """The planner's view of a statement (a dict look-up once seen): its fingerprint for the
-        reply, its kind for a Session stream."""
-        facts = self._facts.get((database, agent.user))
-        if facts is None:
-            facts = self._facts[(database, agent.user)] = SessionFacts(database, agent.user)
-        return self.server.planner_for(database).analyze(sql, facts)
+        reply, its kind for a Session stream. Planned with the facts of the agent's sessions, its role
+        policy included, so a verdict here is the one its statement gets when run."""
+        return self.server.planner_for(database).analyze(sql, self.sessions.facts(agent, database))
 
     def outcome(self, agent: AgentAuth, database: str, request: pb.QueryRequest, reply: Reply,
                 timed_out: bool, started: float, fingerprint: str | None = None) -> Outcome:
@@ -336,7 +333,7 @@ class SluiceService:
     async def Explain(self, request: pb.ExplainRequest, context: Ctx) -> pb.ExplainResponse:
         agent = await self._agent(context)
         database = self.database(agent, request.database)
-        plan = self.server.planner_for(database).analyze(request.sql, SessionFacts(database, agent.user))
+        plan = self.plan(agent, database, request.sql)  # with the agent's role policy, as it runs
         v = plan.verdict
         out = pb.ExplainResponse(
             fingerprint=plan.fingerprint, canonical_sql=plan.canonical, kind=plan.kind.value,

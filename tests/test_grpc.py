@@ -435,3 +435,19 @@ async def test_idle_internal_sessions_leave_show_clients(door: tuple[ProxyHandle
         assert stats["clients_now"] == 1  # this admin session
     finally:
         await admin.close()
+
+
+async def test_explain_judges_with_the_agents_role_policy(stub: Any) -> None:
+    """Explain's verdict is the one the agent's statement gets when run: the reader agent's
+    read-only role refuses a write (before: Explain planned without the role policy and said
+    "allow" for what Query then refused)."""
+    reader = (("authorization", "Bearer reader-token"),)
+    sql = "INSERT INTO uniq VALUES (98)"
+    ex = await stub.Explain(pb.ExplainRequest(sql=sql), metadata=reader)
+    assert ex.verdict.startswith("reject 25006 "), ex.verdict
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Query(pb.QueryRequest(sql=sql), metadata=reader)
+    assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "25006"
+    assert (await stub.Explain(pb.ExplainRequest(sql=sql), metadata=AUTH)).verdict == "allow"
+    read = await stub.Explain(pb.ExplainRequest(sql="SELECT k FROM uniq"), metadata=reader)
+    assert read.verdict == "allow"
