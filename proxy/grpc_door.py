@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cache.deps import write_names
-from planner import Plan
+from planner import Flag, Plan
 from planner.explain import describe
 from planner.tables import Effect
 from protos.pgsluice.v1 import sluice_pb2 as pb
@@ -54,7 +54,11 @@ SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _TOO_BIG = "54000"
+_COPY_CLIENT = frozenset({Flag.COPY_FROM, Flag.COPY_TO})  # COPY ... FROM / TO
+_COPY_SERVER = frozenset({Flag.COPY_FILE, Flag.COPY_PROGRAM})  # ... a server file or program: no sub-protocol
 _NO_TOKEN = "pgsluice: missing or unknown bearer token"
+
+
 class SluiceService:
     """pgsluice.v1.Sluice (registered by `handlers`, with the serializers each method needs)."""
 
@@ -129,6 +133,17 @@ class SluiceService:
         policy included, so a verdict here is the one its statement gets when run."""
         return self.server.planner_for(database).analyze(sql, self.sessions.facts(agent, database))
 
+    def refusal(self, plan: Plan) -> Outcome | None:
+        """What this door refuses before running it: COPY from or to the client. Its copy
+        sub-protocol has no place in a request and its reply (COPY FROM STDIN would wait for
+        data forever, COPY TO STDOUT's rows would be lost). The role's verdict comes first."""
+        if plan.flags & _COPY_CLIENT and not plan.flags & _COPY_SERVER and plan.verdict.allowed:
+            return failed({"C": "0A000", "M": "pgsluice: COPY FROM STDIN and COPY TO STDOUT are not "
+                                              "available over gRPC",
+                           "H": "Use INSERT (a Batch, or a Session stream) to write rows, and SELECT "
+                                "(or QueryStream) to read them."})
+        return None
+
     def outcome(self, agent: AgentAuth, database: str, request: pb.QueryRequest, reply: Reply,
                 timed_out: bool, started: float, fingerprint: str | None = None) -> Outcome:
         """The serialized answer to one statement from its Reply (sent with wire=True)."""
@@ -156,6 +171,10 @@ class SluiceService:
     async def execute(self, agent: AgentAuth, database: str, request: pb.QueryRequest,
                       client: InternalClient | None = None) -> Outcome:
         """Run one statement (on `client`, or on one of the agent's sessions)."""
+        plan = self.plan(agent, database, request.sql)
+        refused = self.refusal(plan)
+        if refused is not None:
+            return refused
         sql = _hinted(request)
         hints = request.hints
         params = [values.encode(v) for v in request.params]
@@ -171,7 +190,7 @@ class SluiceService:
         else:
             reply, timed_out = await self._run(agent, database, sql, params, hints.timeout_seconds,
                                                hints.max_rows)
-        return self.outcome(agent, database, request, reply, timed_out, started)
+        return self.outcome(agent, database, request, reply, timed_out, started, plan.fingerprint)
 
     async def answer(self, agent: AgentAuth, database: str, request: pb.QueryRequest) -> Outcome:
         """execute(), through the agent's idempotency keys when the request has one."""
@@ -224,6 +243,8 @@ class SluiceService:
         hints = request.hints
         if request.idempotency_key or hints.priority == pb.BATCH or hints.timeout_seconds > 0:
             outcome = await self.answer(agent, database, request)
+        elif (refused := self.refusal(plan := self.plan(agent, database, request.sql))) is not None:
+            outcome = refused
         else:  # the common call, inline: a cache hit is answered without a coroutine more
             started = time.perf_counter()
             client = self.take(agent, database)
@@ -237,7 +258,7 @@ class SluiceService:
                     raise
             reply = done.result()
             self.give_back(agent, database, client)
-            outcome = self.outcome(agent, database, request, reply, False, started)
+            outcome = self.outcome(agent, database, request, reply, False, started, plan.fingerprint)
         if not outcome.ok:
             assert outcome.error is not None
             await self._fail(context, outcome.error, outcome.timed_out)
@@ -258,6 +279,10 @@ class SluiceService:
         request = await self._decode(pb.QueryRequest.FromString, raw, context)
         agent = await self._agent(context)
         database = self.database(agent, request.database)
+        refused = self.refusal(self.plan(agent, database, request.sql))
+        if refused is not None:
+            assert refused.error is not None
+            await self._fail(context, refused.error, False)
         sql = _hinted(request)
         client = self.take(agent, database)
         types: list[int] = []

@@ -201,9 +201,13 @@ class Stream:
             if hints.HasField("max_staleness_seconds"):
                 job.sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {request.sql}"
             job.params = [values.encode(v) for v in request.params]
+            refused = self.service.refusal(plan)
         except Exception:
             log.exception("gRPC session request not started")
             self._reply(grpc_wire.session_reply(message.id, err=_internal()))
+            return
+        if refused is not None:
+            self._reply(grpc_wire.session_reply(message.id, err=refused.body))
             return
         self.in_flight += 1
         serial = self.serial.get(database)

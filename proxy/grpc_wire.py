@@ -40,7 +40,8 @@ _BY_SQLSTATE = {
     "28P01": grpc.StatusCode.UNAUTHENTICATED, "28000": grpc.StatusCode.UNAUTHENTICATED,
 }
 _BY_CLASS = {
-    "08": grpc.StatusCode.UNAVAILABLE, "22": grpc.StatusCode.INVALID_ARGUMENT,
+    "08": grpc.StatusCode.UNAVAILABLE, "0A": grpc.StatusCode.UNIMPLEMENTED,
+    "22": grpc.StatusCode.INVALID_ARGUMENT,
     "23": grpc.StatusCode.FAILED_PRECONDITION, "25": grpc.StatusCode.FAILED_PRECONDITION,
     "40": grpc.StatusCode.ABORTED, "42": grpc.StatusCode.INVALID_ARGUMENT,
     "53": grpc.StatusCode.RESOURCE_EXHAUSTED, "54": grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -451,3 +451,28 @@ async def test_explain_judges_with_the_agents_role_policy(stub: Any) -> None:
     assert (await stub.Explain(pb.ExplainRequest(sql=sql), metadata=AUTH)).verdict == "allow"
     read = await stub.Explain(pb.ExplainRequest(sql="SELECT k FROM uniq"), metadata=reader)
     assert read.verdict == "allow"
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+@pytest.mark.parametrize("sql", ["COPY uniq FROM STDIN", "copy (select k from uniq) to stdout",
+                                 "COPY uniq TO STDOUT (FORMAT csv)"])
+async def test_copy_is_refused_not_hung(stub: Any, sql: str, transport: str) -> None:
+    """COPY FROM STDIN / TO STDOUT need the copy sub-protocol, which a request/reply door cannot
+    carry: a clear 0A000 at once (not a call waiting for CopyData that never comes, nor an
+    empty result standing for the rows)."""
+    if transport == "unary":
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
+        assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "0A000"
+    else:
+        call = stub.Session(metadata=AUTH, timeout=10)
+        await call.write(pb.SessionRequest(id=1, query=pb.QueryRequest(sql=sql)))
+        await call.write(pb.SessionRequest(id=2, query=pb.QueryRequest(sql="SELECT 2")))
+        await call.done_writing()
+        answers = {a.id: a async for a in call}
+        assert answers[1].WhichOneof("outcome") == "error" and answers[1].error.sqlstate == "0A000", answers
+        assert _plain(answers[2].result.rows[0].values[0]) == 2
+        assert await call.code() == grpc.StatusCode.OK
+    ok = await stub.Query(pb.QueryRequest(sql="SELECT 3"), metadata=AUTH, timeout=5)
+    assert _plain(ok.rows[0].values[0]) == 3
