@@ -453,7 +453,7 @@ async def test_explain_judges_with_the_agents_role_policy(stub: Any) -> None:
     assert read.verdict == "allow"
 
 
-@pytest.mark.parametrize("transport", ["unary", "stream"])
+@pytest.mark.parametrize("transport", ["unary", "stream", "batch", "querystream"])
 @pytest.mark.parametrize("sql", ["COPY uniq FROM STDIN", "copy (select k from uniq) to stdout",
                                  "COPY uniq TO STDOUT (FORMAT csv)"])
 async def test_copy_is_refused_not_hung(stub: Any, sql: str, transport: str) -> None:
@@ -464,6 +464,16 @@ async def test_copy_is_refused_not_hung(stub: Any, sql: str, transport: str) -> 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH, timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
+        assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "0A000"
+    elif transport == "batch":
+        batch = await stub.Batch(pb.BatchRequest(statements=[pb.QueryRequest(sql=sql),
+                                                             pb.QueryRequest(sql="SELECT 2")]),
+                                 metadata=AUTH, timeout=10)
+        assert batch.items[0].error.sqlstate == "0A000", batch
+        assert _plain(batch.items[1].result.rows[0].values[0]) == 2
+    elif transport == "querystream":
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [chunk async for chunk in stub.QueryStream(pb.QueryRequest(sql=sql), metadata=AUTH, timeout=10)]
         assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "0A000"
     else:
         call = stub.Session(metadata=AUTH, timeout=10)
