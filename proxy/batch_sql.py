@@ -39,6 +39,8 @@ _IGNORED = frozenset({codes.B_PARAMETER_STATUS, codes.B_PARSE_COMPLETE, codes.B_
 def key_of(s: ClientSession, req: Request, batch: Batchable) -> tuple[Hashable, object, str] | None:
     """(the group this read batches with, its key value normalized, as an array element)."""
     plan = req.plan
+    if "\ufffd" in plan.sql:
+        return None  # maybe bytes that were not UTF-8 (decoded with "replace"): Postgres's error
     own = plan.reach.own_params if plan.reach is not None else 0
     params: tuple[str, ...] = plan.params
     got: tuple[object, str] | None

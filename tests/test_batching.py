@@ -109,8 +109,9 @@ def _direct(pg: EmbeddedPostgres, requests: Sequence[Request]) -> list[list[Msg]
 
 
 def _burst(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str,
-           requests: Sequence[Request]) -> list[list[Msg]]:
-    """The first request leads (held by a lock on `table`), the rest queue behind it."""
+           requests: Sequence[Request], early: int = 0) -> list[list[Msg]]:
+    """The first request leads (held by a lock on `table`), the rest queue behind it (but
+    `early` of them, answered without waiting for the lock)."""
     conns = [PgConn.connect(proxy.host, proxy.port, "postgres", "postgres", DB) for _ in requests]
     lock = psycopg2.connect(pg.dsn(database=DB))
     try:
@@ -120,7 +121,7 @@ def _burst(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str,
             wait_until(lambda: _lock_waiters(pg) >= 1, 10, message="the leader waits for the lock")
             for send, conn in zip(requests[1:], conns[1:], strict=True):
                 send(conn)
-            wait_until(lambda: _busy(proxy) >= len(requests), 30, message=f"{len(requests)} reads in")
+            wait_until(lambda: _busy(proxy) >= len(requests) - early, 30, message=f"{len(requests)} reads in")
         lock.commit()
         return [conn.read_until_ready(timeout=60) for conn in conns]
     finally:
@@ -140,10 +141,10 @@ def _lock_waiters(pg: EmbeddedPostgres) -> int:
 
 
 def _check(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str, requests: Sequence[Request],
-           batched: int | None = None) -> list[list[Msg]]:
+           batched: int | None = None, early: int = 0) -> list[list[Msg]]:
     want = _direct(pg, requests)
     before = _stat(proxy, "batched_reads")
-    got = _burst(pg, proxy, table, requests)
+    got = _burst(pg, proxy, table, requests, early)
     for i, (w, g) in enumerate(zip(want, got, strict=True)):
         assert g == w, f"client {i}: {rp.first_difference(w, g)}"
     expected = len(requests) - 1 if batched is None else batched
@@ -342,3 +343,14 @@ async def test_asyncpg_prepared_statements_are_batched(pg: EmbeddedPostgres, pro
 
 async def _busy_at_least(proxy: ProxyHandle, n: int) -> bool:
     return await asyncio.to_thread(_busy, proxy) >= n
+
+
+def test_a_text_that_is_not_utf8_is_not_batched(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
+    """Its own statement fails (invalid byte sequence); batched, its key would have been read as
+    U+FFFD and answered."""
+    bad = b"SELECT v FROM ktext WHERE k = 'k\xff1'"
+    requests: list[Request] = [_simple("SELECT v FROM ktext WHERE k = 'a'"),
+                               lambda conn: conn.send(encode.query(bad)),
+                               _simple("SELECT v FROM ktext WHERE k = 'b'")]
+    got = _check(pg, proxy, "ktext", requests, batched=1, early=1)
+    assert rp.sqlstates(got[1]) == ["22021"]
