@@ -82,8 +82,10 @@ class Batcher:
         batch = req.plan.batch
         if batch is None or req.plan.fingerprint in self._unwritable:
             return False, None
-        if s.reported.get("client_encoding", "UTF8").upper() not in ("UTF8", "UTF-8"):
-            return False, None
+        reported = s.reported
+        if reported.get("client_encoding", "UTF8").upper() not in ("UTF8", "UTF-8") \
+                or reported.get("standard_conforming_strings", "on") != "on":
+            return False, None  # literals and values read here as Postgres reads them, or not at all
         found = batch_sql.key_of(s, req, batch)
         if found is None:
             return False, None

@@ -40,7 +40,7 @@ CREATE TABLE kuuid (id uuid PRIMARY KEY, v text);
 INSERT INTO kuuid SELECT u::uuid, 'u' || ord FROM unnest(ARRAY[{", ".join(f"'{u}'" for u in UUIDS)}])
        WITH ORDINALITY AS x(u, ord);
 CREATE TABLE ktext (k text PRIMARY KEY, v int);
-INSERT INTO ktext SELECT 'key "' || g || E'\\\\' || chr(233), g FROM generate_series(1, 100) g;
+INSERT INTO ktext SELECT 'key "' || g || '"' || E'\\\\' || 'é', g FROM generate_series(1, 100) g;
 CREATE TABLE kuniq (code int NOT NULL UNIQUE, v text);
 INSERT INTO kuniq SELECT g, 'c' || g FROM generate_series(1, 100) g;
 """
@@ -99,8 +99,8 @@ def _extended(sql: str, params: Sequence[rp.Param], **kw: object) -> Request:
     return send
 
 
-def _direct(pg: EmbeddedPostgres, requests: Sequence[Request]) -> list[list[Msg]]:
-    with PgConn.connect(pg.host, pg.port, "postgres", "postgres", DB) as conn:
+def _direct(pg: EmbeddedPostgres, requests: Sequence[Request], **startup: str) -> list[list[Msg]]:
+    with PgConn.connect(pg.host, pg.port, "postgres", "postgres", DB, **startup) as conn:
         out = []
         for send in requests:
             send(conn)
@@ -109,10 +109,10 @@ def _direct(pg: EmbeddedPostgres, requests: Sequence[Request]) -> list[list[Msg]
 
 
 def _burst(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str,
-           requests: Sequence[Request], early: int = 0) -> list[list[Msg]]:
+           requests: Sequence[Request], early: int = 0, **startup: str) -> list[list[Msg]]:
     """The first request leads (held by a lock on `table`), the rest queue behind it (but
     `early` of them, answered without waiting for the lock)."""
-    conns = [PgConn.connect(proxy.host, proxy.port, "postgres", "postgres", DB) for _ in requests]
+    conns = [PgConn.connect(proxy.host, proxy.port, "postgres", "postgres", DB, **startup) for _ in requests]
     lock = psycopg2.connect(pg.dsn(database=DB))
     try:
         with lock.cursor() as cur:
@@ -141,10 +141,10 @@ def _lock_waiters(pg: EmbeddedPostgres) -> int:
 
 
 def _check(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str, requests: Sequence[Request],
-           batched: int | None = None, early: int = 0) -> list[list[Msg]]:
-    want = _direct(pg, requests)
+           batched: int | None = None, early: int = 0, **startup: str) -> list[list[Msg]]:
+    want = _direct(pg, requests, **startup)
     before = _stat(proxy, "batched_reads")
-    got = _burst(pg, proxy, table, requests, early)
+    got = _burst(pg, proxy, table, requests, early, **startup)
     for i, (w, g) in enumerate(zip(want, got, strict=True)):
         assert g == w, f"client {i}: {rp.first_difference(w, g)}"
     expected = len(requests) - 1 if batched is None else batched
@@ -191,7 +191,8 @@ def test_simple_protocol_other_key_types(pg: EmbeddedPostgres, proxy: ProxyHandl
     _check(pg, proxy, "kuuid", [_simple(f"SELECT v, id FROM kuuid WHERE id = '{u}'")
                                 for u in (*UUIDS[:6], uuid.UUID(int=1), str(UUIDS[7]).upper())])
     texts = ["key \"1\"\\\\é", "key \"2\"\\\\é", "absent", "key \"3\"\\\\é", "it''s"]
-    _check(pg, proxy, "ktext", [_simple(f"SELECT v FROM ktext WHERE k = E'{t}'") for t in texts])
+    got = _check(pg, proxy, "ktext", [_simple(f"SELECT v FROM ktext WHERE k = E'{t}'") for t in texts])
+    assert [rp.rows(g) for g in got] == [[[b"1"]], [[b"2"]], [], [[b"3"]], []]
     _check(pg, proxy, "kuniq", [_simple(f"SELECT * FROM kuniq WHERE code = {k} AND v LIKE 'c%'")
                                 for k in (1, 2, 3, 400)])
 
@@ -215,9 +216,10 @@ def test_extended_protocol_text_and_binary(pg: EmbeddedPostgres, proxy: ProxyHan
     # uuid and text keys, binary
     _check(pg, proxy, "kuuid", [_extended("SELECT * FROM kuuid WHERE id = $1", [u.bytes], param_formats=[1],
                                           result_formats=[1]) for u in (*UUIDS[10:14], uuid.UUID(int=5))])
-    _check(pg, proxy, "ktext", [_extended("SELECT k, v FROM ktext WHERE k = $1", [t.encode()],
-                                          param_formats=[1], result_formats=[1])
-                                for t in ('key "10"\\é', "nope", 'key "11"\\é')])
+    got = _check(pg, proxy, "ktext", [_extended("SELECT k, v FROM ktext WHERE k = $1", [t.encode()],
+                                                param_formats=[1], result_formats=[1])
+                                      for t in ('key "10"\\é', "nope", 'key "11"\\é')])
+    assert [len(rp.rows(g)) for g in got] == [1, 0, 1]
 
 
 def test_duplicate_keys_are_answered_from_the_same_rows(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
@@ -354,3 +356,13 @@ def test_a_text_that_is_not_utf8_is_not_batched(pg: EmbeddedPostgres, proxy: Pro
                                _simple("SELECT v FROM ktext WHERE k = 'b'")]
     got = _check(pg, proxy, "ktext", requests, batched=1, early=1)
     assert rp.sqlstates(got[1]) == ["22021"]
+
+
+def test_literals_of_sessions_without_standard_strings_are_not_batched(pg: EmbeddedPostgres,
+                                                                       proxy: ProxyHandle) -> None:
+    """standard_conforming_strings = off: a backslash in '...' escapes (two stand for one)."""
+    two = "\\" * 2
+    keys = ["a", f'key "12"{two}é', "b"]
+    requests = [_simple(f"SELECT v FROM ktext WHERE k = '{k}'") for k in keys]
+    got = _check(pg, proxy, "ktext", requests, batched=0, standard_conforming_strings="off")
+    assert rp.rows(got[1]) == [[b"12"]]
