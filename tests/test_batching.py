@@ -141,8 +141,13 @@ def _lock_waiters(pg: EmbeddedPostgres) -> int:
 
 
 def _check(pg: EmbeddedPostgres, proxy: ProxyHandle, table: str, requests: Sequence[Request],
-           batched: int | None = None, early: int = 0, **startup: str) -> list[list[Msg]]:
+           batched: int | None = None, early: int = 0, found: Sequence[int] | None = None,
+           **startup: str) -> list[list[Msg]]:
+    """Each reply through a burst equals the same request's reply direct; `found`: how many rows
+    each has (so a case is not all misses by mistake)."""
     want = _direct(pg, requests, **startup)
+    if found is not None:
+        assert [len(rp.rows(w)) for w in want] == list(found)
     before = _stat(proxy, "batched_reads")
     got = _burst(pg, proxy, table, requests, early, **startup)
     for i, (w, g) in enumerate(zip(want, got, strict=True)):
@@ -181,41 +186,46 @@ def test_show_plan_says_whether_a_read_is_batchable(proxy: ProxyHandle, sql: str
 
 def test_simple_protocol_int_keys_with_missing_ones(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
     keys = [10, 11, 12, 999_999, 13, 14, 0, 15, 2_000, 2_001]
-    _check(pg, proxy, "kint", [_simple(f"SELECT v, n, at, b FROM kint WHERE id = {k}") for k in keys])
+    _check(pg, proxy, "kint", [_simple(f"SELECT v, n, at, b FROM kint WHERE id = {k}") for k in keys],
+           found=[1, 1, 1, 0, 1, 1, 0, 1, 1, 0])
     assert calls(pg, DB, "FROM kint WHERE id = ANY(") >= 1
 
 
 def test_simple_protocol_other_key_types(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
     _check(pg, proxy, "kbig", [_simple(f"SELECT * FROM kbig WHERE id = {k * 10_000_000_000}")
-                               for k in (1, 2, 3, 555, 4)])
+                               for k in (1, 2, 3, 555, 4)], found=[1, 1, 1, 0, 1])
     _check(pg, proxy, "kuuid", [_simple(f"SELECT v, id FROM kuuid WHERE id = '{u}'")
-                                for u in (*UUIDS[:6], uuid.UUID(int=1), str(UUIDS[7]).upper())])
+                                for u in (*UUIDS[:6], uuid.UUID(int=1), str(UUIDS[7]).upper())],
+           found=[1] * 6 + [0, 1])
     texts = ["key \"1\"\\\\é", "key \"2\"\\\\é", "absent", "key \"3\"\\\\é", "it''s"]
     got = _check(pg, proxy, "ktext", [_simple(f"SELECT v FROM ktext WHERE k = E'{t}'") for t in texts])
     assert [rp.rows(g) for g in got] == [[[b"1"]], [[b"2"]], [], [[b"3"]], []]
     _check(pg, proxy, "kuniq", [_simple(f"SELECT * FROM kuniq WHERE code = {k} AND v LIKE 'c%'")
-                                for k in (1, 2, 3, 400)])
+                                for k in (1, 2, 3, 400)], found=[1, 1, 1, 0])
 
 
 def test_extended_protocol_text_and_binary(pg: EmbeddedPostgres, proxy: ProxyHandle) -> None:
     sql = "SELECT id, v, n, at, b FROM kint WHERE id = $1"
     # text parameters, text results
-    _check(pg, proxy, "kint", [_extended(sql, [str(k)]) for k in (20, 21, 22, 5000, 23)])
+    _check(pg, proxy, "kint", [_extended(sql, [str(k)]) for k in (20, 21, 22, 5000, 23)],
+           found=[1, 1, 1, 0, 1])
     # binary parameters (declared int4 and int8) and binary results, with and without Describe
     _check(pg, proxy, "kint", [_extended(sql, [k.to_bytes(4, "big", signed=True)], param_types=[23],
-                                         param_formats=[1], result_formats=[1]) for k in (30, 31, 32, -1)])
+                                         param_formats=[1], result_formats=[1]) for k in (30, 31, 32, -1)],
+           found=[1, 1, 1, 0])
     _check(pg, proxy, "kint", [_extended(sql, [k.to_bytes(8, "big", signed=True)], param_types=[20],
                                          param_formats=[1], result_formats=[1], describe="")
-                               for k in (40, 41, 9000, 42)])
+                               for k in (40, 41, 9000, 42)], found=[1, 1, 0, 1])
     # one format per column
     _check(pg, proxy, "kint", [_extended(sql, [str(k)], result_formats=[0, 1, 0, 1, 1])
-                               for k in (50, 51, 52)])
+                               for k in (50, 51, 52)], found=[1, 1, 1])
     # a literal key through the extended protocol, with another bound parameter
     _check(pg, proxy, "kint", [_extended(f"SELECT v FROM kint WHERE v <> $1 AND id = {k}", ["x"])
-                               for k in (60, 61, 62)])
+                               for k in (60, 61, 62)], found=[1, 1, 1])
     # uuid and text keys, binary
     _check(pg, proxy, "kuuid", [_extended("SELECT * FROM kuuid WHERE id = $1", [u.bytes], param_formats=[1],
-                                          result_formats=[1]) for u in (*UUIDS[10:14], uuid.UUID(int=5))])
+                                          result_formats=[1]) for u in (*UUIDS[10:14], uuid.UUID(int=5))],
+           found=[1, 1, 1, 1, 0])
     got = _check(pg, proxy, "ktext", [_extended("SELECT k, v FROM ktext WHERE k = $1", [t.encode()],
                                                 param_formats=[1], result_formats=[1])
                                       for t in ('key "10"\\é', "nope", 'key "11"\\é')])
