@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 
-from . import admin, caching, relay, tls
+from . import admin, caching, fastpath, relay, tls
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
 from .logs import fields, peer_text
@@ -114,6 +114,11 @@ class ClientSession(asyncio.Protocol):
         self.key_source: object = None
         self.key_settings: tuple[tuple[str, str], ...] = ()
         self.max_staleness: float | None = None
+        # the fast path (fastpath.py): whether it may answer this session, and its aliases
+        self.fast_ok = False
+        self.fast_settings: object = None
+        self.fast_facts: object = None
+        self.fast_map: dict[Any, Any] = {}
         # operations (issue 5)
         self.connected_at = time.monotonic()
         self.last_sql = b""  # the last statement text sent (for the logs), truncated
@@ -169,7 +174,10 @@ class ClientSession(asyncio.Protocol):
             self._wake()
             return
         if not self.entries and self.backend is None and self._task is None:
-            self.request_started = time.monotonic()
+            now = self.request_started = time.monotonic()
+            if self.fast_ok and not self.inbuf and self._queued is None and not self.skipping \
+                    and not self._cache_done and self._gate is None and fastpath.serve(self, data, now):
+                return
         self.inbuf += data
         if self.state == "admin":
             self._admin()
@@ -422,6 +430,8 @@ class ClientSession(asyncio.Protocol):
             self.startup_settings = self.settings = result.settings + tuple(
                 (name, set_config(name, value)) for name, value in session_settings(policy))
         self.reported = result.welcome
+        cache = self.server.cache
+        self.fast_ok = cache is not None and cache.fast and not self.row_cap
         self._welcome(result, "ready")
         self.pump()
 
@@ -779,6 +789,7 @@ class ClientSession(asyncio.Protocol):
         """Keep this client on its backend for the rest of its session."""
         if self.pinned is None:
             self.pinned = reason
+            self.fast_ok = False
             self.server.stats.pinned += 1
             log.debug("client %s pinned: %s", self.peer, reason)
 
