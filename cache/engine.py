@@ -48,6 +48,7 @@ class CacheSettings:
 class CacheStats:
     hits: int = 0
     fast_hits: int = 0  # of hits: answered by the wire door's fast path (proxy/fastpath.py)
+    known_passes: int = 0  # simple Queries sent as they were sent before, not analysed again
     redis_hits: int = 0  # of hits: found in the Redis tier
     misses: int = 0
     coalesced: int = 0  # waited for an identical query in flight
@@ -104,6 +105,8 @@ class Cache:
         self.fast = not settings.redis
         self.fast_gen = 0
         self.fast_maps: dict[Hashable, dict[Hashable, Any]] = {}
+        self.pass_maps: dict[Hashable, dict[bytes, Any]] = {}  # the passthrough side of it
+        self.passes = 0
 
     def plans_changed(self) -> None:
         """A planner dropped its plans, or a change feed's state moved (Planner.on_change,
@@ -323,7 +326,8 @@ class Cache:
                ("too_large", s.too_large + ls.too_large),
                ("evictions", ls.evictions), ("expired", ls.expired), ("entries", ls.entries),
                ("bytes", ls.bytes), ("max_bytes", self.local.max_bytes), ("in_flight", len(self.flights)),
-               ("write_bumps", s.bumps), ("feed_bumps", s.feed_bumps), ("feed_own_writes", s.feed_own)]
+               ("known_passthrough", s.known_passes), ("write_bumps", s.bumps), ("feed_bumps", s.feed_bumps),
+               ("feed_own_writes", s.feed_own)]
         rows = [(k, str(v)) for k, v in out]
         rows += [(f"bypass: {reason}", str(n)) for reason, n in sorted(s.bypass.items())]
         if self.redis is not None:

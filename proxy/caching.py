@@ -105,8 +105,8 @@ def key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float |
 class Request:
     """One cacheable request at the head of s.inbuf: a Query, or a Bind..Execute..Sync group."""
 
-    __slots__ = ("bind", "end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix", "settings",
-                 "stmt_parse", "types")
+    __slots__ = ("bind", "bypass", "end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix",
+                 "settings", "stmt_parse", "types")
 
     def __init__(self, plan: Plan, end: int, fmt: object, prefix: bytes = b"",
                  parse_msg: bytes | None = None, bind: bytes | None = None, types: bytes = b"",
@@ -122,6 +122,7 @@ class Request:
         self.bind = bind  # the group's Bind after its names: the values a key may be pinned to
         self.types = types  # the statement's declared parameter types (Parse)
         self.stmt_parse = stmt_parse  # a group without Parse: the Parse of the statement it binds
+        self.bypass: str | None = None  # not looked up: why ("" uncounted: not a plain read)
 
 
 def settings_changed(s: ClientSession) -> None:
@@ -138,13 +139,27 @@ def settings_changed(s: ClientSession) -> None:
 
 def try_query(s: ClientSession) -> int:
     """The head of s.inbuf is a complete Query and s holds no server connection."""
-    assert s.server.cache is not None
-    if not s.server.cache.active(s.database):
-        return PASS
+    cache = s.server.cache
+    assert cache is not None
     end = 1 + _I.unpack_from(s.inbuf, 1)[0]
+    head = fastpath.head_of(s, end) if s.fast_ok else None
+    if isinstance(head, fastpath.Pass):  # seen before: nothing to look up, only to count
+        cache.stats.known_passes += 1
+        if head.reason:
+            cache.stats.bypassed(head.reason)
+            s.agent_stats.bypassed += 1
+        return PASS
+    if not cache.active(s.database):
+        if head is not None:
+            head.reason = ""
+        return PASS
     sql = bytes(s.inbuf[5:end - 1]).decode("utf-8", "replace")
     planner = s.planner or s.server.planner_for(s.database)
-    return _try(s, Request(planner.analyze(sql, s.facts), end, _FORMAT_SIMPLE))
+    req = Request(planner.analyze(sql, s.facts), end, _FORMAT_SIMPLE)
+    result = _try(s, req)
+    if head is not None:  # relay.forward sends it: with this plan, and maybe remembers it
+        head.plan, head.reason = req.plan, req.bypass
+    return result
 
 
 def try_extended(s: ClientSession) -> int:
@@ -269,6 +284,7 @@ def _try(s: ClientSession, req: Request) -> int:
     assert cache is not None
     plan = req.plan
     if plan.kind is not Kind.READ or not plan.verdict.allowed:
+        req.bypass = ""
         return PASS
     settings, max_age = key_settings(s)
     hinted = plan.hint("max_staleness")
@@ -282,6 +298,7 @@ def _try(s: ClientSession, req: Request) -> int:
     if reason is not None:
         cache.stats.bypassed(reason)
         s.agent_stats.bypassed += 1
+        req.bypass = reason
         return PASS
     req.settings, req.max_age = settings, max_age
     bound = None
@@ -544,11 +561,13 @@ def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
     return Writes(tuple(Effect(t, "table") for t in sorted(tables)), ddl=ddl)
 
 
-def writes_of(s: ClientSession, sql: bytes) -> Writes:
+def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
+    """What executing `sql` may change; `plan`: its plan, when the caller has it already."""
     if s.server.cache is None or not s.server.cache.active(s.database):
         return NO_WRITES
     planner = s.planner or s.server.planner_for(s.database)
-    plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
+    if plan is None:
+        plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
         s.server.ddl_seen(s.database)
     writes = write_set(plan, planner)
@@ -567,9 +586,12 @@ def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
     return writes_of(s, sql)
 
 
-def note_writes(s: ClientSession, sql: bytes) -> None:
-    writes = writes_of(s, sql)
-    mark(s, writes.names(s.database), writes.ddl)
+def note_writes(s: ClientSession, sql: bytes, plan: Plan | None = None) -> tuple[frozenset[str], bool]:
+    """A Query is about to be sent: mark what it writes; (the versions, whether the catalog too)."""
+    writes = writes_of(s, sql, plan)
+    names = writes.names(s.database)
+    mark(s, names, writes.ddl)
+    return names, writes.ddl
 
 
 def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes) -> None:

@@ -18,6 +18,12 @@ Anything else takes the slow path, which decides as always (and leaves a fresh a
 rule: never answer what the slow path would not. There is no fast path with Redis: there,
 every look-up waits for the version barrier. Aliases are charged to their cache entry and
 leave with it (cache/local.py), so they stay within cache_max_bytes.
+
+Passthrough has its side of it: a simple Query is analysed once (try_query hands its plan to
+relay.forward in a Head), and one that turned out to need nothing but sending — not a cache
+candidate, nothing to rewrite, guard, pin or track but the versions it writes — is remembered
+per context as a Pass: the next time its bytes come, neither the cache nor the relay works
+anything out again (under the same fast_gen).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from cache.local import Entry
+from planner import Plan
 
 from . import caching
 from .pgwire import codes
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
 SIMPLE, PARSED, BOUND = range(3)  # a Query; a group with its Parse; a group binding a known statement
 _OVERHEAD = 400  # per alias besides its raw bytes, reply and versions: object, dict slot, key tuple
 _MAX_CONTEXTS = 10_000
+MAX_PASSES = 16_384  # remembered passthrough texts per worker (then all are forgotten at once)
 
 
 class Fast:
@@ -61,6 +69,32 @@ class Fast:
         self.fresh_until = entry.stored + max_age if max_age is not None else math.inf
 
 
+class Pass:
+    """A simple Query that needs nothing but sending (see the module docstring)."""
+
+    __slots__ = ("gen", "key", "last_sql", "names", "reason")
+
+    def __init__(self, key: bytes, reason: str, names: frozenset[str], last_sql: bytes, gen: int) -> None:
+        self.key = key  # the whole message
+        self.reason = reason  # the cache bypass it counts as ("": none, it is not a plain read)
+        self.names = names  # the versions it writes (caching.mark)
+        self.last_sql = last_sql
+        self.gen = gen
+
+
+class Head:
+    """What try_query worked out for the Query at the head of s.inbuf, for relay.forward."""
+
+    __slots__ = ("facts", "gen", "key", "plan", "reason")
+
+    def __init__(self, key: bytes, facts: object, gen: int) -> None:
+        self.key = key
+        self.facts = facts
+        self.gen = gen
+        self.plan: Plan | None = None  # analysed once, here
+        self.reason: str | None = None  # None: looked up in the cache (so not a Pass)
+
+
 def context(s: ClientSession) -> dict[Hashable, Fast]:
     """The aliases of the session's context (shared by every session in the same one)."""
     if s.fast_settings is s.settings and s.fast_facts is s.facts:
@@ -75,9 +109,58 @@ def context(s: ClientSession) -> dict[Hashable, Fast]:
         if len(maps) >= _MAX_CONTEXTS:  # contexts come and go (settings per tenant...)
             for key in [k for k, m in maps.items() if not m]:
                 del maps[key]
+                cache.pass_maps.pop(key, None)
         found = maps[ctx] = {}
+        cache.pass_maps[ctx] = {}
     s.fast_settings, s.fast_facts, s.fast_map = s.settings, s.facts, found
+    s.pass_map = cache.pass_maps[ctx]
     return found
+
+
+def head_of(s: ClientSession, end: int) -> Pass | Head:
+    """The Query at the head of s.inbuf (`end` bytes): its Pass, else a Head for try_query to
+    fill in; either is s.head until relay.forward takes it."""
+    cache = s.server.cache
+    assert cache is not None
+    key = bytes(s.inbuf[:end])
+    context(s)
+    known = s.pass_map.get(key)
+    if known is not None and known.gen == cache.fast_gen:
+        s.head = known
+        return known
+    head = s.head = Head(key, s.facts, cache.fast_gen)
+    return head
+
+
+def take_head(s: ClientSession, buf: bytearray, pos: int, end: int) -> Pass | Head | None:
+    """relay.forward sends the Query at buf[pos:end]: what try_query left for it, if it is that
+    Query (by its bytes), and nothing it was worked out from has changed since."""
+    head = s.head
+    if head is None:
+        return None
+    s.head = None
+    cache = s.server.cache
+    if pos or end != len(head.key) or cache is None or head.gen != cache.fast_gen \
+            or not buf.startswith(head.key):
+        return None
+    if isinstance(head, Head) and head.facts is not s.facts:
+        return None
+    return head
+
+
+def remember_pass(s: ClientSession, head: Head, names: frozenset[str], last_sql: bytes) -> None:
+    """relay.forward found that the Query of `head` needed nothing but sending: remember it."""
+    cache = s.server.cache
+    if cache is None or head.reason is None or head.gen != cache.fast_gen:
+        return
+    if cache.passes >= MAX_PASSES:
+        for m in cache.pass_maps.values():
+            m.clear()
+        cache.passes = 0
+    context(s)
+    if head.key not in s.pass_map:
+        cache.passes += 1
+    s.pass_map[head.key] = Pass(head.key, head.reason, names, last_sql, head.gen)
 
 
 def _statement(s: ClientSession, data: bytes) -> bytes | None:

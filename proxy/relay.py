@@ -26,7 +26,7 @@ from planner.explain import describe
 from planner.guard import extended_verdict
 from planner.normalize import comment_hints
 
-from . import caching, sqlscan
+from . import caching, fastpath, sqlscan
 from .logs import fields
 from .pgwire import codes, encode
 from .pgwire.decode import (
@@ -192,41 +192,12 @@ def forward(s: ClientSession) -> None:
             if not s.skipping:  # else Postgres drops it unanswered, still skipping to a Sync
                 owed += 1
                 unsynced = False
-                sql = bytes(buf[pos + 5:end - 1])
-                if b"agent=" in sql:
-                    _tag_agent(s, sql)
-                s.note_query()
-                s.server.stats.upstream_queries += 1
-                s.last_sql = sql[:300]
-                head = sql[:10].lower()
-                swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
-                    _show(s, backend, sql) if head[:4] == b"show" else None
-                if swap is None and s.server.cache is not None:
-                    caching.note_writes(s, sql)
-                if swap is None and s.policy is not None:
-                    swap = _guarded_query(s, backend, sql)
-                if swap is None and head[:7] == b"execute":
-                    swap = _execute(s, backend, sql)
-                elif head[:4] == b"drop" or head[:5] == b"alter":
-                    _database_ddl(s, sql)
-                if swap is not None:
-                    out.append(buf[start:pos])
-                    out.extend(swap)
-                    start = end
+                head = fastpath.take_head(s, buf, pos, end)
+                if isinstance(head, fastpath.Pass):
+                    _plain_query(s, backend, head)
                 else:
-                    info = _query(s, backend, sql)
-                    if info is None and head[:4] == b"copy" and _COPY_IN.match(sql):
-                        s.copy_in = True
-                        entries.append((QUERY, COPY_IN))
-                    else:
-                        entries.append((QUERY, info))
-                    restore = _restore_startup(s, sql) if info is not None or s.pinned else None
-                    if restore is not None:  # RESET of startup parameters: put them back
-                        out.append(buf[start:end])
-                        out.append(restore)
-                        entries.append((SWALLOW_QUERY, None))
-                        owed += 1
-                        start = end
+                    start, more = _query_message(s, backend, buf, pos, end, out, start, head)
+                    owed += more
         elif code in _EXTENDED:
             unsynced = True
             if not s.skipping:
@@ -268,6 +239,70 @@ def forward(s: ClientSession) -> None:
         backend.unsynced = unsynced
     if terminate:
         s.close()
+
+
+def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> None:
+    """A Query known to need nothing but sending (fastpath.Pass): what _query_message does for
+    such a text, without working it out again."""
+    s.note_query()
+    s.server.stats.upstream_queries += 1
+    s.last_sql = known.last_sql
+    if known.names:
+        caching.mark(s, known.names)
+    s.unnamed = None  # a simple Query destroys the unnamed statement
+    backend.unnamed_owner = None
+    s.queries += 1
+    s.entries.append((QUERY, None))
+
+
+def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int, end: int, out: Chunks,
+                   start: int, head: fastpath.Head | None) -> tuple[int, int]:
+    """A Query (at buf[pos:end]): (where the bytes still to copy start, ReadyForQuery messages
+    owed besides its own). `head`: what try_query worked out for it; when nothing in it needs
+    more than sending, it is remembered as such (fastpath.Pass)."""
+    entries = s.entries
+    sql = bytes(buf[pos + 5:end - 1])
+    tagged = b"agent=" in sql
+    if tagged:
+        _tag_agent(s, sql)
+    s.note_query()
+    s.server.stats.upstream_queries += 1
+    s.last_sql = sql[:300]
+    head_word = sql[:10].lower()
+    swap = _deallocate(s, backend, sql) if head_word == b"deallocate" else \
+        _show(s, backend, sql) if head_word[:4] == b"show" else None
+    names: frozenset[str] = frozenset()
+    ddl = False
+    if swap is None and s.server.cache is not None:
+        names, ddl = caching.note_writes(s, sql, head.plan if head is not None else None)
+    if swap is None and s.policy is not None:
+        swap = _guarded_query(s, backend, sql)
+    if swap is None and head_word[:7] == b"execute":
+        swap = _execute(s, backend, sql)
+    elif head_word[:4] == b"drop" or head_word[:5] == b"alter":
+        _database_ddl(s, sql)
+    if head_word[:7] == b"execute" or head_word == b"deallocate" or head_word[:4] == b"drop" \
+            or head_word[:5] == b"alter":
+        head = None  # what they do depends on the session's statements, or on other databases
+    if swap is not None:
+        out.append(buf[start:pos])
+        out.extend(swap)
+        return end, 0
+    info = _query(s, backend, sql)
+    if info is None and head_word[:4] == b"copy" and _COPY_IN.match(sql):
+        s.copy_in = True
+        entries.append((QUERY, COPY_IN))
+        return start, 0
+    entries.append((QUERY, info))
+    restore = _restore_startup(s, sql) if info is not None or s.pinned else None
+    if restore is not None:  # RESET of startup parameters: put them back
+        out.append(buf[start:end])
+        out.append(restore)
+        entries.append((SWALLOW_QUERY, None))
+        return end, 1
+    if head is not None and info is None and not tagged and not ddl and s.fast_ok:
+        fastpath.remember_pass(s, head, names, s.last_sql)
+    return start, 0
 
 
 def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:

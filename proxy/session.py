@@ -119,6 +119,8 @@ class ClientSession(asyncio.Protocol):
         self.fast_settings: object = None
         self.fast_facts: object = None
         self.fast_map: dict[Any, Any] = {}
+        self.pass_map: dict[bytes, fastpath.Pass] = {}
+        self.head: fastpath.Pass | fastpath.Head | None = None  # try_query -> relay.forward
         # operations (issue 5)
         self.connected_at = time.monotonic()
         self.last_sql = b""  # the last statement text sent (for the logs), truncated
