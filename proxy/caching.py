@@ -3,7 +3,7 @@
 `try_query` runs when a client with no server connection sends a simple Query: a hit is
 written back at once (no task, no server); a query identical to one in flight waits for
 that one's reply; otherwise this client leads: its Query goes to Postgres as usual and
-relay.backward feeds the reply, message by message, to a `Fill`, which lands it in the
+replies.backward feeds the reply, message by message, to a `Fill`, which lands it in the
 cache and hands it to every waiter at ReadyForQuery.
 
 Writes: relay notes the tables each statement writes (`note_writes`); at the

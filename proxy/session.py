@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 
-from . import admin, caching, fastpath, relay, tls
+from . import admin, caching, fastpath, relay, replies, tls
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
 from .logs import fields, peer_text
@@ -489,7 +489,7 @@ class ClientSession(asyncio.Protocol):
                     self.close()
                     return
                 if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
-                    relay.skip_to_sync(self)
+                    replies.skip_to_sync(self)
                     continue
                 if self.server.cache is None or self.pinned or code not in _CACHEABLE_HEADS:
                     break
@@ -546,13 +546,13 @@ class ClientSession(asyncio.Protocol):
                 self._report(backend.params)
         except PgError as err:
             self._task = None
-            relay.fail_pending(self, err)
+            replies.fail_pending(self, err)
             if len(self.inbuf) < _PAUSE_AT:
                 self.resume_reading()
             return
         except LoginError as err:
             self._task = None
-            relay.fail_pending(self, PgError(err.fields.get("C", CONNECTION_FAILURE),
+            replies.fail_pending(self, PgError(err.fields.get("C", CONNECTION_FAILURE),
                                              err.fields.get("M", "login failed")))
             return
         except asyncio.CancelledError:
@@ -630,14 +630,14 @@ class ClientSession(asyncio.Protocol):
         if fut.cancelled():
             if not self.closed:
                 pool.stats.timeouts += 1
-                relay.fail_pending(self, pool.timeout_error())
+                replies.fail_pending(self, pool.timeout_error())
                 if len(self.inbuf) < _PAUSE_AT:
                     self.resume_reading()
             return
         exc = fut.exception()
         if exc is not None:  # the pool failed to open a connection for us
             if not self.closed:
-                relay.fail_pending(self, _pg_error(exc))
+                replies.fail_pending(self, _pg_error(exc))
             return
         backend = fut.result()
         if self.closed:
@@ -687,7 +687,7 @@ class ClientSession(asyncio.Protocol):
             self._backend_lost(backend)
             return
         try:
-            relay.backward(self, backend)
+            replies.backward(self, backend)
         except ProtocolError as exc:
             log.error("protocol error from server: %s", exc.message)
             backend.abort()
