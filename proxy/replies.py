@@ -187,9 +187,9 @@ def backward(s: ClientSession, backend: Backend) -> None:
     if data:
         s.write(data)
     if ready:
-        s.request_done()
+        now = s.request_done()
         if not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
-            s.release()
+            s.release(now)
         elif backend.status != codes.TXN_IDLE:
             s.idle_in_transaction()
 

@@ -125,6 +125,7 @@ class ClientSession(asyncio.Protocol):
         self.connected_at = time.monotonic()
         self.last_sql = b""  # the last statement text sent (for the logs), truncated
         self.request_started = self.connected_at
+        self.now = self.connected_at  # when the bytes being handled arrived (data_received)
         self.admin_failed = False
         self.admin_busy = False  # PAUSE waits for transactions before it replies
         self.admin_statements: dict[bytes, str] = {}
@@ -175,8 +176,9 @@ class ClientSession(asyncio.Protocol):
                 return
             self._wake()
             return
+        now = self.now = time.monotonic()  # the one clock read of this pass
         if not self.entries and self.backend is None and self._task is None:
-            now = self.request_started = time.monotonic()
+            self.request_started = now
             if self.fast_ok and not self.inbuf and self._queued is None and not self.skipping \
                     and not self._cache_done and self._gate is None and fastpath.serve(self, data, now):
                 return
@@ -600,11 +602,12 @@ class ClientSession(asyncio.Protocol):
         return self._task is not None or self._queued is not None
 
     def note_query(self) -> None:
+        """One query (counted in the second it arrived)."""
         self.agent_stats.queries += 1
-        self.agent_stats.count(time.monotonic())
+        self.agent_stats.count(self.now)
 
-    def request_done(self) -> None:
-        """A reply ended with ReadyForQuery: the time since the request came in."""
+    def request_done(self) -> float:
+        """A reply ended with ReadyForQuery: the time since the request came in. Returns now."""
         now = time.monotonic()
         elapsed = now - self.request_started
         self.agent_stats.latency.observe(elapsed)
@@ -613,6 +616,7 @@ class ClientSession(asyncio.Protocol):
         if slow and elapsed * 1000 >= slow:
             log.warning("slow query", extra=fields(client=self.token, agent=self.agent,
                                                    ms=round(elapsed * 1000, 1), sql=self.last_statement))
+        return now
 
     def set_agent(self, name: str) -> None:
         if name != self.agent:
@@ -669,15 +673,16 @@ class ClientSession(asyncio.Protocol):
         if not self._writing and backend.transport is not None:
             backend.transport.pause_reading()
 
-    def release(self) -> None:
-        """Give the backend back: called by relay when the transaction is over."""
+    def release(self, now: float | None = None) -> None:
+        """Give the backend back: called by relay when the transaction is over (`now`: the
+        clock, if the caller has just read it)."""
         backend = self.backend
         assert backend is not None and self.pool is not None
         self.backend = None
         backend.on_data = backend._idle_data
         if backend.transport is not None and not self._writing:
             backend.transport.resume_reading()
-        self.pool.release(backend)
+        self.pool.release(backend, now)
 
     def on_backend_data(self) -> None:
         backend = self.backend
