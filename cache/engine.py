@@ -105,8 +105,7 @@ class Cache:
         self.fast = not settings.redis
         self.fast_gen = 0
         self.fast_maps: dict[Hashable, dict[Hashable, Any]] = {}
-        self.pass_maps: dict[Hashable, dict[bytes, Any]] = {}  # the passthrough side of it
-        self.passes = 0
+        self.passes = 0  # passthrough texts remembered in them
 
     def plans_changed(self) -> None:
         """A planner dropped its plans, or a change feed's state moved (Planner.on_change,

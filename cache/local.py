@@ -49,8 +49,7 @@ class Entry:
         aliases, self.aliases = self.aliases, None
         if aliases:
             for holder, key in aliases:
-                alias = holder.get(key)
-                if alias is not None and alias.entry is self:  # not replaced since
+                if getattr(holder.get(key), "entry", None) is self:  # not replaced since
                     del holder[key]
 
 

@@ -143,11 +143,7 @@ def try_query(s: ClientSession) -> int:
     assert cache is not None
     end = 1 + _I.unpack_from(s.inbuf, 1)[0]
     head = fastpath.head_of(s, end) if s.fast_ok else None
-    if isinstance(head, fastpath.Pass):  # seen before: nothing to look up, only to count
-        cache.stats.known_passes += 1
-        if head.reason:
-            cache.stats.bypassed(head.reason)
-            s.agent_stats.bypassed += 1
+    if isinstance(head, fastpath.Pass):  # seen before: nothing to look up (counted when sent)
         return PASS
     if not cache.active(s.database):
         if head is not None:

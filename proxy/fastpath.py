@@ -22,8 +22,9 @@ leave with it (cache/local.py), so they stay within cache_max_bytes.
 Passthrough has its side of it: a simple Query is analysed once (try_query hands its plan to
 relay.forward in a Head), and one that turned out to need nothing but sending — not a cache
 candidate, nothing to rewrite, guard, pin or track but the versions it writes — is remembered
-per context as a Pass: the next time its bytes come, neither the cache nor the relay works
-anything out again (under the same fast_gen).
+per context as a Pass, beside the aliases (so the one look-up in data_received finds either;
+at most MAX_PASSES of them): the next time its bytes come, neither the cache nor the relay
+works anything out again (under the same fast_gen).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Head:
         self.reason: str | None = None  # None: looked up in the cache (so not a Pass)
 
 
-def context(s: ClientSession) -> dict[Hashable, Fast]:
+def context(s: ClientSession) -> dict[Hashable, Fast | Pass]:
     """The aliases of the session's context (shared by every session in the same one)."""
     if s.fast_settings is s.settings and s.fast_facts is s.facts:
         return s.fast_map
@@ -109,11 +110,8 @@ def context(s: ClientSession) -> dict[Hashable, Fast]:
         if len(maps) >= _MAX_CONTEXTS:  # contexts come and go (settings per tenant...)
             for key in [k for k, m in maps.items() if not m]:
                 del maps[key]
-                cache.pass_maps.pop(key, None)
         found = maps[ctx] = {}
-        cache.pass_maps[ctx] = {}
     s.fast_settings, s.fast_facts, s.fast_map = s.settings, s.facts, found
-    s.pass_map = cache.pass_maps[ctx]
     return found
 
 
@@ -123,13 +121,22 @@ def head_of(s: ClientSession, end: int) -> Pass | Head:
     cache = s.server.cache
     assert cache is not None
     key = bytes(s.inbuf[:end])
-    context(s)
-    known = s.pass_map.get(key)
-    if known is not None and known.gen == cache.fast_gen:
+    known = context(s).get(key)
+    if isinstance(known, Pass) and known.gen == cache.fast_gen:
         s.head = known
         return known
     head = s.head = Head(key, s.facts, cache.fast_gen)
     return head
+
+
+def count_pass(s: ClientSession, known: Pass) -> None:
+    """A known passthrough text is sent: counted as the slow path would have counted it."""
+    cache = s.server.cache
+    assert cache is not None
+    cache.stats.known_passes += 1
+    if known.reason:
+        cache.stats.bypassed(known.reason)
+        s.agent_stats.bypassed += 1
 
 
 def take_head(s: ClientSession, buf: bytearray, pos: int, end: int) -> Pass | Head | None:
@@ -148,19 +155,33 @@ def take_head(s: ClientSession, buf: bytearray, pos: int, end: int) -> Pass | He
     return head
 
 
+def known_whole(s: ClientSession, known: Pass) -> bool:
+    """Whether s.inbuf is exactly the text of `known`, under the same fast_gen (a client waiting
+    for a server connection keeps its context; what changes meanwhile — catalog, guardrails, the
+    change feed — moves fast_gen), and nothing makes Postgres treat it otherwise (skipping to a
+    Sync after an error, COPY FROM STDIN): then relay.send_known sends it as it is."""
+    cache = s.server.cache
+    return (cache is not None and known.gen == cache.fast_gen and s.inbuf == known.key
+            and not s.skipping and not s.copy_in)
+
+
 def remember_pass(s: ClientSession, head: Head, names: frozenset[str], last_sql: bytes) -> None:
     """relay.forward found that the Query of `head` needed nothing but sending: remember it."""
     cache = s.server.cache
     if cache is None or head.reason is None or head.gen != cache.fast_gen:
         return
-    if cache.passes >= MAX_PASSES:
-        for m in cache.pass_maps.values():
-            m.clear()
+    if cache.passes >= MAX_PASSES:  # forget them all (aliases stay: they are charged elsewhere)
+        for aliases in cache.fast_maps.values():
+            for key in [k for k, v in aliases.items() if isinstance(v, Pass)]:
+                del aliases[key]
         cache.passes = 0
-    context(s)
-    if head.key not in s.pass_map:
+    aliases = context(s)
+    old = aliases.get(head.key)
+    if isinstance(old, Fast):
+        return  # answered from cache meanwhile
+    if old is None:
         cache.passes += 1
-    s.pass_map[head.key] = Pass(head.key, head.reason, names, last_sql, head.gen)
+    aliases[head.key] = Pass(head.key, head.reason, names, last_sql, head.gen)
 
 
 def _statement(s: ClientSession, data: bytes) -> bytes | None:
@@ -176,8 +197,12 @@ def _statement(s: ClientSession, data: bytes) -> bytes | None:
     return stmt.parse_msg if stmt is not None else None
 
 
-def serve(s: ClientSession, data: bytes, now: float) -> bool:
-    """Answer `data` (all the client sent, one request) if an alias allows; else False."""
+MISS, SERVED, KNOWN = range(3)  # what serve() did
+
+
+def serve(s: ClientSession, data: bytes, now: float) -> int:
+    """Answer `data` (all the client sent, one request) if an alias allows (SERVED). KNOWN: a
+    passthrough text seen before, counted and left in s.head for the relay to send."""
     aliases = s.fast_map if s.fast_settings is s.settings and s.fast_facts is s.facts else context(s)
     if data[0] == codes.F_BIND:
         stmt = _statement(s, data)
@@ -185,15 +210,20 @@ def serve(s: ClientSession, data: bytes, now: float) -> bool:
     else:
         fast = aliases.get(data)
     if fast is None:
-        return False
+        return MISS
     cache = s.server.cache
     assert cache is not None
+    if isinstance(fast, Pass):
+        if fast.gen != cache.fast_gen:
+            return MISS
+        s.head = fast
+        return KNOWN
     if fast.gen != cache.fast_gen or now >= fast.expires or now > fast.fresh_until:
-        return False
+        return MISS
     stamp = cache.versions.stamp()
     if stamp != fast.stamp:
         if cache.current(fast.names) != fast.current:
-            return False
+            return MISS
         fast.stamp = stamp
     fast.entry.used = True
     kind = fast.kind
@@ -216,7 +246,7 @@ def serve(s: ClientSession, data: bytes, now: float) -> bool:
     transport = s.transport
     assert transport is not None
     transport.write(fast.reply)
-    return True
+    return SERVED
 
 
 def remember(s: ClientSession, req: caching.Request, raw: bytes, entry: Entry, reply: bytes,
@@ -237,7 +267,9 @@ def remember(s: ClientSession, req: caching.Request, raw: bytes, entry: Entry, r
     fast = Fast(entry, reply, kind, req.parse_msg, req.names, current, stamp, cache.fast_gen,
                 cache.local.ttl, req.max_age)
     aliases[key] = fast
-    if old is None or old.entry is not entry:  # (else it is charged to this entry already)
+    if isinstance(old, Pass):
+        cache.passes -= 1  # not a passthrough text any more (the change feed came up...)
+    if not isinstance(old, Fast) or old.entry is not entry:  # (else charged to this entry already)
         cache.local.alias(entry, aliases, key, sys.getsizeof(raw) + sys.getsizeof(reply)
                           + _footprint(current) + _OVERHEAD)
 

@@ -236,9 +236,23 @@ def forward(s: ClientSession) -> None:
         s.close()
 
 
+def send_known(s: ClientSession, known: fastpath.Pass) -> None:
+    """s.inbuf is exactly one Query known to need nothing but sending (fastpath.known_whole):
+    what forward does with it, without looking at it again."""
+    backend = s.backend
+    assert backend is not None
+    s.head = None
+    _plain_query(s, backend, known)
+    s.inbuf.clear()
+    backend.write(known.key)
+    backend.ready_owed += 1
+    backend.unsynced = False
+
+
 def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> None:
     """A Query known to need nothing but sending (fastpath.Pass): what _query_message does for
     such a text, without working it out again."""
+    fastpath.count_pass(s, known)
     s.note_query()
     s.server.stats.upstream_queries += 1
     s.last_sql = known.last_sql

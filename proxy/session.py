@@ -119,7 +119,6 @@ class ClientSession(asyncio.Protocol):
         self.fast_settings: object = None
         self.fast_facts: object = None
         self.fast_map: dict[Any, Any] = {}
-        self.pass_map: dict[bytes, fastpath.Pass] = {}
         self.head: fastpath.Pass | fastpath.Head | None = None  # try_query -> relay.forward
         # operations (issue 5)
         self.connected_at = time.monotonic()
@@ -180,8 +179,17 @@ class ClientSession(asyncio.Protocol):
         if not self.entries and self.backend is None and self._task is None:
             self.request_started = now
             if self.fast_ok and not self.inbuf and self._queued is None and not self.skipping \
-                    and not self._cache_done and self._gate is None and fastpath.serve(self, data, now):
-                return
+                    and not self._cache_done and self._gate is None:
+                outcome = fastpath.serve(self, data, now)
+                if outcome == fastpath.SERVED:
+                    return
+                if outcome == fastpath.KNOWN and not self.server.paused:
+                    # a passthrough text seen before: straight to a server connection
+                    self.inbuf += data
+                    head = self.head
+                    if self._acquire() and isinstance(head, fastpath.Pass):
+                        relay.send_known(self, head)
+                    return
         self.inbuf += data
         if self.state == "admin":
             self._admin()
@@ -503,24 +511,12 @@ class ClientSession(asyncio.Protocol):
                     break
                 if outcome == caching.ASYNC or self.closed:
                     return
-            assert self.pool is not None
-            if self.server.paused:  # PAUSE: cache hits go on, new transactions wait for RESUME
-                self.server.parked.add(self)
+            if not self._acquire():
                 return
-            pool = self.pool
-            backend = pool.try_acquire()
-            if backend is not None and backend.applied == self.settings:
-                self._bind(backend)
-            elif backend is None and pool.size >= pool.settings.max_size:
-                # The busy case: wait in the queue with a callback and a timer, no task.
-                fut = self._queued = pool.enqueue()
-                fut.add_done_callback(self._handed_over)
-                self._deadline = asyncio.get_running_loop().call_later(
-                    pool.settings.acquire_timeout, fut.cancel)
-                return
-            else:
-                self._task = asyncio.get_running_loop().create_task(self._attach(backend))
-                return
+        head = self.head
+        if isinstance(head, fastpath.Pass) and fastpath.known_whole(self, head):
+            relay.send_known(self, head)
+            return
         try:
             relay.forward(self)
         except ProtocolError as exc:
@@ -529,6 +525,27 @@ class ClientSession(asyncio.Protocol):
             if backend is not None:
                 self.backend = None
                 self.server.spawn(self._cleanup(backend))
+
+    def _acquire(self) -> bool:
+        """A server connection for the request at the head of inbuf: True if bound now; else
+        the request waits (PAUSE, the pool's queue, a new connection or a resync)."""
+        assert self.pool is not None
+        if self.server.paused:  # PAUSE: cache hits go on, new transactions wait for RESUME
+            self.server.parked.add(self)
+            return False
+        pool = self.pool
+        backend = pool.try_acquire()
+        if backend is not None and backend.applied == self.settings:
+            self._bind(backend)
+            return True
+        if backend is None and pool.size >= pool.settings.max_size:
+            # The busy case: wait in the queue with a callback and a timer, no task.
+            fut = self._queued = pool.enqueue()
+            fut.add_done_callback(self._handed_over)
+            self._deadline = asyncio.get_running_loop().call_later(pool.settings.acquire_timeout, fut.cancel)
+            return False
+        self._task = asyncio.get_running_loop().create_task(self._attach(backend))
+        return False
 
     async def _attach(self, backend: Backend | None) -> None:
         assert self.pool is not None

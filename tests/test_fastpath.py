@@ -2,14 +2,10 @@
 parsing. It must never answer where the slow path would not: one test per check it makes —
 settings, role, guardrails, max_staleness and TTL, DDL, change feed down, Redis, and versions
 (key-pinned reads after writes of their key and of another, both protocols; two workers).
+Its passthrough side is tested in tests/test_fastpath_pass.py.
 
 Each test first reads a request three times (a miss, a hit that leaves the alias, a fast hit:
 SHOW CACHE's fast_hits says the fast path answered), then changes one thing.
-
-Its passthrough side (a simple Query that needs nothing but sending is not worked out again)
-must do what the slow path does for such a text: count its bypass, mark what it writes (with
-the write set of today's catalog), follow guardrail reloads, and leave texts whose meaning
-depends on the session (DEALLOCATE, EXECUTE of protocol-level statements) to the slow path.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ import pytest
 from proxy.embedded import EmbeddedPostgres
 from tests import cachedb
 from tests.cachedb import calls, show_cache
-from tests.rawpg import Msg, PgConn, bind, describe_portal, execute, parse, rows, sqlstates, sync, types
+from tests.rawpg import Msg, PgConn, bind, describe_portal, execute, parse, rows, sqlstates, sync
 from tests.redisproc import RedisServer
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle, wait_until
 
@@ -336,83 +332,3 @@ def test_two_workers_see_each_others_writes(pg: EmbeddedPostgres, proxy_factory:
         assert rows(reader.simple(sql)) == [[str(100 + i).encode()]], f"round {i}: stale read"
     for conn in by_worker.values():
         conn.close()
-
-
-# ---- passthrough: texts that need nothing but sending ------------------------------------------
-
-def _sent_as_known(proxy: ProxyHandle, send: Callable[[], list[Msg]], db: str = DB) -> list[Msg]:
-    """Three sends of one passthrough text: the last is sent as known (not worked out again)."""
-    known = _n(proxy, "known_passthrough", db)
-    replies = [send() for _ in range(3)]
-    assert _n(proxy, "known_passthrough", db) - known >= 1, "never sent as a known text"
-    return replies[-1]
-
-
-def test_a_known_passthrough_text_is_counted_as_a_bypass(proxy1: ProxyHandle) -> None:
-    sql = "SELECT v, now() > '2000-01-01' FROM items WHERE id = 51"
-    with _conn(proxy1) as conn:
-        _sent_as_known(proxy1, lambda: conn.simple(sql))
-        before = _n(proxy1, "bypass: not cacheable")
-        for _ in range(3):
-            assert rows(conn.simple(sql)) == [[b"v51", b"t"]]
-        assert _n(proxy1, "bypass: not cacheable") - before == 3
-
-
-def test_a_known_write_marks_what_it_writes(proxy1: ProxyHandle) -> None:
-    read = "SELECT n FROM counters WHERE id = 15"
-    write = "UPDATE counters SET n = n + 1 WHERE id = 15"
-    with _conn(proxy1) as conn:
-        _sent_as_known(proxy1, lambda: conn.simple(write))
-        start = int(rows(conn.simple(read))[0][0] or b"0")
-        for i in range(1, 6):
-            _primed(_fast_hits(proxy1), lambda: conn.simple(read))
-            assert types(conn.simple(write)) == "CZ"
-            assert rows(conn.simple(read)) == [[str(start + i).encode()]], f"round {i}: stale"
-
-
-def test_a_known_write_follows_the_catalog(pg: EmbeddedPostgres, proxy1: ProxyHandle) -> None:
-    """A foreign key added after the DELETE's text became known: its cascade is marked too."""
-    delete = "DELETE FROM parents WHERE id = 7"
-    read = "SELECT count(*) FROM kids WHERE parent_id = 7"
-    with _conn(proxy1) as conn:
-        conn.simple("DROP TABLE IF EXISTS kids, parents; CREATE TABLE parents (id int PRIMARY KEY);"
-                    "CREATE TABLE kids (id int PRIMARY KEY, parent_id int)")
-        cachedb.wait_feed(proxy1, DB)
-        _sent_as_known(proxy1, lambda: conn.simple(delete))
-        conn.simple("ALTER TABLE kids ADD FOREIGN KEY (parent_id) REFERENCES parents ON DELETE CASCADE")
-        cachedb.wait_feed(proxy1, DB)
-        conn.simple("INSERT INTO parents VALUES (7); INSERT INTO kids VALUES (1, 7), (2, 7)")
-        assert rows(_primed(_fast_hits(proxy1), lambda: conn.simple(read))) == [[b"2"]]
-        conn.simple(delete)
-        assert rows(conn.simple(read)) == [[b"0"]]
-
-
-def test_a_known_text_follows_a_guardrail_reload(pg: EmbeddedPostgres, proxy_factory: ProxyFactory,
-                                                 tmp_path: Path) -> None:
-    db = "fastpath_guard2"
-    config = tmp_path / "pgsluice.toml"
-    config.write_text('[pgsluice.roles.analyst]\nmatch_application_names = ["analyst*"]\n')
-    proxy = _own_proxy(pg, proxy_factory, db, "--config", str(config))
-    sql = "SELECT upper(v), now() > '2000-01-01' FROM items WHERE id = 4"
-    with _conn(proxy, db=db, application_name="analyst-1") as conn:
-        assert rows(_sent_as_known(proxy, lambda: conn.simple(sql), db)) == [[b"V4", b"t"]]
-        config.write_text('[pgsluice.roles.analyst]\nmatch_application_names = ["analyst*"]\n'
-                          'deny_functions = ["upper"]\n')
-        assert proxy.proc is not None
-        proxy.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "configuration reloaded" in proxy.log_text(), timeout=5)
-        assert sqlstates(conn.simple(sql)) == ["42501"]
-
-
-@pytest.mark.parametrize("command", ["DEALLOCATE", "EXECUTE"])
-def test_texts_naming_the_sessions_statements_are_never_known(proxy1: ProxyHandle, command: str) -> None:
-    """`DEALLOCATE st` / `EXECUTE st` of a statement the session has not prepared fail (26000)
-    however often they are sent; once it has prepared `st` (protocol level), they name it."""
-    with _conn(proxy1) as conn:
-        for _ in range(3):
-            assert sqlstates(conn.simple(f"{command} st")) == ["26000"]
-        _prepare(conn, "st", "SELECT v FROM items WHERE id = 8")
-        reply = conn.simple(f"{command} st")
-        assert sqlstates(reply) == []
-        if command == "EXECUTE":
-            assert rows(reply) == [[b"v8"]]
