@@ -46,13 +46,70 @@ if TYPE_CHECKING:
 
 _I = struct.Struct("!I")
 log = logging.getLogger("pgsluice.queries")
+_PLAIN_QUERY = (QUERY, None)
+
+
+_PLAIN = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,
+                    codes.B_EMPTY_QUERY_RESPONSE})
+
+
+def _plain_reply(s: ClientSession, backend: Backend) -> bool:
+    """The reply to one simple Query with nothing to watch (no fill, row cap or stream, nothing
+    held): as PgBouncer, look only at message boundaries, and at ReadyForQuery. False, having
+    done nothing, when anything else comes (an error, a notice, a parameter...)."""
+    buf = backend.buf
+    n = len(buf)
+    pos = 0
+    completed = False
+    while n - pos >= 5:
+        code = buf[pos]
+        length = _I.unpack_from(buf, pos + 1)[0]
+        if length < 4:
+            raise ProtocolError(f"invalid message length {length} from server")
+        end = pos + 1 + length
+        if end > n:
+            if n - pos >= _STREAM_MIN:
+                return False  # a large message, passed through in pieces
+            break
+        if code == codes.B_READY_FOR_QUERY:
+            if end != n:
+                return False
+            status = backend.status = buf[pos + 5]
+            backend.ready_owed -= 1
+            ended = caching.ready(s, status == codes.TXN_IDLE)
+            s.entries.popleft()
+            data = bytes(buf)
+            buf.clear()
+            if ended:
+                caching.commit(s)  # before the client sees the commit (gated with Redis)
+            s.write(data)
+            now = s.request_done()
+            if not s.pinned and status == codes.TXN_IDLE and s.backend is backend:
+                s.release(now)
+            elif status != codes.TXN_IDLE:
+                s.idle_in_transaction()
+            return True
+        if code not in _PLAIN:
+            return False
+        completed |= code == codes.B_COMMAND_COMPLETE
+        pos = end
+    if completed:
+        return False  # a write's CommandComplete may have to wait for its ReadyForQuery
+    if pos:  # rows so far
+        data = bytes(buf[:pos])
+        del buf[:pos]
+        s.write(data)
+    return True
 
 
 def backward(s: ClientSession, backend: Backend) -> None:
     """Forward backend bytes to the client, ending entries, and release at transaction end."""
+    entries = s.entries
+    if len(entries) == 1 and entries[0] == _PLAIN_QUERY and s.fill is None and not s.row_cap \
+            and not s.stream_left and not s.held and _plain_reply(s, backend):
+        return
     buf = backend.buf
     n = len(buf)
-    entries = s.entries
     out: Chunks = []
     start = pos = 0
     if s.stream_left:
