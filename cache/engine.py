@@ -281,10 +281,13 @@ class Cache:
         try:
             await redis.bump(names)
         except RedisDown:
-            # Redis may not have it: nothing this process stored may be trusted any more
+            # Redis may not have it: nothing this process stored may be trusted any more, and
+            # the bump goes again when the tier reconnects (which also shares its generation
+            # again: a private one would keep this instance from the Redis tier for good)
             self.stats.redis_errors += 1
             self.versions.reset()
             self.local.clear()
+            redis.resync()
 
     def feed_change(self, names: frozenset[str], pid: int = 0) -> None:
         """A change feed saw a commit by server process `pid` (0: unknown) that changed what

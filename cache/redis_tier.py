@@ -229,6 +229,13 @@ class RedisTier:
         self._pongs.append(fut)
         self._writer.write(_resp("PING"))
 
+    def resync(self) -> None:
+        """A bump may not have reached Redis (it is kept to push again): reconnect now. Until
+        the new connection has pushed it and read the generation again, this instance
+        serves without Redis (its reads bypass the cache)."""
+        if self._writer is not None:
+            self._writer.close()
+
     def slow_answer(self) -> None:
         """A look-up gave up waiting for Redis (after enough of them, reconnect)."""
         self._slow_answer()

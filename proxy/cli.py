@@ -1,4 +1,4 @@
-"""The `pgsluice` command: serve, config, explain, check-config, install-change-feed, load, demo,
+"""The `pgsluice` command: serve, mcp, config, explain, check-config, install-change-feed, load, demo,
 make-cert."""
 
 from __future__ import annotations
@@ -123,6 +123,18 @@ def make_cert(folder: str, hosts: list[str], clients: list[str], keep: bool = Fa
     return 0
 
 
+def run_mcp(config: Config) -> int:
+    """`pgsluice mcp`: stdout carries the protocol, so logs go to stderr (they do)."""
+    from .mcp_door import serve_stdio, stdio_agent
+    try:
+        stdio_agent(config)
+    except ConfigError as exc:
+        print(f"pgsluice: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve_stdio(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["load"]:  # the load generator owns its arguments
@@ -138,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the proxy")
     _add_config_flags(p_serve)
+    p_mcp = sub.add_parser("mcp", help="serve MCP over stdin/stdout as one agent (for agent runtimes)")
+    _add_config_flags(p_mcp)
     p_config = sub.add_parser("config", help="print the effective config, secrets masked")
     _add_config_flags(p_config)
     p_config.add_argument("--json", action="store_true", help="print JSON instead of TOML")
@@ -204,6 +218,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
     setup_logging(config)
     install_loop(config)
+    if args.command == "mcp":
+        return run_mcp(config)
     if config.workers > 1:
         from .workers import run_workers
         return run_workers(config, lambda: _config_from(args), serve)

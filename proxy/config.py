@@ -29,7 +29,7 @@ DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL
 
 @dataclass(frozen=True, slots=True)
 class AgentAuth:
-    """[pgsluice.agents.NAME]: a bearer token for the gRPC door and who it runs as."""
+    """[pgsluice.agents.NAME]: a bearer token for the gRPC and MCP doors and who it runs as."""
 
     name: str
     token: str
@@ -84,8 +84,12 @@ class Config:
     metrics_tls: bool = False  # serve /metrics over HTTPS (tls_cert, tls_key, tls_ca)
     grpc_listen: str = "127.0.0.1:50051"  # the gRPC door ("" = off)
     idempotency_window: float = 600.0  # seconds a gRPC idempotency key is remembered
+    mcp_listen: str = ""  # the MCP door, Streamable HTTP on HOST:PORT, path /mcp ("" = off)
+    mcp_agent: str = ""  # `pgsluice mcp` (stdio) runs as this agent ("" = the only one configured)
+    mcp_max_rows: int = 500  # rows in one MCP tool result at most (more: cut, and said so)
+    mcp_max_bytes: int = 64 * 1024  # bytes of JSON rows in one MCP tool result at most
     roles: Policies = field(default_factory=Policies)  # [pgsluice.roles.NAME]: guardrails per role
-    agents: tuple[AgentAuth, ...] = ()  # [pgsluice.agents.NAME]: gRPC bearer tokens
+    agents: tuple[AgentAuth, ...] = ()  # [pgsluice.agents.NAME]: gRPC and MCP bearer tokens
 
     @property
     def listen_host(self) -> str:
@@ -195,7 +199,7 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
             return raw
         if not isinstance(raw, str):
             raise ValueError(raw)
-        if name == "listen" or (name in ("metrics_listen", "grpc_listen") and raw):
+        if name == "listen" or (name in ("metrics_listen", "grpc_listen", "mcp_listen") and raw):
             split_host_port(raw)
         elif name == "upstream":
             parse_upstream(raw)
@@ -323,6 +327,8 @@ def validate(config: Config) -> None:
     for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
+    if config.mcp_max_rows < 1 or config.mcp_max_bytes < 1024:
+        raise ConfigError("mcp_max_rows must be positive and mcp_max_bytes at least 1024")
     if config.idle_transaction_timeout < 0:
         raise ConfigError("idle_transaction_timeout must be 0 (off) or positive")
 

@@ -30,6 +30,7 @@ from protos.pgsluice.v1 import sluice_pb2 as pb
 from protos.pgsluice.v1 import sluice_pb2_grpc
 
 from . import values
+from .agents import AgentSessions, agent_for_token, bearer_token
 from .config import AgentAuth
 from .idempotency import Idempotency
 from .internal import InternalClient, Reply
@@ -43,7 +44,6 @@ log = logging.getLogger("pgsluice.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
-IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next call
 _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
 _BY_SQLSTATE = {
     # a Bind the request made wrong (a parameter count): the caller's mistake, not a lost link
@@ -71,7 +71,7 @@ def status_for(sqlstate: str, timed_out: bool = False) -> grpc.StatusCode:
 class SluiceService(sluice_pb2_grpc.SluiceServicer):
     def __init__(self, server: Server) -> None:
         self.server = server
-        self._idle: dict[tuple[str, str], list[InternalClient]] = {}
+        self.sessions = AgentSessions(server)  # agents.py: idle internal sessions per agent
         redis = server.cache.redis if server.cache is not None else None
         self.idempotency = Idempotency(server.config.idempotency_window, redis)
         self.batch_gate = asyncio.Semaphore(max(1, server.config.pool_max_size // 2))
@@ -79,46 +79,23 @@ class SluiceService(sluice_pb2_grpc.SluiceServicer):
     # ---- plumbing ----
 
     async def _agent(self, context: Ctx) -> AgentAuth:
-        tokens = {a.token: a for a in self.server.config.agents}
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                agent = tokens.get(value[7:].strip())
+            if key == "authorization" and isinstance(value, str):
+                token = bearer_token(value)
+                agent = agent_for_token(self.server.config.agents, token) if token else None
                 if agent is not None:
                     return agent
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "pgsluice: missing or unknown bearer token")
         raise AssertionError("unreachable")
 
     def _database(self, agent: AgentAuth, requested: str) -> str:
-        return requested or agent.database or self.server.admin_database()
+        return self.sessions.database(agent, requested)
 
     def _take(self, agent: AgentAuth, database: str) -> InternalClient:
-        idle = self._idle.get((agent.name, database))
-        while idle:
-            client = idle.pop()
-            if not client.session.closed:
-                return client
-        return InternalClient(self.server, agent.user, database, password=agent.password,
-                              application_name=agent.name, settings={"client_encoding": "UTF8"})
+        return self.sessions.take(agent, database)
 
     def _give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
-        """Keep the session for the agent's next call, for IDLE_KEEP seconds at most (a session
-        is cheap to make; an idle one would linger in SHOW CLIENTS and clients_now)."""
-        if client.session.closed:
-            return
-        key = (agent.name, database)
-        idle = self._idle.setdefault(key, [])
-        if len(idle) < 64:
-            idle.append(client)
-            client.returned += 1
-            asyncio.get_running_loop().call_later(IDLE_KEEP, self._expire, key, client, client.returned)
-        else:
-            client.close()
-
-    def _expire(self, key: tuple[str, str], client: InternalClient, returned: int) -> None:
-        idle = self._idle.get(key)
-        if idle is not None and client.returned == returned and client in idle:
-            idle.remove(client)
-            client.close()
+        self.sessions.give_back(agent, database, client)
 
     async def _run(self, agent: AgentAuth, database: str, sql: str, params: list[str | None],
                    timeout: float = 0.0) -> tuple[Reply, bool]:

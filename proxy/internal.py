@@ -4,6 +4,8 @@ exactly what the wire door does — planner, guardrails, cache, single-flight, p
     client = InternalClient(server, user="app", database="shop", password="...")
     reply = await client.query("SELECT name FROM customers WHERE id = $1", ["42"])
     reply.columns, reply.rows, reply.tag, reply.served, reply.error
+    reply = await client.query(sql, limit=RowLimit(rows=500, bytes=65536, cancel=True))
+    reply.truncated  # rows past the limit were dropped as they came (and the statement cancelled)
 
 Each InternalClient is one ClientSession (same counters, same policies, same transaction
 pooling) whose transport is a sink in memory. Requests go in as the extended protocol
@@ -40,6 +42,20 @@ class Column:
     type_oid: int
 
 
+MAX_NOTICES = 50  # kept per reply; a loop raising notices must not grow one without bound
+
+
+@dataclass(frozen=True, slots=True)
+class RowLimit:
+    """Keep at most `rows` rows and `bytes` bytes of values; the rest are dropped as they come,
+    so a huge result never sits in memory. `cancel`: once cut, cancel the statement (only for
+    a statement whose rows are its only effect: a cancelled write would be rolled back)."""
+
+    rows: int
+    bytes: int
+    cancel: bool = False
+
+
 @dataclass(slots=True)
 class Reply:
     columns: list[Column] = field(default_factory=list)
@@ -47,6 +63,10 @@ class Reply:
     tag: str = ""
     error: dict[str, str] | None = None  # ErrorResponse fields: C (SQLSTATE), M, D, H, P...
     served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight)
+    notices: list[dict[str, str]] = field(default_factory=list)  # NoticeResponse fields
+    truncated: bool = False  # a RowLimit cut the rows
+    dropped: int = 0  # rows that came after the cut (more may not have been read at all)
+    cancelled: bool = False  # the cut cancelled the statement
 
 
 class _Sink(asyncio.Transport):
@@ -101,23 +121,37 @@ class InternalClient:
         self._chunk_rows = 0
         self._buffered = 0  # rows queued for the consumer
         self._paused = False
+        self._limit: RowLimit | None = None
+        self._kept = 0  # bytes of values kept under the limit
+        self._cancel: asyncio.Task[None] | None = None
         self.returned = 0  # times handed back to a door's idle sessions (grpc_door.py)
         session._startup_done = True
         session._start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
 
-    async def query(self, sql: str, params: list[str | None] | None = None) -> Reply:
-        """Run one statement (parameters as text, NULL as None); the reply as Postgres gave it."""
+    async def query(self, sql: str, params: list[str | None] | None = None,
+                    limit: RowLimit | None = None) -> Reply:
+        """Run one statement (parameters as text, NULL as None); the reply as Postgres gave it,
+        but for the rows past `limit`."""
         async with self._lock:
             if self.session.closed:
                 raise ConnectionError("internal client closed")
             if "\x00" in sql:
                 return _nul_in_statement()
             self._reply = Reply()
+            self._limit, self._kept = limit, 0
             self._done = asyncio.get_running_loop().create_future()
             self.session.served = "executed"
             self._send(sql, params or [])
-            reply = await self._done
+            try:
+                reply = await self._done
+            finally:
+                self._limit = None
+            if self._cancel is not None:
+                await self._cancel
+                self._cancel = None
             reply.served = self.session.served
+            if reply.cancelled and reply.error is not None and reply.error.get("C") == "57014":
+                reply.error = None  # our own cancel: the rows kept are the answer
             return reply
 
     async def stream(self, sql: str, params: list[str | None] | None = None, chunk_rows: int = 1000,
@@ -199,7 +233,9 @@ class InternalClient:
             if chunks is not None:
                 chunks.put_nowait(("columns", reply.columns))
         elif code == codes.B_DATA_ROW:
-            if chunks is None:
+            if chunks is None and self._limit is not None:
+                self._limited(reply, self._limit, body)
+            elif chunks is None:
                 reply.rows.append(_values(body))
             else:
                 self._chunk.append(_values(body))
@@ -209,12 +245,30 @@ class InternalClient:
             reply.tag = body.rstrip(b"\x00").decode()
         elif code == codes.B_ERROR_RESPONSE:
             reply.error = parse_error_fields(body)
+        elif code == codes.B_NOTICE_RESPONSE and len(reply.notices) < MAX_NOTICES:
+            reply.notices.append(parse_error_fields(body))
         elif code == codes.B_READY_FOR_QUERY and self._done is not None and not self._done.done():
             self._done.set_result(reply)
             if chunks is not None:
                 self._flush(chunks)
                 reply.served = self.session.served
                 chunks.put_nowait(("end", reply))
+
+    def _limited(self, reply: Reply, limit: RowLimit, body: bytes) -> None:
+        if reply.truncated:
+            reply.dropped += 1
+            return
+        size = len(body) - 2  # the values and their lengths
+        if len(reply.rows) < limit.rows and self._kept + size <= limit.bytes:
+            self._kept += size
+            reply.rows.append(_values(body))
+            return
+        reply.truncated = True
+        reply.dropped = 1
+        if limit.cancel and self.session.backend is not None:
+            reply.cancelled = True
+            self._cancel = asyncio.get_running_loop().create_task(
+                self.session.server.cancel(*self.session.key))
 
     def _flush(self, chunks: asyncio.Queue[tuple[str, Any]]) -> None:
         if self._chunk:

@@ -39,6 +39,7 @@ from .tls import asyncpg_ssl, door_context, door_tls, upstream_tls
 
 if TYPE_CHECKING:
     from .grpc_door import GrpcDoor
+    from .mcp_door import McpHttpDoor
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
@@ -88,6 +89,7 @@ class Server:
         self.reload_config: Callable[[], Config] | None = None  # set by `pgsluice serve`
         self.metrics: MetricsServer | None = None
         self.grpc: GrpcDoor | None = None
+        self.mcp: McpHttpDoor | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._catalog_refresh: set[str] = set()
         self._catalog_gen: dict[str, int] = {}
@@ -403,18 +405,21 @@ class Server:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, wire: bool = True) -> None:
+        """Serve the configured doors; without `wire`, no wire listener (`pgsluice mcp`: the
+        pipeline for the stdio MCP door only)."""
         loop = asyncio.get_running_loop()
         host, port = self.config.listen_host, self.config.listen_port
         if self.stats_dir is not None and self.config.workers > 1:  # before a client can come
             self.channel = WorkerChannel(self.stats_dir, self.worker, self.config.workers, self._from_worker)
             await self.channel.start()
-        server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
-                                          reuse_port=self.config.workers > 1, backlog=1024)
-        for sock in server.sockets:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._servers.append(server)
+        if wire:
+            server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
+                                              reuse_port=self.config.workers > 1, backlog=1024)
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._servers.append(server)
         self._janitor = loop.create_task(self._janitor_loop())
         if self.cache is not None:
             self.cache.start()
@@ -432,6 +437,14 @@ class Server:
             except (OSError, RuntimeError) as exc:
                 log.error("gRPC door not served on %s: %s", self.config.grpc_listen, exc)
                 self.grpc = None
+        if self.config.mcp_listen:
+            from .mcp_door import McpHttpDoor
+            self.mcp = McpHttpDoor(self)
+            try:  # every worker on the same port: the door keeps no state between requests
+                await self.mcp.start(self.config.mcp_listen, reuse_port=self.config.workers > 1)
+            except OSError as exc:
+                log.error("MCP door not served on %s: %s", self.config.mcp_listen, exc)
+                self.mcp = None
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self)
             try:  # every worker on the same port: each answers with the sum over all of them
@@ -440,8 +453,9 @@ class Server:
             except OSError as exc:
                 log.error("metrics not served on %s: %s", self.config.metrics_listen, exc)
                 self.metrics = None
-        log.info("pgsluice listening on %s:%d, upstream %s:%d", host, port,
-                 self.upstream.host, self.upstream.port)
+        if wire:
+            log.info("pgsluice listening on %s:%d, upstream %s:%d", host, port,
+                     self.upstream.host, self.upstream.port)
 
     @property
     def port(self) -> int:
@@ -456,6 +470,8 @@ class Server:
             self.metrics.close()
         if self.grpc is not None:
             await self.grpc.stop(grace=timeout)
+        if self.mcp is not None:
+            await self.mcp.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:

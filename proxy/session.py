@@ -33,6 +33,7 @@ from .pgwire.errors import (
     CONNECTION_FAILURE,
     IDLE_IN_TRANSACTION_TIMEOUT,
     PROTOCOL_VIOLATION,
+    QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
     PgError,
     ProtocolError,
@@ -95,6 +96,7 @@ class ClientSession(asyncio.Protocol):
         self.rows_seen = self.rows_cut = 0
         self._waiter: asyncio.Future[None] | None = None
         self._queued: asyncio.Future[Backend] | None = None  # in the pool's queue, no task
+        self._cancel_asked = False  # a CancelRequest ended the wait in the queue
         self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Future[None] | None = None  # a task, or a cache look-up's marker
         self._paused = False
@@ -598,8 +600,14 @@ class ClientSession(asyncio.Protocol):
         self._task = None
 
     def cancel_wait(self) -> None:
+        """A CancelRequest while this client has no server connection: it stops waiting — for
+        an identical query in flight, or in the pool's queue for a server connection (then its
+        statement is answered 57014, as Postgres answers a cancelled statement)."""
         if self.waiting and self._task is not None and not self._task.done():
             self._task.cancel()
+        elif self._queued is not None and not self._queued.done():
+            self._cancel_asked = True
+            self._queued.cancel()
 
     def resume_pump(self, cache_done: bool) -> None:
         self._task = None
@@ -650,10 +658,15 @@ class ClientSession(asyncio.Protocol):
         assert pool is not None
         if fut.cancelled():
             if not self.closed:
-                pool.stats.timeouts += 1
-                replies.fail_pending(self, pool.timeout_error())
+                if self._cancel_asked:
+                    replies.fail_pending(self, PgError(QUERY_CANCELED,
+                                                       "canceling statement due to user request"))
+                else:
+                    pool.stats.timeouts += 1
+                    replies.fail_pending(self, pool.timeout_error())
                 if len(self.inbuf) < _PAUSE_AT:
                     self.resume_reading()
+            self._cancel_asked = False
             return
         exc = fut.exception()
         if exc is not None:  # the pool failed to open a connection for us

@@ -106,22 +106,34 @@ def _quiet(proxies: tuple[ProxyHandle, ...]) -> None:
 
 
 def test_the_redis_tier_is_shared(pg: EmbeddedPostgres, pair: tuple[ProxyHandle, ProxyHandle]) -> None:
+    """A reply stored by one instance answers the same read on the other, from Redis. On a
+    busy machine a look-up may bypass the cache (Redis slower than --redis-timeout-ms, which is
+    right): such an attempt is retried with another query; every other outcome fails."""
     a, b = pair
     _quiet(pair)
-    sql = "SELECT id, v FROM items WHERE id BETWEEN 100 AND 110 ORDER BY id"
-    before = calls(pg, DB, "FROM items WHERE id BETWEEN")
-    from_redis = _n(b, "hits_from_redis")
-    # (not `with conn:` — psycopg2 2.9 opens a transaction there, and those are never cached)
-    ca, cb = connect(a, DB), connect(b, DB)
-    ca.cursor().execute(sql)
-    time.sleep(0.5)  # the store to Redis is in the background (and this machine may be busy)
-    cur = cb.cursor()
-    cur.execute(sql)
-    assert len(cur.fetchall()) == 11
-    ca.close()
-    cb.close()
-    assert calls(pg, DB, "FROM items WHERE id BETWEEN") - before == 1
-    assert _n(b, "hits_from_redis") - from_redis == 1
+    outcomes = []
+    for attempt in range(5):
+        sql = f"SELECT id, v FROM items WHERE id BETWEEN {100 + attempt} AND 110 ORDER BY id"
+        before = calls(pg, DB, "FROM items WHERE id BETWEEN")
+        from_redis, slow = _n(b, "hits_from_redis"), _n(a, "bypass: redis slow or down")
+        slow_b = _n(b, "bypass: redis slow or down")
+        # (not `with conn:` — psycopg2 2.9 opens a transaction there, and those are never cached)
+        ca, cb = connect(a, DB), connect(b, DB)
+        ca.cursor().execute(sql)
+        time.sleep(0.5)  # the store to Redis is in the background
+        cur = cb.cursor()
+        cur.execute(sql)
+        assert len(cur.fetchall()) == 11 - attempt
+        ca.close()
+        cb.close()
+        ran = calls(pg, DB, "FROM items WHERE id BETWEEN") - before
+        shared = _n(b, "hits_from_redis") - from_redis
+        if ran == 1 and shared == 1:
+            return
+        bypassed = _n(a, "bypass: redis slow or down") > slow or _n(b, "bypass: redis slow or down") > slow_b
+        outcomes.append((ran, shared, bypassed))
+        assert bypassed, f"not shared although Redis answered in time: {outcomes}"
+    pytest.fail(f"Redis too slow five times in a row: {outcomes}")
 
 
 def test_concurrent_history_is_never_older_than_acknowledged_writes(

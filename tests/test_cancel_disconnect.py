@@ -281,6 +281,30 @@ async def test_cancel_key_of_idle_or_waiting_client(one_backend: ProxyHandle,
         await y.close()
 
 
+async def test_cancel_of_a_client_waiting_for_a_server_connection(one_backend: ProxyHandle,
+                                                                  direct: asyncpg.Connection) -> None:
+    """Every server connection is busy: a client's cancel ends its wait in the queue at once,
+    with the answer Postgres gives a cancelled statement (not a timeout much later, nor its
+    query run after all)."""
+    x, x_pid, x_secret = await raw_client(one_backend)
+    y, _, _ = await raw_client(one_backend)
+    try:
+        await y.send(encode.query("SELECT pg_sleep(3) /* c_queue_y */"))
+        await wait_running(direct, "c_queue_y", 1)
+        await x.send(encode.query("SELECT 2 /* c_queue_x */"))  # x waits for the connection
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await send_cancel(one_backend, x_pid, x_secret)
+        x_msgs = await x.read_until_ready(timeout=5)
+        assert sqlstates(x_msgs) == ["57014"], x_msgs
+        assert time.monotonic() - started < CANCEL_LATENCY
+        assert sqlstates(await y.read_until_ready(timeout=10)) == []  # y's query was not touched
+        assert data_rows(await x.query("SELECT 3")) == [b"3"]
+    finally:
+        await x.close()
+        await y.close()
+
+
 # ---- disconnect --------------------------------------------------------------------------------
 
 async def next_client_updates_promptly(proxy: ProxyHandle, pid: int | None) -> None:

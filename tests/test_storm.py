@@ -72,7 +72,7 @@ async def test_storm_admits_about_max_client_conn(proxy_factory: ProxyFactory, w
         # one worker: exactly the limit; several: two may pass it at the same instant
         assert LIMIT - 5 <= admitted <= LIMIT + workers - 1, f"{admitted} admitted of {CONNECTS}"
         slowest_refusal = max(t for o, _, t in results if o == "53300")
-        assert slowest_refusal < 5.0, f"a refusal took {slowest_refusal:.1f} s"
+        assert slowest_refusal < 10.0, f"a refusal took {slowest_refusal:.1f} s"
         async with asyncio.timeout(20):
             assert all(await asyncio.gather(*(query_works(c) for o, c, _ in results if c is not None)))
     finally:

@@ -83,14 +83,15 @@ def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory:
     proxy = proxy_factory("--workers", "2", "--metrics-listen", f"127.0.0.1:{mport}")
     pids = set()
     conns = []
-    for _ in range(200):  # the kernel spreads connections over the workers once both listen
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the kernel spreads connections once both workers listen
         conn = cachedb.connect(proxy, DB, application_name="summed-agent")
         pids.add(_worker(conn))
         conns.append(conn)
         if len(pids) == 2 and len(conns) >= 40:
             break
         if len(pids) == 1 and len(conns) % 20 == 0:
-            time.sleep(0.2)  # the second worker may still be starting on a busy machine
+            time.sleep(0.5)  # the second worker may still be starting on a busy machine
     assert len(pids) == 2, "all connections landed on one worker"
     for conn in conns:
         conn.cursor().execute("SELECT 1")
@@ -107,12 +108,13 @@ def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory:
         return stats["workers_reporting"], agents["summed-agent"][1]
 
     # the workers publish their counters every second; each admin connection lands on either
-    # worker, and each must report the sum (SHOW CACHE + SELECT 1 on each of 40 connections)
+    # worker, and each must report the sum (SHOW CACHE + SELECT 1 on each connection)
+    expected = 2 * len(conns)
     for _ in range(4):
-        wait_until(lambda: summed() == (2, 80), timeout=10, message="sum over both workers")
+        wait_until(lambda: summed() == (2, expected), timeout=10, message="sum over both workers")
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as resp:
         families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
     assert families["pgsluice_workers_reporting"].samples[0].value == 2
     queries = {s.labels.get("agent"): s.value for s in families["pgsluice_queries"].samples
                if s.name == "pgsluice_queries_total"}
-    assert queries["summed-agent"] == 80
+    assert queries["summed-agent"] == expected
