@@ -15,7 +15,9 @@ known), then changes one thing.
 
 from __future__ import annotations
 
+import select
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -262,3 +264,18 @@ def test_a_known_text_that_fails_is_counted(proxy: ProxyHandle) -> None:
         for _ in range(3):
             assert sqlstates(conn.simple(sql)) == ["22012"]
         assert int(_stats(proxy)[b"errors_class_22"] or 0) - before == 3
+
+
+def test_a_known_writes_command_complete_waits_for_its_ready_for_query(proxy: ProxyHandle) -> None:
+    """The UPDATE's CommandComplete reaches pgsluice a second before the Query's ReadyForQuery
+    (the next statement's first row overflows Postgres's send buffer, the second sleeps): the
+    client must not see it before the write's versions are bumped, at the end."""
+    sql = ("UPDATE counters SET n = n + 1 WHERE id = 16; SELECT CASE WHEN g = 2 THEN "
+           "pg_sleep(1)::text ELSE repeat('x', 20000) END FROM generate_series(1, 2) g")
+    with _conn(proxy, db=DB) as conn:
+        _sent_as_known(proxy, lambda: conn.simple(sql))
+        conn.send(query(sql))
+        time.sleep(0.5)
+        early, _, _ = select.select([conn.sock], [], [], 0)
+        assert types(conn.read_until_ready()) == "CTDDCZ"
+        assert not early, "the client saw the UPDATE's CommandComplete before its ReadyForQuery"
