@@ -116,7 +116,9 @@ def endpoint(target: str, up: Endpoint, args: argparse.Namespace) -> Iterator[tu
                 if errors := pool.errors():
                     print(f"  pgpool-II logged {len(errors)} errors, the first: {errors[0]}", flush=True)
     else:
-        flags = ("--metrics-listen", "", "--grpc-listen", "")
+        # entries must outlive the run: the hit workloads measure hits, and later ones would
+        # otherwise meet the misses of entries stored by the first one's warm-up (TTL 60 s)
+        flags = ("--metrics-listen", "", "--grpc-listen", "", "--cache-ttl", "3600")
         with pgsluice(up, args.pool_size, extra=flags) as got:
             yield got
 
