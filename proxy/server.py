@@ -32,6 +32,7 @@ from .admission import Admission
 from .authquery import AuthQuery
 from .backend import Credentials, Upstream, send_cancel
 from .backend_keys import BackendKeys
+from .batching import Batcher
 from .channel import CANCEL, CLOSE_DATABASE, WorkerChannel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
@@ -101,6 +102,8 @@ class Server:
         self.shared = shared
         if self.cache is not None:
             self.cache.own_pid = self.own_pid
+        # burst batching (batching.py): needs the cache's single-flight and misses
+        self.batcher: Batcher | None = Batcher(self, c.batch_max) if c.batching and self.cache else None
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -490,6 +493,8 @@ class Server:
             pool.close()
         if self.cache is not None:
             await self.cache.close()
+        if self.batcher is not None:
+            self.batcher.close()
         if self.auth_query is not None:
             await self.auth_query.close()
         for task in list(self._tasks):
