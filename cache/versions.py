@@ -44,6 +44,7 @@ class SharedCounters:
         self.generation = secrets.token_hex(8)
         self.workers = workers
         self.pid_buf = mmap.mmap(-1, 4 * (self.PIDS + 2) * workers, flags=mmap.MAP_SHARED)
+        self.lsns: SharedLsns | None = None  # with replicas: their write positions
         self._pid_seen: tuple[int, ...] = ()
         self._pid_set: frozenset[int] = frozenset()
 
@@ -99,6 +100,29 @@ class SharedCounters:
                 return False  # changed while read
             self._pid_seen, self._pid_set = changes, frozenset(pids)
         return pid in self._pid_set
+
+
+class SharedLsns:
+    """Write positions (WAL LSNs, proxy/replicas.py) shared by the worker processes of one
+    box, in a mapping made before the fork: `slots` 64-bit maxima; a name's position is its
+    slot's (two names in one slot only make replica reads stricter)."""
+
+    def __init__(self, slots: int = 1 << 16) -> None:
+        self.slots = slots
+        self.buf = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
+        self.lock = multiprocessing.Lock()
+
+    def slot(self, name: str) -> int:
+        return zlib.crc32(name.encode()) % self.slots
+
+    def raise_to(self, names: Iterable[str], lsn: int) -> None:
+        with self.lock:
+            for i in {self.slot(n) for n in names}:
+                if _Q.unpack_from(self.buf, 8 * i)[0] < lsn:
+                    _Q.pack_into(self.buf, 8 * i, lsn)
+
+    def get(self, name: str) -> int:
+        return int(_Q.unpack_from(self.buf, 8 * self.slot(name))[0])
 
 
 class Versions:

@@ -212,6 +212,9 @@ def _normal_bind_parts(rest: bytes) -> bytes:
     return b"".join(_I.pack(len(p)) + p for p in parts)  # length-prefixed: unambiguous
 
 
+statement_group = _statement  # the replicas' router reads the same groups
+
+
 def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
     """(end, unnamed Parse message or None, statement name, Bind parameters and formats (for
     the key), Describe portal?, the Bind after its names) of a cacheable group at the head of
@@ -527,7 +530,8 @@ def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
 
 
 def writes_of(s: ClientSession, sql: bytes) -> Writes:
-    if s.server.cache is None or not s.server.cache.active(s.database):
+    cache = s.server.cache
+    if (cache is None or not cache.active(s.database)) and s.server.replicas is None:
         return NO_WRITES
     planner = s.planner or s.server.planner_for(s.database)
     plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
@@ -596,13 +600,30 @@ def commit(s: ClientSession) -> None:
     names, s.committing = s.committing, set()
     ddl, s.committing_ddl = s.committing_ddl, False
     cache = s.server.cache
-    if cache is None or not names:
+    if not names or (cache is None and s.server.replicas is None):
         return
     if ddl:
         s.server.ddl_seen(s.database)  # plans may depend on what changed: read the catalog again
+    if s.server.replicas is not None:
+        # the commit's WAL position is read before its client (or a read of the new versions)
+        # can see it: the client's output waits for both
+        s.gate_until(asyncio.get_running_loop().create_task(_record_then_bump(s, frozenset(names))))
+        return
+    assert cache is not None
     task = cache.bump(names)
     if task is not None and not task.done():
         s.gate_until(task)
+
+
+async def _record_then_bump(s: ClientSession, names: frozenset[str]) -> None:
+    replicas, cache = s.server.replicas, s.server.cache
+    assert replicas is not None
+    try:
+        await replicas.record(s.database, names)
+    finally:
+        task = cache.bump(names) if cache is not None else None
+    if task is not None:
+        await task
 
 
 def commit_all(s: ClientSession) -> frozenset[str]:

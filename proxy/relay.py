@@ -199,9 +199,15 @@ def forward(s: ClientSession) -> None:
                 s.server.stats.upstream_queries += 1
                 s.last_sql = sql[:300]
                 head = sql[:10].lower()
+                if head[:3] == b"set" and b"pgsluice.route" in sql:
+                    fixed = _route_setting(sql)
+                    if fixed is not None:  # sent quoted: PRIMARY is a reserved word to Postgres
+                        out.append(buf[start:pos])
+                        out.append(encode.query(fixed))
+                        start, sql = end, fixed
                 swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
                     _show(s, backend, sql) if head[:4] == b"show" else None
-                if swap is None and s.server.cache is not None:
+                if swap is None and s.server.tracks_writes:
                     caching.note_writes(s, sql)
                 if swap is None and s.policy is not None:
                     swap = _guarded_query(s, backend, sql)
@@ -268,6 +274,18 @@ def forward(s: ClientSession) -> None:
         backend.unsynced = unsynced
     if terminate:
         s.close()
+
+
+_ROUTE_SET = re.compile(rb"(?is)(\s*set\s+(?:session\s+|local\s+)?pgsluice\.route\s*(?:=|to)\s*)"
+                        rb"([a-z_]+)(\s*;?\s*)")
+
+
+def _route_setting(sql: bytes) -> bytes | None:
+    """`SET pgsluice.route = primary` with its value quoted, else None."""
+    m = _ROUTE_SET.fullmatch(sql)
+    if m is None or m.group(2).lower() == b"default":
+        return None
+    return m.group(1) + b"'" + m.group(2).lower() + b"'" + m.group(3)
 
 
 def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
@@ -523,7 +541,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         sql = b"EXECUTE " + _ensure(s, backend, found[0], out) + found[1]
         msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
-    writes = caching.writes_of(s, sql) if s.server.cache is not None else caching.NO_WRITES
+    writes = caching.writes_of(s, sql) if s.server.tracks_writes else caching.NO_WRITES
     if not name:
         s.unnamed_writes = writes
         s.unnamed = msg
@@ -584,7 +602,7 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
         else:
             writes = stmt.writes if stmt is not None else s.unnamed_writes
             parse_msg = stmt.parse_msg if stmt is not None else s.unnamed
-            if parse_msg is not None and s.server.cache is not None:
+            if parse_msg is not None and s.server.tracks_writes:
                 _name, sql, types = parse_parse(parse_msg[5:])
                 writes = caching.current(s, writes, sql)
                 if stmt is not None:
@@ -713,6 +731,12 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     tag = bytes(buf[pos + 5:end - 1])
                     info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
         elif code == codes.B_ERROR_RESPONSE:
+            if s.bpool is not s.pool and b"VFATAL\x00" in buf[pos + 5:end]:
+                # a replica going away (shut down, restarted): the lost connection answers the
+                # read with a clean error instead, and the client's connection goes on
+                out.append(buf[start:pos])
+                start = pos = end
+                continue
             s.server.stats.error(buf[pos + 5:end])
             _log_failure(s, bytes(buf[pos + 5:end]))
             rejected = entries[0][1] if entries else None

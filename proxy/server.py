@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
+from .replicas import Replicas
 from .session import ClientSession
 from .snapshot import publish
 from .stats import ServerStats
@@ -101,6 +102,24 @@ class Server:
         self.shared = shared
         if self.cache is not None:
             self.cache.own_pid = self.own_pid
+        self.replicas: Replicas | None = None
+        if config.replicas:
+            if config.redis:
+                log.warning("replicas are NOT used: with redis, several pgsluice instances may share "
+                            "the cache, and the write positions that make replica reads safe are "
+                            "shared only between the workers of one instance")
+            elif config.workers > 1 and (shared is None or shared.lsns is None):
+                log.warning("replicas are NOT used: %d workers without shared write positions",
+                            config.workers)
+            else:
+                lsns = shared.lsns if shared is not None and config.workers > 1 else None
+                self.replicas = Replicas(self, lsns)
+
+    @property
+    def tracks_writes(self) -> bool:
+        """Whether sessions work out what each statement writes (for the cache's versions, or
+        for the replicas' write positions)."""
+        return self.cache is not None or self.replicas is not None
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -165,8 +184,13 @@ class Server:
         if planner is None:
             planner = self.planners[database] = Planner(policies=self.config.roles)
             self.spawn(self._load_catalog(database))
-            if self.cache is not None and self.config.change_feed:
-                self.cache.add_feed(ChangeFeed(database, lambda: self._connect(database), self._feed_change))
+            if self.config.change_feed and self.tracks_writes:
+                feed = ChangeFeed(database, lambda: self._connect(database), self._feed_change)
+                if self.cache is not None:
+                    self.cache.add_feed(feed)
+                elif self.replicas is not None:  # the cache is off: the feed serves the replicas alone
+                    self.replicas.feeds[database] = feed
+                    feed.start()
         return planner
 
     def cache_rows(self) -> list[tuple[str, str]]:
@@ -193,14 +217,28 @@ class Server:
     def _feed_change(self, database: str, change: Change) -> None:
         """A change-feed notification: bump what it (and what Postgres did because of it, by the
         catalog's foreign keys and partitions) can have changed."""
-        assert self.cache is not None
         planner = self.planners.get(database)
         facts = planner.catalog.tables if planner is not None else TableFacts()
         names = write_names(database, change_effects(change, facts), None)
-        if names:
+        if self.replicas is not None and names and not (change.pid and self.own_pid(change.pid)):
+            # its position first: a read of the new versions must not be filled from a replica
+            # that has not replayed it
+            self.spawn(self._feed_recorded(database, names, change))
+            return
+        if names and self.cache is not None:
             self.cache.feed_change(names, change.pid)
         if change.op == "*":
             self.ddl_seen(database)
+
+    async def _feed_recorded(self, database: str, names: frozenset[str], change: Change) -> None:
+        assert self.replicas is not None
+        try:
+            await self.replicas.record(database, names, "feed")
+        finally:
+            if self.cache is not None:
+                self.cache.feed_change(names, change.pid)
+            if change.op == "*":
+                self.ddl_seen(database)
 
     async def _connect(self, database: str) -> asyncpg.Connection:
         return await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
@@ -345,7 +383,8 @@ class Server:
         if backend is not None and session.entries:
             # by the time the cancel connection is open the query may be over and the server
             # connection serving someone else: then the cancel is not sent
-            await send_cancel(self.upstream, backend.pid, backend.secret,
+            upstream = session.bpool.upstream if session.bpool is not None else self.upstream
+            await send_cancel(upstream, backend.pid, backend.secret,
                               still=lambda: session.backend is backend and bool(session.entries))
         elif backend is None:
             session.cancel_wait()  # waiting for an identical query in flight: stop waiting
@@ -419,8 +458,11 @@ class Server:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._servers.append(server)
         self._janitor = loop.create_task(self._janitor_loop())
-        if self.cache is not None:
-            self.cache.start()
+        if self.replicas is not None:
+            self.replicas.start()
+        if self.cache is not None or self.replicas is not None:
+            if self.cache is not None:
+                self.cache.start()
             if self.config.change_feed:
                 # the upstream's database at once: its catalog, and a warning now if its reads
                 # cannot be cached (no change feed there)
@@ -488,6 +530,8 @@ class Server:
             pool.close()
         if self.cache is not None:
             await self.cache.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         if self.auth_query is not None:
             await self.auth_query.close()
         for task in list(self._tasks):
