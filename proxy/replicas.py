@@ -197,6 +197,7 @@ class Replicas:
         self.recorded = {"own": 0, "feed": 0}  # write positions read after commits / feed notices
         self.feeds: dict[str, Any] = {}  # change feeds when the cache is off (cache.feed.ChangeFeed)
         self._tasks: list[asyncio.Task[None]] = []
+        self._turn = 0
 
     # ---- positions -------------------------------------------------------------------------------
 
@@ -309,7 +310,11 @@ class Replicas:
             return None
         need = self.positions.need(names)
         best: Replica | None = None
-        for r in self.list:
+        replicas = self.list
+        n = len(replicas)
+        self._turn = turn = (self._turn + 1) % n  # ties go round
+        for i in range(n):
+            r = replicas[(turn + i) % n]
             if r.state == "up" and r.replay >= need and (best is None or r.outstanding < best.outstanding):
                 best = r
         return best
