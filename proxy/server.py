@@ -138,6 +138,13 @@ class Server:
             self.pools[(database, user)] = pool
         return pool
 
+    def all_pools(self) -> list[Pool]:
+        """The primary's pools and the replicas'."""
+        pools = list(self.pools.values())
+        if self.replicas is not None:
+            pools += [p for r in self.replicas.list for p in r.pools.values()]
+        return pools
+
     def publish_pids(self) -> None:
         """Our server connections changed: tell the other workers (own_pid)."""
         if self.shared is not None and self.shared.workers > 1:
@@ -344,7 +351,7 @@ class Server:
             idle_transaction_timeout=new.idle_transaction_timeout,
             log_level=new.log_level, roles=new.roles, admin_users=new.admin_users)
         settings = self.pool_settings()
-        for pool in self.pools.values():
+        for pool in self.all_pools():
             pool.settings = settings
             pool._wake_for_capacity()
         for planner in self.planners.values():
@@ -409,8 +416,10 @@ class Server:
     def let_go_of(self, database: str) -> None:
         """Close this worker's idle server connections and change-feed listener of `database`
         (its planner and feed come back if it is used again)."""
-        closed = sum(pool.close_idle() for (db, _), pool in self.pools.items() if db == database)
-        feed = self.cache.feeds.pop(database, None) if self.cache is not None else None
+        closed = sum(pool.close_idle() for pool in self.all_pools() if pool.database == database)
+        feeds = self.cache.feeds if self.cache is not None else \
+            self.replicas.feeds if self.replicas is not None else {}
+        feed = feeds.pop(database, None)
         if feed is not None:
             self.spawn(feed.close())
             self.planners.pop(database, None)
@@ -434,7 +443,7 @@ class Server:
     async def _janitor_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            for pool in list(self.pools.values()):
+            for pool in self.all_pools():
                 try:
                     await pool.maintain()
                 except Exception:
