@@ -109,8 +109,28 @@ class SharedLsns:
 
     def __init__(self, slots: int = 1 << 16) -> None:
         self.slots = slots
-        self.buf = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
+        # the slots, then two counters: gaps opened (a worker died) and gaps closed
+        self.buf = mmap.mmap(-1, 8 * (slots + 2), flags=mmap.MAP_SHARED)
         self.lock = multiprocessing.Lock()
+
+    def open_gap(self) -> None:
+        """A worker died: a write of it may have committed with its position unread. No replica
+        reads until a worker has read the primary's position since (close_gap)."""
+        with self.lock:
+            _Q.pack_into(self.buf, 8 * self.slots, _Q.unpack_from(self.buf, 8 * self.slots)[0] + 1)
+
+    def gap(self) -> int:
+        """The gap to close (0: none)."""
+        at = 8 * self.slots
+        opened, closed = _Q.unpack_from(self.buf, at)[0], _Q.unpack_from(self.buf, at + 8)[0]
+        return int(opened) if opened != closed else 0
+
+    def close_gap(self, gap: int, names: Iterable[str], lsn: int) -> None:
+        """`lsn`, read after gap `gap` was seen, covers whatever the dead worker wrote."""
+        self.raise_to(names, lsn)
+        with self.lock:
+            if _Q.unpack_from(self.buf, 8 * self.slots + 8)[0] < gap:
+                _Q.pack_into(self.buf, 8 * self.slots + 8, gap)
 
     def slot(self, name: str) -> int:
         return zlib.crc32(name.encode()) % self.slots

@@ -50,6 +50,9 @@ _UNSAFE = frozenset({Flag.VOLATILE_FUNCTION, Flag.SIDE_EFFECT_FUNCTION, Flag.DAN
                      Flag.SET_ROLE})
 
 
+EVERY = "**"  # every read needs it: raised after a worker died (SharedLsns.open_gap)
+
+
 def any_name(database: str) -> str:
     """The position of the latest write of `database` known here (a read of unknown tables)."""
     return f"{database}/**"
@@ -76,7 +79,7 @@ class Positions:
     def need(self, names: Iterable[str]) -> int:
         if self.shared is not None:
             get = self.shared.get
-            return max((get(n) for n in names), default=0)
+            return max(get(EVERY), *(get(n) for n in names))
         v = self._v
         return max((v.get(n, 0) for n in names), default=0)
 
@@ -198,6 +201,7 @@ class Replicas:
         self.feeds: dict[str, Any] = {}  # change feeds when the cache is off (cache.feed.ChangeFeed)
         self._tasks: list[asyncio.Task[None]] = []
         self._turn = 0
+        self._gap: asyncio.Task[None] | None = None
 
     # ---- positions -------------------------------------------------------------------------------
 
@@ -230,6 +234,16 @@ class Replicas:
             self.blocked.discard(database)
             log.info("replica reads of %s resumed", database)
             return
+
+    async def _close_gap(self, shared: SharedLsns) -> None:
+        gap = shared.gap()
+        try:
+            lsn = await self.primary.after()
+        except ConnectionError:
+            await asyncio.sleep(0.2)
+            return
+        shared.close_gap(gap, (EVERY,), lsn)
+        log.info("replica reads resume: a worker's last writes are covered")
 
     # ---- health ----------------------------------------------------------------------------------
 
@@ -307,6 +321,11 @@ class Replicas:
     def choose(self, database: str, names: Iterable[str]) -> Replica | None:
         """A replica in rotation that has replayed every write to `names`, the least busy."""
         if database in self.blocked:
+            return None
+        shared = self.positions.shared
+        if shared is not None and shared.gap():
+            if self._gap is None or self._gap.done():
+                self._gap = asyncio.get_running_loop().create_task(self._close_gap(shared))
             return None
         need = self.positions.need(names)
         best: Replica | None = None

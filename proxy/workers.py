@@ -98,6 +98,8 @@ def _run(config: Config, reload_from: Callable[[], Config], serve: Serve, shared
             # its connections are gone; a write of it may have committed without its bump
             shared.clear_pids(index)
             shared.new_epoch()
+            if shared.lsns is not None:
+                shared.lsns.open_gap()
         if stopping or index < 0:
             continue
         failures += 1

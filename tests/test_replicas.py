@@ -146,6 +146,33 @@ async def test_read_your_writes_asyncpg(cluster: Cluster, proxies: list[ProxyHan
     assert await _stat(proxy, "write_positions_own") >= 2000
 
 
+async def test_read_your_writes_across_workers(cluster: Cluster, proxies: list[ProxyHandle]) -> None:
+    """Two workers: a write through one connection, then a read through another (on either
+    worker). Mechanism: the write positions in shared memory (SharedLsns)."""
+    proxy = _start_proxy(cluster.primary, cluster.logs, proxies, "--replicas",
+                         f"{cluster.fast.dsn()},{cluster.slow.dsn()}", "--no-cache",
+                         env={"PGSLUICE_WORKERS": "2"})
+    await _wait_rotation(proxy, cluster)
+
+    async def pairs(table: int) -> int:
+        writer, reader = await asyncpg.connect(proxy.dsn()), await asyncpg.connect(proxy.dsn())
+        stale = 0
+        try:
+            for i in range(1, 101):
+                await writer.execute(f"UPDATE kv{table} SET v = $1 WHERE id = 3", i)
+                if random.random() < 0.5:
+                    await asyncio.sleep(random.random() * 0.02)
+                stale += await reader.fetchval(f"SELECT v FROM kv{table} WHERE id = 3") != i
+        finally:
+            await writer.close()
+            await reader.close()
+        return stale
+
+    stale = sum(await asyncio.gather(*(pairs(t) for t in range(10))))
+    assert stale == 0, f"{stale} reads returned the past"
+    assert await _stat(proxy, "workers_reporting") == 2
+
+
 def test_read_your_writes_psql(cluster: Cluster, proxies: list[ProxyHandle]) -> None:
     """500 pairs in one psql session (simple protocol), a pause after some of them."""
     proxy = _proxy(cluster, proxies, "--no-cache")
