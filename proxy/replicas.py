@@ -255,8 +255,10 @@ class Replicas:
 
     async def _watch_primary(self) -> None:
         while True:
-            with contextlib.suppress(ConnectionError):
+            try:
                 await self.primary.after()
+            except ConnectionError:
+                await asyncio.sleep(0.5)  # the primary is away: no connection storm meanwhile
             await asyncio.sleep(POLL)
 
     async def _watch(self, r: Replica) -> None:
