@@ -212,9 +212,6 @@ def _normal_bind_parts(rest: bytes) -> bytes:
     return b"".join(_I.pack(len(p)) + p for p in parts)  # length-prefixed: unambiguous
 
 
-statement_group = _statement  # the replicas' router reads the same groups
-
-
 def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
     """(end, unnamed Parse message or None, statement name, Bind parameters and formats (for
     the key), Describe portal?, the Bind after its names) of a cacheable group at the head of

@@ -53,6 +53,60 @@ _UNSAFE = frozenset({Flag.VOLATILE_FUNCTION, Flag.SIDE_EFFECT_FUNCTION, Flag.DAN
 EVERY = "**"  # every read needs it: raised after a worker died (SharedLsns.open_gap)
 
 
+_I = struct.Struct("!I")
+_NOT_YET = object()
+
+
+def _group_sql(s: ClientSession) -> bytes | None:
+    """The statement text of a complete [Parse (unnamed)] Bind [Describe] Execute Sync group at
+    the head of s.inbuf (unnamed portal, one Execute), else None."""
+    buf = s.inbuf
+    n = len(buf)
+    pos = 0
+    sql: bytes | None = None
+    bound = executed = False
+    while n - pos >= 5:
+        code = buf[pos]
+        end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
+        if end > n:
+            return None
+        if (code == codes.F_PARSE or code == codes.F_BIND) and end - pos < 7:
+            return None  # malformed: Postgres answers it
+        if code == codes.F_PARSE and pos == 0:
+            if buf[pos + 5] != 0:
+                return None  # a named statement: Postgres keeps it where it is parsed
+            sql = _cstr(buf, pos + 6, end)
+        elif code == codes.F_BIND and not bound:
+            if buf[pos + 5] != 0:
+                return None  # a named portal
+            name = _cstr(buf, pos + 6, end)
+            if name is None or (sql is not None and name):
+                return None
+            if sql is None:
+                msg = s.unnamed if not name else \
+                    (stmt.parse_msg if (stmt := s.statements.get(name)) is not None else None)
+                if msg is None:
+                    return None
+                at = msg.find(b"\x00", 5) + 1
+                sql = _cstr(msg, at, len(msg))
+            bound = True
+        elif code == codes.F_DESCRIBE and bound and not executed:
+            pass
+        elif code == codes.F_EXECUTE and bound and not executed:
+            executed = True
+        elif code == codes.F_SYNC and executed:
+            return sql
+        else:
+            return None
+        pos = end
+    return None
+
+
+def _cstr(buf: bytes | bytearray, start: int, end: int) -> bytes | None:
+    zero = buf.find(b"\x00", start, end)
+    return bytes(buf[start:zero]) if zero >= 0 else None
+
+
 def any_name(database: str) -> str:
     """The position of the latest write of `database` known here (a read of unknown tables)."""
     return f"{database}/**"
@@ -201,6 +255,7 @@ class Replicas:
         self.feeds: dict[str, Any] = {}  # change feeds when the cache is off (cache.feed.ChangeFeed)
         self._tasks: list[asyncio.Task[None]] = []
         self._turn = 0
+        self._memo: dict[tuple[object, ...], Any] = {}  # (text, simple, facts, catalog) -> read_names
         self._gap: asyncio.Task[None] | None = None
 
     # ---- positions -------------------------------------------------------------------------------
@@ -347,20 +402,21 @@ class Replicas:
             return None
         code = s.inbuf[0]
         if code == codes.F_QUERY:
-            end = 1 + struct.unpack_from("!I", s.inbuf, 1)[0]
-            sql = bytes(s.inbuf[5:end - 1]).decode("utf-8", "replace")
+            sql = bytes(s.inbuf[5:_I.unpack_from(s.inbuf, 1)[0]])
         elif code == codes.F_PARSE or code == codes.F_BIND:
-            from .caching import statement_group
-            try:
-                found = statement_group(s)
-            except Exception:
-                return None
+            found = _group_sql(s)
             if found is None:
                 return None
-            sql = found[2].decode("utf-8", "replace")
+            sql = found
         else:
             return None
-        names = self.read_names(s, sql, code == codes.F_QUERY)
+        planner = s.planner or s.server.planner_for(s.database)
+        key = (sql, code == codes.F_QUERY, s.facts, planner.catalog.generation)
+        names = self._memo.get(key, _NOT_YET)
+        if names is _NOT_YET:
+            if len(self._memo) > 50_000:
+                self._memo.clear()
+            names = self._memo[key] = self.read_names(s, sql.decode("utf-8", "replace"), key[1])
         if names is None:
             return None
         r = self.choose(s.database, names)
