@@ -152,7 +152,9 @@ class Counters:
 
 class _Conn:
     """One agent's connection: asyncpg on the wire (statement cache on, as its users run it) or
-    pgsluice's gRPC client for grpc://TOKEN@host:port/database."""
+    pgsluice's gRPC client for grpc://TOKEN@host:port/database, one Session stream per agent
+    as the client does by default (`?calls=unary`: a unary call per query; `?format=typed`:
+    typed replies instead of WIRE ones)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -163,8 +165,10 @@ class _Conn:
         if self.url.startswith("grpc://"):
             from proxy.client import SluiceClient
             parts = urlsplit(self.url)
+            options = dict(parse_qsl(parts.query))
             self.grpc = SluiceClient(f"{parts.hostname}:{parts.port}", unquote(parts.username or ""),
-                                     parts.path.lstrip("/"))
+                                     parts.path.lstrip("/"), stream=options.get("calls", "stream") != "unary",
+                                     wire=options.get("format", "wire") != "typed")
         else:  # ?statement_cache_size=0 for poolers without prepared statements (PgBouncer < 1.21)
             parts = urlsplit(self.url)
             query = dict(parse_qsl(parts.query))

@@ -11,7 +11,9 @@ side; each run starts with `--warmup` seconds on its connections that are not re
 `--metrics` the report states how many queries reached Postgres through pgsluice (read from
 its /metrics). `--find-max` ramps the number of agents per target until p99 crosses `--slo-ms`
 or errors pass `--max-error-rate`. Targets are postgresql:// URLs or
-grpc://TOKEN@host:port/database for pgsluice's gRPC door. Profiles: loadtest/profiles/.
+grpc://TOKEN@host:port/database for pgsluice's gRPC door (one Session stream per agent, as
+proxy.client.SluiceClient does; `?calls=unary` for a unary call per query, `?format=typed`
+for typed replies instead of WIRE ones). Profiles: loadtest/profiles/.
 """
 
 from __future__ import annotations
@@ -228,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgsluice load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", action="append", required=True,
-                   help="[name=]postgresql://... or grpc://TOKEN@host:port/db (repeat to compare)")
+                   help="[name=]postgresql://... or grpc://TOKEN@host:port/db[?calls=unary] "
+                        "(repeat to compare)")
     p.add_argument("--compare", action="store_true",
                    help="accepted for clarity: several --target are always run in turn and compared")
     p.add_argument("--metrics", action="append", default=[],

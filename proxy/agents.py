@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections import deque
 from typing import TYPE_CHECKING
 
-from .config import AgentAuth
+from planner import SessionFacts
+
+from .config import AgentAuth, Config
 from .internal import InternalClient
+from .session import session_facts
 
 if TYPE_CHECKING:
     from .server import Server
@@ -40,11 +44,29 @@ def bearer_token(authorization: str) -> str | None:
 
 
 class AgentSessions:
-    """Internal sessions per (agent, database): taken for a call, given back after it."""
+    """Internal sessions per (agent, database): taken for a call, given back after it. A session
+    waits about IDLE_KEEP seconds (one timer sweeps them all, not one per call: an idle session
+    would linger in SHOW CLIENTS and clients_now), at most MAX_IDLE per agent and database, and
+    the most recently returned is taken first (its caches are the warmest)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self._idle: dict[tuple[str, str], list[InternalClient]] = {}
+    def __init__(self, server: Server, keep: float = IDLE_KEEP, most: int = MAX_IDLE) -> None:
+        self.server, self.keep, self.most = server, keep, most
+        self._idle: dict[tuple[str, str], deque[tuple[InternalClient, float]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._facts: dict[tuple[str, str], SessionFacts] = {}
+        self._facts_of: Config | None = None
+
+    def facts(self, agent: AgentAuth, database: str) -> SessionFacts:
+        """The planner's facts of the agent's sessions on `database`, role policy included (what
+        its statements are planned and judged with), for plans a door makes outside a session."""
+        config = self.server.config
+        if config is not self._facts_of:  # reloaded: the roles may have changed
+            self._facts, self._facts_of = {}, config
+        facts = self._facts.get((agent.name, database))
+        if facts is None:
+            facts, _ = session_facts(config, agent.user, database, {"application_name": agent.name})
+            self._facts[(agent.name, database)] = facts
+        return facts
 
     def database(self, agent: AgentAuth, requested: str = "") -> str:
         return requested or agent.database or self.server.admin_database()
@@ -52,28 +74,43 @@ class AgentSessions:
     def take(self, agent: AgentAuth, database: str) -> InternalClient:
         idle = self._idle.get((agent.name, database))
         while idle:
-            client = idle.pop()
+            client, _ = idle.pop()
             if not client.session.closed:
                 return client
         return InternalClient(self.server, agent.user, database, password=agent.password,
                               application_name=agent.name, settings={"client_encoding": "UTF8"})
 
     def give_back(self, agent: AgentAuth, database: str, client: InternalClient) -> None:
-        """Keep the session for the agent's next call, for IDLE_KEEP seconds at most (a session
-        is cheap to make; an idle one would linger in SHOW CLIENTS and clients_now)."""
         if client.session.closed:
             return
-        key = (agent.name, database)
-        idle = self._idle.setdefault(key, [])
-        if len(idle) < MAX_IDLE:
-            idle.append(client)
-            client.returned += 1
-            asyncio.get_running_loop().call_later(IDLE_KEEP, self._expire, key, client, client.returned)
-        else:
+        idle = self._idle.setdefault((agent.name, database), deque())
+        if len(idle) >= self.most:
             client.close()
+            return
+        loop = asyncio.get_running_loop()
+        idle.append((client, loop.time()))
+        client.returned += 1
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.keep / 2, self._sweep)
 
-    def _expire(self, key: tuple[str, str], client: InternalClient, returned: int) -> None:
-        idle = self._idle.get(key)
-        if idle is not None and client.returned == returned and client in idle:
-            idle.remove(client)
-            client.close()
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        old = loop.time() - self.keep
+        for key, idle in list(self._idle.items()):
+            while idle and idle[0][1] <= old:
+                idle.popleft()[0].close()
+            if not idle:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = loop.call_later(self.keep / 2, self._sweep)
+
+    def close(self) -> None:
+        """Close every idle session (the door stops)."""
+        for idle in self._idle.values():
+            for client, _ in idle:
+                client.close()
+        self._idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

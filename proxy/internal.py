@@ -11,7 +11,12 @@ Each InternalClient is one ClientSession (same counters, same policies, same tra
 pooling) whose transport is a sink in memory. Requests go in as the extended protocol
 (Parse, Bind with text parameters, Describe portal, Execute, Sync), replies come back as
 the wire messages the session would have sent a socket, parsed here; one request at a
-time per client.
+time per client (never pipelined: a cancel then always hits the request it was meant for).
+
+`send(..., wire=True)` is the cheap form for doors that re-encode replies themselves: the
+RowDescription, DataRow and CommandComplete messages are kept as Postgres sent them
+(`Reply.wire`), no row is parsed, and the future is already done when the session answered
+at once (a cache hit writes its whole reply synchronously).
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ if TYPE_CHECKING:
 _I = struct.Struct("!I")
 _H = struct.Struct("!h")
 _i = struct.Struct("!i")
+_NULL = _i.pack(-1)
+# Describe portal, Execute (all rows), Sync: the same after every Bind
+_TAIL = (encode.message(codes.F_DESCRIBE, b"P\x00") + encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0))
+         + encode.sync())
+_parses: dict[str, bytes] = {}  # statement text -> its unnamed Parse message (the texts agents repeat)
+_KEPT = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE})
 
 
 @dataclass(slots=True)
@@ -63,10 +74,13 @@ class Reply:
     tag: str = ""
     error: dict[str, str] | None = None  # ErrorResponse fields: C (SQLSTATE), M, D, H, P...
     served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight)
+    status: str = "I"  # ReadyForQuery's: "I" idle, "T" in a transaction, "E" in a failed one
+    wire: bytes = b""  # send(wire=True): RowDescription, DataRow... and CommandComplete messages
     notices: list[dict[str, str]] = field(default_factory=list)  # NoticeResponse fields
-    truncated: bool = False  # a RowLimit cut the rows
-    dropped: int = 0  # rows that came after the cut (more may not have been read at all)
+    truncated: bool = False  # a RowLimit or max_rows cut the rows (the rest were dropped)
+    dropped: int = 0  # rows that came after a RowLimit's cut (more may not have been read at all)
     cancelled: bool = False  # the cut cancelled the statement
+    oversize: bool = False  # the reply passed max_bytes: its rows were dropped
 
 
 class _Sink(asyncio.Transport):
@@ -121,6 +135,11 @@ class InternalClient:
         self._chunk_rows = 0
         self._buffered = 0  # rows queued for the consumer
         self._paused = False
+        self._wire: list[bytes] | None = None  # send(wire=True): the reply's messages
+        self._wire_size = 0
+        self._max_rows = 0
+        self._max_bytes = 0
+        self._rows = 0
         self._limit: RowLimit | None = None
         self._kept = 0  # bytes of values kept under the limit
         self._cancel: asyncio.Task[None] | None = None
@@ -133,26 +152,48 @@ class InternalClient:
         """Run one statement (parameters as text, NULL as None); the reply as Postgres gave it,
         but for the rows past `limit`."""
         async with self._lock:
-            if self.session.closed:
-                raise ConnectionError("internal client closed")
-            if "\x00" in sql:
-                return _nul_in_statement()
-            self._reply = Reply()
-            self._limit, self._kept = limit, 0
-            self._done = asyncio.get_running_loop().create_future()
-            self.session.served = "executed"
-            self._send(sql, params or [])
+            done = self.send(sql, params, limit=limit)
             try:
-                reply = await self._done
+                reply = await done
             finally:
                 self._limit = None
             if self._cancel is not None:
                 await self._cancel
                 self._cancel = None
-            reply.served = self.session.served
             if reply.cancelled and reply.error is not None and reply.error.get("C") == "57014":
                 reply.error = None  # our own cancel: the rows kept are the answer
             return reply
+
+    @property
+    def busy(self) -> bool:
+        """A request is in flight (send must not be called)."""
+        return self._done is not None and not self._done.done()
+
+    def send(self, sql: str, params: list[str | None] | None = None, *, wire: bool = False,
+             max_rows: int = 0, max_bytes: int = 0, limit: RowLimit | None = None) -> asyncio.Future[Reply]:
+        """Start one statement now; the client must not be busy (query() waits its turn, this
+        does not). The future may be done on return: a cache hit is answered synchronously.
+        `wire`: keep the reply's messages in Reply.wire instead of parsing columns and rows (the
+        tag and an error are parsed as always); `max_rows` (> 0) keeps that many rows (truncated
+        says more came); `max_bytes` (> 0) drops the rows of a reply that grows past it
+        (oversize), so a huge result never sits in memory whole; `limit` (parsed replies only):
+        see RowLimit (query() clears it and waits for its cancel)."""
+        if self.session.closed:
+            raise ConnectionError("internal client closed")
+        if self.busy:
+            raise RuntimeError("internal client busy: one request at a time")
+        done: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if "\x00" in sql:
+            done.set_result(_nul_in_statement())
+            return done
+        self._reply = Reply()
+        self._done = done
+        self._wire, self._wire_size = ([] if wire else None), 0
+        self._max_rows, self._max_bytes, self._rows = max_rows, max_bytes, 0
+        self._limit, self._kept = limit, 0
+        self.session.served = "executed"
+        self._send(sql, params or [])
+        return done
 
     async def stream(self, sql: str, params: list[str | None] | None = None, chunk_rows: int = 1000,
                      max_buffered: int = 20_000) -> AsyncIterator[tuple[str, Any]]:
@@ -167,7 +208,7 @@ class InternalClient:
                 return
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             self._chunks, self._chunk, self._chunk_rows = queue, [], chunk_rows
-            self._buffered, self._paused = 0, False
+            self._buffered, self._paused, self._wire = 0, False, None
             self._reply = Reply()
             self._done = asyncio.get_running_loop().create_future()
             self.session.served = "executed"
@@ -194,34 +235,77 @@ class InternalClient:
                     self.close()  # left mid-result: the session (and its statement) goes
 
     def _send(self, sql: str, values: list[str | None]) -> None:
+        parse = _parses.get(sql)
+        if parse is None:
+            parse = encode.parse(b"", sql.encode())
+            if len(sql) <= 4096:  # at most 1,024 texts of 4 kB
+                if len(_parses) >= 1024:
+                    _parses.clear()
+                _parses[sql] = parse
         bind = [b"\x00\x00", _H.pack(0), _H.pack(len(values))]
         for v in values:
-            bind.append(_i.pack(-1) if v is None else _i.pack(len(v.encode())) + v.encode())
+            if v is None:
+                bind.append(_NULL)
+            else:
+                raw = v.encode()
+                bind.append(_i.pack(len(raw)) + raw)
         bind.append(_H.pack(0))
-        self.session.data_received(b"".join((
-            encode.parse(b"", sql.encode()), encode.message(codes.F_BIND, b"".join(bind)),
-            encode.message(codes.F_DESCRIBE, b"P\x00"),
-            encode.message(codes.F_EXECUTE, b"\x00" + _i.pack(0)), encode.sync())))
+        self.session.data_received(b"".join((parse, encode.message(codes.F_BIND, b"".join(bind)), _TAIL)))
 
     def close(self) -> None:
         self.session.data_received(encode.terminate())
         self.session.connection_lost(None)
+        done = self._done
+        if done is not None and not done.done():  # a request in flight: its waiter hears of it
+            done.set_exception(ConnectionError("internal client closed"))
+            done.exception()  # retrieved: a waiter that went away leaves no warning
 
     # ---- replies ----
 
     def _received(self, data: bytes) -> None:
-        self._buf += data
         buf = self._buf
-        while len(buf) >= 5:
-            length = _I.unpack_from(buf, 1)[0]
-            if len(buf) < length + 1:
+        if buf:
+            buf += data
+            if len(buf) < 5 or len(buf) < 1 + _I.unpack_from(buf, 1)[0]:
+                return  # the message under way is not whole yet (a large one comes in pieces)
+            data = bytes(buf)
+            buf.clear()
+        pos, n = 0, len(data)
+        wire = self._wire
+        while n - pos >= 5:  # whole messages straight from `data` (a write is usually whole)
+            end = pos + 1 + _I.unpack_from(data, pos + 1)[0]
+            if end > n:
                 break
-            code, body = buf[0], bytes(buf[5:length + 1])
-            del buf[:length + 1]
+            code = data[pos]
             if not self._welcomed:  # the login's ParameterStatus .. ReadyForQuery
                 self._welcomed = code == codes.B_READY_FOR_QUERY
-                continue
-            self._message(code, body)
+            elif wire is not None and code in _KEPT:
+                self._keep(wire, code, data[pos:end])
+            else:
+                self._message(code, data[pos + 5:end])
+            pos = end
+        if pos < n:
+            buf += data[pos:]
+
+    def _keep(self, wire: list[bytes], code: int, message: bytes) -> None:
+        """send(wire=True): a RowDescription, DataRow or CommandComplete, kept whole."""
+        reply = self._reply
+        if reply is None:
+            return
+        if code == codes.B_DATA_ROW:
+            self._rows += 1
+            if reply.oversize or (self._max_rows and self._rows > self._max_rows):
+                reply.truncated = not reply.oversize
+                return
+        elif code == codes.B_COMMAND_COMPLETE:
+            reply.tag = message[5:].rstrip(b"\x00").decode()
+        self._wire_size += len(message)
+        if self._max_bytes and self._wire_size > self._max_bytes and not reply.oversize:
+            reply.oversize = True  # the rows go now, the rest of them as they come
+            wire[:] = [m for m in wire if m[0] != codes.B_DATA_ROW]
+            if code == codes.B_DATA_ROW:
+                return
+        wire.append(message)
 
     def _message(self, code: int, body: bytes) -> None:
         reply = self._reply
@@ -248,6 +332,11 @@ class InternalClient:
         elif code == codes.B_NOTICE_RESPONSE and len(reply.notices) < MAX_NOTICES:
             reply.notices.append(parse_error_fields(body))
         elif code == codes.B_READY_FOR_QUERY and self._done is not None and not self._done.done():
+            reply.served = self.session.served
+            reply.status = chr(body[0]) if body else "I"
+            if self._wire is not None:
+                reply.wire = b"".join(self._wire) if reply.error is None else b""
+                self._wire = None
             self._done.set_result(reply)
             if chunks is not None:
                 self._flush(chunks)

@@ -42,6 +42,7 @@ from .settings import Settings, set_config
 from .stats import AgentStats
 
 if TYPE_CHECKING:
+    from .config import Config
     from .pool import Pool
     from .server import Server
 
@@ -413,9 +414,7 @@ class ClientSession(asyncio.Protocol):
         self.startup_settings = self.settings = result.settings
         app = result.params.get("application_name", "")
         self.set_agent(app or self.user)
-        policy = self.server.config.roles.for_session(self.user, app)
-        self.facts = SessionFacts(self.database, self.user, _search_path(result.params),
-                                  policy.name if policy else "")
+        self.facts, policy = session_facts(self.server.config, self.user, self.database, result.params)
         if self.server.tracks_writes:
             self.planner = self.server.planner_for(self.database)
         if policy is not None:
@@ -857,6 +856,15 @@ def _pg_error(exc: BaseException) -> PgError:
     if isinstance(exc, LoginError):
         return PgError(exc.fields.get("C", CONNECTION_FAILURE), exc.fields.get("M", "login failed"))
     return PgError(CONNECTION_FAILURE, f"pgsluice: cannot connect to the server: {exc}")
+
+
+def session_facts(config: Config, user: str, database: str,
+                  params: dict[str, str]) -> tuple[SessionFacts, Policy | None]:
+    """The planner's facts and the role policy of a session that `user` starts on `database`
+    with these startup parameters: every door plans with these (an explain or a plan made
+    outside a session must see the policy the session would enforce)."""
+    policy = config.roles.for_session(user, params.get("application_name", ""))
+    return SessionFacts(database, user, _search_path(params), policy.name if policy else ""), policy
 
 
 def _search_path(params: dict[str, str]) -> tuple[str, ...]:

@@ -75,8 +75,24 @@ def _plain(v: pb.Value) -> Any:
     return getattr(v, kind)
 
 
-async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any) -> None:
-    reply = await stub.Query(pb.QueryRequest(sql=TYPED), metadata=AUTH)
+async def ask(stub: Any, request: pb.QueryRequest, transport: str) -> pb.QueryResponse:
+    """One query as a unary call, or as the one request of a Session stream."""
+    if transport == "unary":
+        reply: pb.QueryResponse = await stub.Query(request, metadata=AUTH)
+        return reply
+    call = stub.Session(metadata=AUTH)
+    await call.write(pb.SessionRequest(id=77, query=request))
+    await call.done_writing()
+    answers = [a async for a in call]
+    assert len(answers) == 1 and answers[0].id == 77, answers
+    assert answers[0].WhichOneof("outcome") == "result", answers[0].error
+    assert await call.code() == grpc.StatusCode.OK
+    return answers[0].result
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any, transport: str) -> None:
+    reply = await ask(stub, pb.QueryRequest(sql=TYPED), transport)
     got = {c.name: _plain(v) for c, v in zip(reply.columns, reply.rows[0].values, strict=True)}
     conn = await asyncpg.connect(pg.dsn(database=DB))
     await conn.execute("SET TimeZone = 'UTC'")
@@ -99,13 +115,14 @@ async def test_typed_values_match_asyncpg(pg: EmbeddedPostgres, stub: Any) -> No
     assert types["i8"] == "int8" and types["arr"] == "_int4" and types["other"].startswith("oid ")
 
 
-async def test_parameters_are_bound_and_typed_both_ways(stub: Any) -> None:
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_parameters_are_bound_and_typed_both_ways(stub: Any, transport: str) -> None:
     params = [pb.Value(int64=7), pb.Value(text="it's"), pb.Value(null=True), pb.Value(bytea=b"\x01\x02"),
               pb.Value(array=pb.Array(values=[pb.Value(int64=1), pb.Value(null=True)])),
               pb.Value(double=math.inf)]
-    reply = await stub.Query(pb.QueryRequest(
+    reply = await ask(stub, pb.QueryRequest(
         sql="SELECT $1::int8 + 1 AS a, $2::text AS b, $3::text AS c, $4::bytea AS d, $5::int[] AS e, "
-            "$6::float8 AS f", params=params), metadata=AUTH)
+            "$6::float8 AS f", params=params), transport)
     assert [_plain(v) for v in reply.rows[0].values] == [8, "it's", None, b"\x01\x02", [1, None], math.inf]
     assert values.encode(pb.Value(text='a"b')) == 'a"b'
 
@@ -418,3 +435,54 @@ async def test_idle_internal_sessions_leave_show_clients(door: tuple[ProxyHandle
         assert stats["clients_now"] == 1  # this admin session
     finally:
         await admin.close()
+
+
+async def test_explain_judges_with_the_agents_role_policy(stub: Any) -> None:
+    """Explain's verdict is the one the agent's statement gets when run: the reader agent's
+    read-only role refuses a write (before: Explain planned without the role policy and said
+    "allow" for what Query then refused)."""
+    reader = (("authorization", "Bearer reader-token"),)
+    sql = "INSERT INTO uniq VALUES (98)"
+    ex = await stub.Explain(pb.ExplainRequest(sql=sql), metadata=reader)
+    assert ex.verdict.startswith("reject 25006 "), ex.verdict
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Query(pb.QueryRequest(sql=sql), metadata=reader)
+    assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "25006"
+    assert (await stub.Explain(pb.ExplainRequest(sql=sql), metadata=AUTH)).verdict == "allow"
+    read = await stub.Explain(pb.ExplainRequest(sql="SELECT k FROM uniq"), metadata=reader)
+    assert read.verdict == "allow"
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream", "batch", "querystream"])
+@pytest.mark.parametrize("sql", ["COPY uniq FROM STDIN", "copy (select k from uniq) to stdout",
+                                 "COPY uniq TO STDOUT (FORMAT csv)"])
+async def test_copy_is_refused_not_hung(stub: Any, sql: str, transport: str) -> None:
+    """COPY FROM STDIN / TO STDOUT need the copy sub-protocol, which a request/reply door cannot
+    carry: a clear 0A000 at once (not a call waiting for CopyData that never comes, nor an
+    empty result standing for the rows)."""
+    if transport == "unary":
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Query(pb.QueryRequest(sql=sql), metadata=AUTH, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
+        assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "0A000"
+    elif transport == "batch":
+        batch = await stub.Batch(pb.BatchRequest(statements=[pb.QueryRequest(sql=sql),
+                                                             pb.QueryRequest(sql="SELECT 2")]),
+                                 metadata=AUTH, timeout=10)
+        assert batch.items[0].error.sqlstate == "0A000", batch
+        assert _plain(batch.items[1].result.rows[0].values[0]) == 2
+    elif transport == "querystream":
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [chunk async for chunk in stub.QueryStream(pb.QueryRequest(sql=sql), metadata=AUTH, timeout=10)]
+        assert dict(info.value.trailing_metadata() or ())["pgsluice-sqlstate"] == "0A000"
+    else:
+        call = stub.Session(metadata=AUTH, timeout=10)
+        await call.write(pb.SessionRequest(id=1, query=pb.QueryRequest(sql=sql)))
+        await call.write(pb.SessionRequest(id=2, query=pb.QueryRequest(sql="SELECT 2")))
+        await call.done_writing()
+        answers = {a.id: a async for a in call}
+        assert answers[1].WhichOneof("outcome") == "error" and answers[1].error.sqlstate == "0A000", answers
+        assert _plain(answers[2].result.rows[0].values[0]) == 2
+        assert await call.code() == grpc.StatusCode.OK
+    ok = await stub.Query(pb.QueryRequest(sql="SELECT 3"), metadata=AUTH, timeout=5)
+    assert _plain(ok.rows[0].values[0]) == 3

@@ -84,3 +84,36 @@ async def test_identical_queries_from_internal_clients_coalesce(pg: EmbeddedPost
     finally:
         for c in clients:
             c.close()
+
+
+async def test_send_wire_keeps_the_messages_and_the_limits(server: Server) -> None:
+    """send(wire=True): the reply's own RowDescription/DataRow/CommandComplete bytes, answered
+    synchronously from cache; max_rows and max_bytes cut what is kept; the transaction status."""
+    client = InternalClient(server, "postgres", DB, password="postgres")
+    try:
+        sql = "SELECT id, v FROM items WHERE id <= $1 ORDER BY id"
+        first = await client.send(sql, ["3"], wire=True)
+        assert first.error is None and first.tag == "SELECT 3" and first.rows == []
+        assert first.wire[:1] == b"T" and first.wire.count(b"D\x00") == 3
+        assert first.wire.endswith(b"SELECT 3\x00")
+        again = client.send(sql, ["3"], wire=True)
+        assert again.done() and again.result().served == "cache"  # no task, no wait
+        assert again.result().wire == first.wire
+        cut = await client.send(sql, ["3"], wire=True, max_rows=2)
+        assert cut.truncated and cut.wire.count(b"D\x00") == 2 and cut.tag == "SELECT 3"
+        big = await client.send("SELECT g, repeat('z', 1000) FROM generate_series(1, 500) g", wire=True,
+                                max_bytes=100_000)
+        assert big.oversize and b"D\x00" not in big.wire and big.tag == "SELECT 500"
+        huge = await client.send("SELECT repeat('q', 5000000) AS q", wire=True)  # arrives in pieces
+        assert huge.wire.count(b"q") >= 5_000_000 and huge.tag == "SELECT 1"
+        assert (await client.send("BEGIN", wire=True)).status == "T"
+        assert (await client.send("SELECT 1/0", wire=True)).status == "E"
+        assert (await client.send("ROLLBACK", wire=True)).status == "I"
+        pending = client.send("SELECT pg_sleep(5)", wire=True)
+        with pytest.raises(RuntimeError):
+            client.send("SELECT 1")  # one request at a time
+        client.close()
+        with pytest.raises(ConnectionError):
+            await pending  # a request in flight hears that its client closed
+    finally:
+        client.close()

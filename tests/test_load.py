@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.agents import Plan, run, schedule
+from loadtest.agents import Plan, _Conn, run, schedule
 from loadtest.findmax import Slo, find_max
 from loadtest.load import Target, measure
 from loadtest.profiles import PROFILES, ProfileError, SpeculateProfile, load_profile
@@ -178,10 +178,15 @@ async def test_grpc_target(pg: EmbeddedPostgres, sample: str, proxy_factory: Pro
                       f'password = "postgres"\ndatabase = "{DB}"\n')
     port = free_port()
     proxy_factory("--config", str(config), "--grpc-listen", f"127.0.0.1:{port}")
-    out = await run(Plan(f"grpc://load-token@127.0.0.1:{port}/{DB}", "point-reads", agents=2, rate=50,
-                         duration=1.5, warmup=0.5))
-    assert out["errors"] == 0, out["error_kinds"]
-    assert out["sent"] == out["ok"] == out["scheduled"] > 50
+    for options, stream in (("", True), ("?calls=unary", False), ("?format=typed", True)):
+        url = f"grpc://load-token@127.0.0.1:{port}/{DB}{options}"
+        conn = _Conn(url)
+        await conn.open()  # agents go through the Session stream unless told otherwise
+        assert conn.grpc is not None and conn.grpc.stream is stream
+        await conn.close()
+        out = await run(Plan(url, "point-reads", agents=2, rate=50, duration=1.5, warmup=0.5))
+        assert out["errors"] == 0, (options, out["error_kinds"])
+        assert out["sent"] == out["ok"] == out["scheduled"] > 50
     bad = await run(Plan(f"grpc://wrong@127.0.0.1:{port}/{DB}", "point-reads", agents=1, rate=20,
                          duration=0.5))
     assert bad["ok"] == 0 and bad["errors"] == bad["sent"] > 0  # refused, counted, not hidden

@@ -12,6 +12,11 @@ class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERACTIVE: _ClassVar[Priority]
     BATCH: _ClassVar[Priority]
 
+class ResultFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TYPED: _ClassVar[ResultFormat]
+    WIRE: _ClassVar[ResultFormat]
+
 class Served(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SERVED_UNSPECIFIED: _ClassVar[Served]
@@ -20,6 +25,8 @@ class Served(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COALESCED: _ClassVar[Served]
 INTERACTIVE: Priority
 BATCH: Priority
+TYPED: ResultFormat
+WIRE: ResultFormat
 SERVED_UNSPECIFIED: Served
 EXECUTED: Served
 CACHE_HIT: Served
@@ -88,18 +95,20 @@ class Hints(_message.Message):
     def __init__(self, max_staleness_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("sql", "params", "database", "hints", "idempotency_key")
+    __slots__ = ("sql", "params", "database", "hints", "idempotency_key", "format")
     SQL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     DATABASE_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     sql: str
     params: _containers.RepeatedCompositeFieldContainer[Value]
     database: str
     hints: Hints
     idempotency_key: str
-    def __init__(self, sql: _Optional[str] = ..., params: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., database: _Optional[str] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    format: ResultFormat
+    def __init__(self, sql: _Optional[str] = ..., params: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., database: _Optional[str] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., format: _Optional[_Union[ResultFormat, str]] = ...) -> None: ...
 
 class Column(_message.Message):
     __slots__ = ("name", "type_oid", "type_name")
@@ -118,7 +127,7 @@ class Row(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("columns", "rows", "command_tag", "rows_affected", "served", "elapsed_ms", "fingerprint", "truncated")
+    __slots__ = ("columns", "rows", "command_tag", "rows_affected", "served", "elapsed_ms", "fingerprint", "truncated", "wire")
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COMMAND_TAG_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +136,7 @@ class QueryResponse(_message.Message):
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FIELD_NUMBER: _ClassVar[int]
     columns: _containers.RepeatedCompositeFieldContainer[Column]
     rows: _containers.RepeatedCompositeFieldContainer[Row]
     command_tag: str
@@ -135,7 +145,8 @@ class QueryResponse(_message.Message):
     elapsed_ms: float
     fingerprint: str
     truncated: bool
-    def __init__(self, columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., command_tag: _Optional[str] = ..., rows_affected: _Optional[int] = ..., served: _Optional[_Union[Served, str]] = ..., elapsed_ms: _Optional[float] = ..., fingerprint: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    wire: bytes
+    def __init__(self, columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., command_tag: _Optional[str] = ..., rows_affected: _Optional[int] = ..., served: _Optional[_Union[Served, str]] = ..., elapsed_ms: _Optional[float] = ..., fingerprint: _Optional[str] = ..., truncated: _Optional[bool] = ..., wire: _Optional[bytes] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("sqlstate", "message", "detail", "hint", "position", "status_code")
@@ -152,6 +163,24 @@ class Error(_message.Message):
     position: str
     status_code: int
     def __init__(self, sqlstate: _Optional[str] = ..., message: _Optional[str] = ..., detail: _Optional[str] = ..., hint: _Optional[str] = ..., position: _Optional[str] = ..., status_code: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("id", "query")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    query: QueryRequest
+    def __init__(self, id: _Optional[int] = ..., query: _Optional[_Union[QueryRequest, _Mapping]] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("id", "result", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    result: QueryResponse
+    error: Error
+    def __init__(self, id: _Optional[int] = ..., result: _Optional[_Union[QueryResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("statements", "transaction", "database")

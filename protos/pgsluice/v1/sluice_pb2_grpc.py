@@ -64,6 +64,11 @@ class SluiceStub:
                 request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.StatsRequest.SerializeToString,
                 response_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pgsluice.v1.Sluice/Session',
+                request_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.SessionRequest.SerializeToString,
+                response_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class SluiceServicer:
@@ -114,6 +119,21 @@ class SluiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """A session per agent: one stream, many requests, each tagged with an id of the client's
+        choosing; replies come back as they finish, in any order, each with its request's id.
+        Requests run concurrently (identical reads run once); a request's error is its reply, the
+        stream goes on. While a statement of the stream leaves a transaction open, the stream's
+        requests run in order inside it, as on a connection. The stream ends with OK after the
+        client half-closes and its requests are answered; with UNAVAILABLE when pgsluice shuts
+        down (after the requests it read are answered: ids without a reply were not run);
+        UNAUTHENTICATED at once without a valid bearer token. A client that stops reading
+        replies stops pgsluice reading its requests (bounded memory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SluiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +166,11 @@ def add_SluiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.StatsRequest.FromString,
                     response_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.StatsResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.SessionRequest.FromString,
+                    response_serializer=protos_dot_pgsluice_dot_v1_dot_sluice__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +335,33 @@ class Sluice:
             '/pgsluice.v1.Sluice/Stats',
             protos_dot_pgsluice_dot_v1_dot_sluice__pb2.StatsRequest.SerializeToString,
             protos_dot_pgsluice_dot_v1_dot_sluice__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pgsluice.v1.Sluice/Session',
+            protos_dot_pgsluice_dot_v1_dot_sluice__pb2.SessionRequest.SerializeToString,
+            protos_dot_pgsluice_dot_v1_dot_sluice__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,
