@@ -602,25 +602,14 @@ def commit(s: ClientSession) -> None:
     if ddl:
         s.server.ddl_seen(s.database)  # plans may depend on what changed: read the catalog again
     if s.server.replicas is not None:
-        # the commit's WAL position is read before its client (or a read of the new versions)
-        # can see it: the client's output waits for both
-        s.gate_until(asyncio.get_running_loop().create_task(_record_then_bump(s, frozenset(names))))
+        # no replica read of these tables until the commit's position is known: marked before
+        # the client (or a read of the new versions) can see the write
+        s.server.replicas.committed(s.database, names)
+    if cache is None:
         return
-    assert cache is not None
     task = cache.bump(names)
     if task is not None and not task.done():
         s.gate_until(task)
-
-
-async def _record_then_bump(s: ClientSession, names: frozenset[str]) -> None:
-    replicas, cache = s.server.replicas, s.server.cache
-    assert replicas is not None
-    try:
-        await replicas.record(s.database, names)
-    finally:
-        task = cache.bump(names) if cache is not None else None
-    if task is not None:
-        await task
 
 
 def commit_all(s: ClientSession) -> frozenset[str]:

@@ -2,12 +2,13 @@
 
 Rules. A read runs on a replica only if that replica has replayed (pg_last_wal_replay_lsn,
 polled every 20 ms) past the WAL position of every write pgsluice knows of to the tables the
-read touches: a write through pgsluice is known before its client hears of the commit (the
-primary's pg_current_wal_insert_lsn() read after the commit, while the client's output is
-held); a write by others when its change-feed notice arrives (the position read after the
-notice, before the cache versions move). A read whose tables are not known needs every
-write of its database. Anything else, and everything when no replica qualifies, runs on the
-primary. Positions only grow; two names sharing a slot only make reads stricter.
+read touches. A write is known before anyone can see it — through pgsluice, before its client
+hears of the commit; by others, when its change-feed notice arrives, before the cache
+versions move — and its tables are "held" until the primary's pg_current_wal_insert_lsn(),
+read after that moment, is recorded as their position: meanwhile their reads run on the
+primary. A read whose tables are not known needs every write of its database. Anything else,
+and everything when no replica qualifies, runs on the primary. Positions only grow; two
+names sharing a slot only make reads stricter.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ EVERY = "**"  # every read needs it: raised after a worker died (SharedLsns.open
 
 _I = struct.Struct("!I")
 _NOT_YET = object()
+UNKNOWN = 1 << 63  # a position being read: no replica has passed it
 
 
 def _group_sql(s: ClientSession) -> bytes | None:
@@ -114,26 +116,49 @@ def any_name(database: str) -> str:
 
 class Positions:
     """Per name (`db/schema.table`, `db/*` for writes of unknown reach that every read of the
-    database needs, `db/**` for any write), the WAL position after which it is current."""
+    database needs, `db/**` for any write), the WAL position after which it is current, and
+    whether a write's position is still being read (then no replica qualifies)."""
 
-    def __init__(self, shared: SharedLsns | None) -> None:
+    def __init__(self, shared: SharedLsns | None, worker: int = 0) -> None:
         self.shared = shared
+        self.worker = worker
         self._v: dict[str, int] = {}
+        self._held: dict[str, int] = {}
 
-    def raise_to(self, database: str, names: Iterable[str], lsn: int) -> None:
-        names = {*names, any_name(database)}
+    def hold(self, database: str, names: Iterable[str]) -> frozenset[str]:
+        """A write to `names` committed; its position is not known yet."""
+        held = frozenset({*names, any_name(database)})
         if self.shared is not None:
-            self.shared.raise_to(names, lsn)
+            self.shared.hold(self.worker, held, +1)
+        else:
+            for n in held:
+                self._held[n] = self._held.get(n, 0) + 1
+        return held
+
+    def settle(self, held: frozenset[str], lsn: int) -> None:
+        """The held write's position is `lsn` (raised before the hold is let go)."""
+        if self.shared is not None:
+            self.shared.raise_to(held, lsn)
+            self.shared.hold(self.worker, held, -1)
             return
-        v = self._v
-        for n in names:
+        v, h = self._v, self._held
+        for n in held:
             if v.get(n, 0) < lsn:
                 v[n] = lsn
+            if h.get(n, 0) <= 1:
+                h.pop(n, None)
+            else:
+                h[n] -= 1
 
     def need(self, names: Iterable[str]) -> int:
-        if self.shared is not None:
-            get = self.shared.get
+        shared = self.shared
+        if shared is not None:
+            get, held = shared.get, shared.held
+            if held(EVERY) or any(held(n) for n in names):
+                return UNKNOWN
             return max(get(EVERY), *(get(n) for n in names))
+        if self._held and any(n in self._held for n in names):
+            return UNKNOWN
         v = self._v
         return max((v.get(n, 0) for n in names), default=0)
 
@@ -246,10 +271,9 @@ class Replicas:
         config = server.config
         self.server = server
         self.max_lag = config.replica_max_lag
-        self.positions = Positions(shared)
+        self.positions = Positions(shared, server.worker)
         self.primary = PrimaryPosition(lambda: server._connect(server.admin_database()))
         self.list = [Replica(i, url, server.upstream.tls) for i, url in enumerate(config.replicas)]
-        self.blocked: set[str] = set()  # databases whose last write position could not be read
         self.primary_reads = 0
         self.recorded = {"own": 0, "feed": 0}  # write positions read after commits / feed notices
         self.feeds: dict[str, Any] = {}  # change feeds when the cache is off (cache.feed.ChangeFeed)
@@ -260,34 +284,23 @@ class Replicas:
 
     # ---- positions -------------------------------------------------------------------------------
 
-    async def record(self, database: str, names: Iterable[str], source: str = "own") -> None:
-        """A write to `names` (version names: `db/schema.table|...`, `db/*`) committed: its
-        position is read now, before anyone is told of it."""
-        tables = {n.split("|", 1)[0] for n in names}
-        try:
-            lsn = await asyncio.shield(self.primary.after())
-        except (ConnectionError, asyncio.CancelledError) as exc:
-            # not known: no replica reads of this database until a position is read again
-            if database not in self.blocked:
-                self.blocked.add(database)
-                log.warning("replica reads of %s paused: %s", database, exc)
-                self.server.spawn(self._unblock(database))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        self.positions.raise_to(database, tables, lsn)
+    def committed(self, database: str, names: Iterable[str], source: str = "own") -> None:
+        """A write to `names` (version names: `db/schema.table|...`, `db/*`) committed: until its
+        position is read, no replica read of those tables (call before anyone can see the write:
+        before its client hears of the commit, before the cache versions move)."""
+        held = self.positions.hold(database, {n.split("|", 1)[0] for n in names})
         self.recorded[source] += 1
+        self.server.spawn(self._settle(held))
 
-    async def _unblock(self, database: str) -> None:
+    async def _settle(self, held: frozenset[str]) -> None:
         while True:
             try:
                 lsn = await self.primary.after()
-            except ConnectionError:
+            except ConnectionError as exc:
+                log.warning("write position not read yet (%s): its tables are read on the primary", exc)
                 await asyncio.sleep(0.2)
                 continue
-            self.positions.raise_to(database, (f"{database}/*",), lsn)
-            self.blocked.discard(database)
-            log.info("replica reads of %s resumed", database)
+            self.positions.settle(held, lsn)
             return
 
     async def _close_gap(self, shared: SharedLsns) -> None:
@@ -377,8 +390,6 @@ class Replicas:
 
     def choose(self, database: str, names: Iterable[str]) -> Replica | None:
         """A replica in rotation that has replayed every write to `names`, the least busy."""
-        if database in self.blocked:
-            return None
         shared = self.positions.shared
         if shared is not None and shared.gap():
             if self._gap is None or self._gap.done():

@@ -228,24 +228,13 @@ class Server:
         facts = planner.catalog.tables if planner is not None else TableFacts()
         names = write_names(database, change_effects(change, facts), None)
         if self.replicas is not None and names and not (change.pid and self.own_pid(change.pid)):
-            # its position first: a read of the new versions must not be filled from a replica
-            # that has not replayed it
-            self.spawn(self._feed_recorded(database, names, change))
-            return
+            # before the versions move: a read of the new versions must not be filled from a
+            # replica that has not replayed the write
+            self.replicas.committed(database, names, "feed")
         if names and self.cache is not None:
             self.cache.feed_change(names, change.pid)
         if change.op == "*":
             self.ddl_seen(database)
-
-    async def _feed_recorded(self, database: str, names: frozenset[str], change: Change) -> None:
-        assert self.replicas is not None
-        try:
-            await self.replicas.record(database, names, "feed")
-        finally:
-            if self.cache is not None:
-                self.cache.feed_change(names, change.pid)
-            if change.op == "*":
-                self.ddl_seen(database)
 
     async def _connect(self, database: str) -> asyncpg.Connection:
         return await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,

@@ -40,7 +40,7 @@ def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve)
     # (with Redis, versions are there; the workers still share who their server connections are)
     shared = SharedCounters(workers=config.workers) if config.cache or config.replicas else None
     if shared is not None and config.replicas:
-        shared.lsns = SharedLsns()
+        shared.lsns = SharedLsns(workers=config.workers)
     stats_dir = tempfile.mkdtemp(prefix="pgsluice-workers-")
     make_counts_file(stats_dir, config.workers)  # max_client_conn counts over all workers
     make_keys_file(stats_dir)  # whose server connection sent a notification
@@ -100,6 +100,7 @@ def _run(config: Config, reload_from: Callable[[], Config], serve: Serve, shared
             shared.new_epoch()
             if shared.lsns is not None:
                 shared.lsns.open_gap()
+                shared.lsns.clear_worker(index)
         if stopping or index < 0:
             continue
         failures += 1
