@@ -47,6 +47,8 @@ class CacheSettings:
 @dataclass(slots=True)
 class CacheStats:
     hits: int = 0
+    fast_hits: int = 0  # of hits: answered by the wire door's fast path (proxy/fastpath.py)
+    known_passes: int = 0  # simple Queries sent as they were sent before, not analysed again
     redis_hits: int = 0  # of hits: found in the Redis tier
     misses: int = 0
     coalesced: int = 0  # waited for an identical query in flight
@@ -96,6 +98,19 @@ class Cache:
         self._read_names: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._feed_pending: set[str] = set()
         self._feed_task: asyncio.Task[None] | None = None
+        # The wire door's fast path (proxy/fastpath.py): per session context, raw request ->
+        # an alias of a local entry. `fast_gen` moves whenever a plan or an admission decision
+        # may have changed (catalog, guardrails, change feed state, Redis): aliases made
+        # before are not used. With Redis there is none: every look-up waits for the barrier.
+        self.fast = not settings.redis
+        self.fast_gen = 0
+        self.fast_maps: dict[Hashable, dict[Hashable, Any]] = {}
+        self.passes = 0  # passthrough texts remembered in them
+
+    def plans_changed(self) -> None:
+        """A planner dropped its plans, or a change feed's state moved (Planner.on_change,
+        ChangeFeed.on_state): what the fast path learnt from them is not trusted."""
+        self.fast_gen += 1
 
     # ---- lifecycle ----
 
@@ -113,10 +128,13 @@ class Cache:
 
     def add_feed(self, feed: ChangeFeed) -> None:
         self.feeds[feed.database] = feed
+        feed.on_state = self.plans_changed
+        self.plans_changed()
         feed.start()
 
     def _redis_changed(self, up: bool) -> None:
         # the history of versions this process saw may be incomplete either way: start over
+        self.plans_changed()
         self.local.clear()
         if not up:
             self.versions.reset()
@@ -305,11 +323,13 @@ class Cache:
     def rows(self) -> list[tuple[str, str]]:
         """SHOW CACHE: (name, value) pairs."""
         s, ls = self.stats, self.local.stats
-        out = [("hits", s.hits), ("hits_from_redis", s.redis_hits), ("misses", s.misses),
-               ("coalesced", s.coalesced), ("stores", s.stores), ("too_large", s.too_large + ls.too_large),
+        out = [("hits", s.hits), ("fast_hits", s.fast_hits), ("hits_from_redis", s.redis_hits),
+               ("misses", s.misses), ("coalesced", s.coalesced), ("stores", s.stores),
+               ("too_large", s.too_large + ls.too_large),
                ("evictions", ls.evictions), ("expired", ls.expired), ("entries", ls.entries),
                ("bytes", ls.bytes), ("max_bytes", self.local.max_bytes), ("in_flight", len(self.flights)),
-               ("write_bumps", s.bumps), ("feed_bumps", s.feed_bumps), ("feed_own_writes", s.feed_own)]
+               ("known_passthrough", s.known_passes), ("write_bumps", s.bumps), ("feed_bumps", s.feed_bumps),
+               ("feed_own_writes", s.feed_own)]
         rows = [(k, str(v)) for k, v in out]
         rows += [(f"bypass: {reason}", str(n)) for reason, n in sorted(s.bypass.items())]
         if self.redis is not None:

@@ -301,6 +301,9 @@ class ChangeFeed:
         self.up = False
         self.installed = False  # the event triggers exist: catalog and new tables are covered
         self.checked = False  # whether it is installed is known (the first connection read it)
+        # called whenever up, installed, checked or covered may have changed: what was decided
+        # from them (the wire door's fast path) is decided again
+        self.on_state: Callable[[], None] = lambda: None
         self._warned = -1e9
         self.covered: frozenset[str] = frozenset()
         self.notifications = 0
@@ -330,6 +333,7 @@ class ChangeFeed:
                 await self._task
             self._task = None
         self.up = False
+        self.on_state()
 
     async def _run(self) -> None:
         delay = 0.1
@@ -348,6 +352,7 @@ class ChangeFeed:
 
     def _set_down(self) -> None:
         self.up = False
+        self.on_state()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             conn.terminate()
@@ -370,6 +375,7 @@ class ChangeFeed:
         # anything may have changed while we were not listening
         self.on_change(self.database, EVERYTHING)
         self.up = True
+        self.on_state()
         if self.reconnects:
             log.warning("change feed of %s is back", self.database)
         self.reconnects += 1
@@ -412,6 +418,7 @@ class ChangeFeed:
         if self.checked and not self.installed:
             self.warn_not_installed()  # after DDL, or removed
         self.checked = True
+        self.on_state()
         if was and not self.installed:
             self.on_change(self.database, EVERYTHING)  # removed: nothing cached so far is trusted
 

@@ -2,9 +2,15 @@
 
 Values are the wire messages a result is made of (bytes). An entry is charged what it
 really takes in memory: the value object, the key's own parts (keys.key_footprint) and the
-bookkeeping (entry tuple, timestamp, dict and order slots), so that `max_bytes` bounds what
+bookkeeping (entry object, timestamp, dict and order slots), so that `max_bytes` bounds what
 the process holds (tests/test_cache_units.py checks it with tracemalloc). Entries larger
 than `max_entry` are refused by `put` (the caller counts that as a bypass).
+
+An entry may have aliases: other dicts that map something else to it (the wire door's fast
+path, proxy/fastpath.py). They are charged to the entry and removed with it, so an alias
+never outlives its entry nor escapes `max_bytes`. A hit through an alias only marks the
+entry used; eviction gives a used entry a second chance (CLOCK), as it would have moved to
+the end on a hit by key.
 """
 
 from __future__ import annotations
@@ -14,13 +20,37 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from .keys import key_footprint
 
-# Per entry besides key and value: the (value, stored, size) tuple (64), the timestamp (24),
-# the size (28), and the OrderedDict's hash-table and order slots (about 90, averaged over
-# its fill factor), measured with tracemalloc on CPython 3.11.
+# Per entry besides key and value: the Entry object (72), the timestamp (24), the size (28),
+# and the OrderedDict's hash-table and order slots (about 90, averaged over its fill factor),
+# measured with tracemalloc on CPython 3.11.
 ENTRY_OVERHEAD = 200
+Alias = tuple[dict[Any, Any], Hashable]  # (a dict, the key of what it holds: an object whose
+                                         # `entry` is the Entry)
+
+
+class Entry:
+    """A value in the cache, with when it was stored and what it is charged."""
+
+    __slots__ = ("aliases", "size", "stored", "used", "value")
+
+    def __init__(self, value: bytes, stored: float, size: int) -> None:
+        self.value = value
+        self.stored = stored
+        self.size = size
+        self.used = False  # hit through an alias since the eviction hand last passed
+        self.aliases: list[Alias] | None = None
+
+    def unlink(self) -> None:
+        """The entry leaves the cache: so do its aliases."""
+        aliases, self.aliases = self.aliases, None
+        if aliases:
+            for holder, key in aliases:
+                if getattr(holder.get(key), "entry", None) is self:  # not replaced since
+                    del holder[key]
 
 
 def entry_size(key: Hashable, value: bytes) -> int:
@@ -49,18 +79,22 @@ class LocalCache:
         self.ttl = ttl
         self.stats = LocalStats()
         self._clock = clock
-        self._data: OrderedDict[Hashable, tuple[bytes, float, int]] = OrderedDict()
+        self._data: OrderedDict[Hashable, Entry] = OrderedDict()
 
     def get(self, key: Hashable, max_age: float | None = None) -> bytes | None:
         """The value if present and younger than both the TTL and `max_age` seconds."""
-        item = self._data.get(key)
-        if item is None:
+        entry = self.entry(key, max_age)
+        return entry.value if entry is not None else None
+
+    def entry(self, key: Hashable, max_age: float | None = None) -> Entry | None:
+        """get(), as the Entry (to make an alias of it)."""
+        entry = self._data.get(key)
+        if entry is None:
             self.stats.misses += 1
             return None
-        value, stored, size = item
-        age = self._clock() - stored
+        age = self._clock() - entry.stored
         if age >= self.ttl:
-            self._drop(key, size)
+            self._drop(key, entry)
             self.stats.expired += 1
             self.stats.misses += 1
             return None
@@ -69,7 +103,17 @@ class LocalCache:
             return None
         self._data.move_to_end(key)
         self.stats.hits += 1
-        return value
+        return entry
+
+    def alias(self, entry: Entry, holder: dict[Any, Any], key: Hashable, size: int) -> None:
+        """`holder[key]` refers to `entry` (the caller stored it): charge `size` bytes for it,
+        and remove it when the entry goes. The entry must be in the cache."""
+        if entry.aliases is None:
+            entry.aliases = []
+        entry.aliases.append((holder, key))
+        entry.size += size
+        self.stats.bytes += size
+        self._evict(0)
 
     def put(self, key: Hashable, value: bytes) -> bool:
         if len(value) > self.max_entry:
@@ -79,33 +123,46 @@ class LocalCache:
         if size > self.max_bytes:
             self.stats.too_large += 1
             return False
-        old = self._data.pop(key, None)
+        old = self._data.get(key)
         if old is not None:
-            self.stats.bytes -= old[2]
-            self.stats.entries -= 1
-        while self._data and self.stats.bytes + size > self.max_bytes:
-            _, (_, _, victim_size) = self._data.popitem(last=False)
-            self.stats.bytes -= victim_size
-            self.stats.entries -= 1
-            self.stats.evictions += 1
-        self._data[key] = (value, self._clock(), size)
+            self._drop(key, old)
+        self._evict(size)
+        self._data[key] = Entry(value, self._clock(), size)
         self.stats.bytes += size
         self.stats.entries += 1
         return True
 
+    def _evict(self, room: int) -> None:
+        """Least recently used first, until `room` more bytes fit; an entry hit through an
+        alias since the hand last passed goes to the end instead, once."""
+        data, stats = self._data, self.stats
+        while data and stats.bytes + room > self.max_bytes:
+            key, victim = data.popitem(last=False)
+            if victim.used:
+                victim.used = False
+                data[key] = victim
+                continue
+            victim.unlink()
+            stats.bytes -= victim.size
+            stats.entries -= 1
+            stats.evictions += 1
+
     def discard(self, key: Hashable) -> None:
-        item = self._data.get(key)
-        if item is not None:
-            self._drop(key, item[2])
+        entry = self._data.get(key)
+        if entry is not None:
+            self._drop(key, entry)
 
     def clear(self) -> None:
+        for entry in self._data.values():
+            entry.unlink()
         self._data.clear()
         self.stats.bytes = self.stats.entries = 0
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def _drop(self, key: Hashable, size: int) -> None:
+    def _drop(self, key: Hashable, entry: Entry) -> None:
         del self._data[key]
-        self.stats.bytes -= size
+        entry.unlink()
+        self.stats.bytes -= entry.size
         self.stats.entries -= 1

@@ -29,7 +29,9 @@ class SharedCounters:
     * versions (used without Redis): `slots` 64-bit counters; a version is its slot's counter,
       so two names hashing to one slot only invalidate each other more often, never less.
       Slot 0 is the epoch, part of every key: the parent moves it when a worker dies, since a
-      write of that worker may have committed without its bump.
+      write of that worker may have committed without its bump. After the slots, the stamp:
+      it moves with every bump, after the slots it bumps, so a reader that sees the stamp it
+      saw before knows no version moved since (the wire door's fast path).
     * the server process ids of each worker's pool (with or without Redis), so that a change
       feed notification of a write made through any worker is known as one pgsluice bumped.
 
@@ -39,7 +41,7 @@ class SharedCounters:
 
     def __init__(self, slots: int = 1 << 20, workers: int = 1) -> None:
         self.slots = slots
-        self.buf = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
+        self.buf = mmap.mmap(-1, 8 * (slots + 1), flags=mmap.MAP_SHARED)
         self.lock = multiprocessing.Lock()
         self.generation = secrets.token_hex(8)
         self.workers = workers
@@ -57,8 +59,11 @@ class SharedCounters:
 
     def bump(self, slots: Iterable[int]) -> None:
         with self.lock:
-            for i in set(slots):
+            for i in (*set(slots), self.slots):  # the stamp last
                 _Q.pack_into(self.buf, 8 * i, _Q.unpack_from(self.buf, 8 * i)[0] + 1)
+
+    def stamp(self) -> int:
+        return int(_Q.unpack_from(self.buf, 8 * self.slots)[0])
 
     def new_epoch(self) -> None:
         """Every key made so far is dead (a worker died: its last writes may not be bumped)."""
@@ -165,13 +170,25 @@ class SharedLsns:
 
 
 class Versions:
-    """The versions this process knows: the only store without Redis, a mirror with it."""
+    """The versions this process knows: the only store without Redis, a mirror with it.
+
+    `stamp()` changes whenever any version or the generation may have: equal stamps mean
+    equal versions, so a reader can skip comparing them name by name."""
 
     def __init__(self, shared: SharedCounters | None = None) -> None:
         self.shared = shared
         self.generation = shared.generation if shared is not None else secrets.token_hex(8)
         self._v: dict[str, int] = {}
         self._slots: dict[tuple[str, ...], tuple[int, ...]] = {}
+        self._stamp = 0  # local changes (bump, observe, reset); shared ones are the shared stamp's
+        self.stamp = self._local_stamp if shared is None else self._shared_stamp
+
+    def _local_stamp(self) -> int:
+        return self._stamp
+
+    def _shared_stamp(self) -> int:
+        assert self.shared is not None
+        return self.shared.stamp() + self._stamp
 
     def known(self, names: Iterable[str]) -> list[str]:
         """Those of `names` this mirror has no value for yet."""
@@ -197,13 +214,16 @@ class Versions:
         v = self._v
         for n in names:
             v[n] = v.get(n, 0) + 1
+        self._stamp += 1
 
     def observe(self, version_name: str, value: int) -> None:
         """A value seen in the shared store: versions never go back."""
         if value > self._v.get(version_name, -1):
             self._v[version_name] = value
+            self._stamp += 1
 
     def reset(self) -> None:
         """Forget everything: the next keys can never equal an earlier one."""
         self.generation = secrets.token_hex(8)
         self._v.clear()
+        self._stamp += 1

@@ -182,13 +182,15 @@ def psql_scalar(psql: Path, ep: Endpoint, sql: str, timeout: float = 30) -> str:
 
 
 def pgbench_scripts(pgbench: Path, ep: Endpoint, scripts: list[tuple[str, int]], *, clients: int,
-                    jobs: int, seconds: int, mode: str = "simple", log_prefix: Path | None = None
-                    ) -> tuple[list[str], PgbenchResult, list[float]]:
-    """One run of weighted custom scripts (`-f script@weight`); with log_prefix, also every
-    transaction's latency in ms (from -l, whose files are removed). Never raises for pgbench
-    failures: they are reported in the result."""
+                    jobs: int, seconds: int, mode: str = "simple", log_prefix: Path | None = None,
+                    transactions: int = 0) -> tuple[list[str], PgbenchResult, list[float]]:
+    """One run of weighted custom scripts (`-f script@weight`) for `seconds` (or, given, that
+    many `transactions` per client, within `seconds`); with log_prefix, also every transaction's
+    latency in ms (from -l, whose files are removed). Never raises for pgbench failures: they
+    are reported in the result."""
     with tempfile.TemporaryDirectory(prefix="pgsluice-pgbench-") as tmp:
-        cmd = [str(pgbench), "-n", "-M", mode, "-c", str(clients), "-j", str(jobs), "-T", str(seconds)]
+        length = ["-t", str(transactions)] if transactions else ["-T", str(seconds)]
+        cmd = [str(pgbench), "-n", "-M", mode, "-c", str(clients), "-j", str(jobs), *length]
         for i, (script, weight) in enumerate(scripts):
             path = Path(tmp, f"script{i}.sql")
             path.write_text(script)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .analyze import analyze as _analyze
 from .canonical import Canonical, canonicalize, parse
@@ -48,18 +49,23 @@ class Planner:
         self.stats = PlannerStats()
         self._plans: OrderedDict[_Key, Plan] = OrderedDict()
         self._shapes: dict[tuple[str, SessionFacts], tuple[Plan, Canonical]] = {}
+        # called when plans made so far are dropped: what was decided from them elsewhere (the
+        # wire door's fast path) is decided again
+        self.on_change: Callable[[], None] = lambda: None
 
     def set_policies(self, policies: Policies) -> None:
         """New guardrails (RELOAD): plans carry verdicts, so they are made again."""
         self.policies = {p.name: p for p in policies.roles}
         self._plans.clear()
         self._shapes.clear()
+        self.on_change()
 
     def set_catalog(self, catalog: Catalog) -> None:
         """New catalog facts (after DDL): every plan made with the old ones is dropped."""
         self.catalog = catalog
         self._plans.clear()
         self._shapes.clear()
+        self.on_change()
 
     def analyze(self, sql: str, facts: SessionFacts) -> Plan:
         key = (sql, facts)

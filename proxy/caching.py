@@ -3,7 +3,7 @@
 `try_query` runs when a client with no server connection sends a simple Query: a hit is
 written back at once (no task, no server); a query identical to one in flight waits for
 that one's reply; otherwise this client leads: its Query goes to Postgres as usual and
-relay.backward feeds the reply, message by message, to a `Fill`, which lands it in the
+replies.backward feeds the reply, message by message, to a `Fill`, which lands it in the
 cache and hands it to every waiter at ReadyForQuery.
 
 Writes: relay notes the tables each statement writes (`note_writes`); at the
@@ -26,6 +26,7 @@ from cache.versions import GLOBAL
 from planner import Flag, Kind, Plan, Planner, SessionFacts
 from planner.tables import Effect
 
+from . import fastpath
 from .pgwire import codes, encode
 from .pgwire.decode import parse_bind_names, parse_bind_params, parse_parse
 from .pgwire.errors import ProtocolError
@@ -89,7 +90,7 @@ class Fill:
 
 # ---- reads -------------------------------------------------------------------------------------
 
-def _key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float | None]:
+def key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float | None]:
     if s.key_source is not s.settings:
         s.key_source = s.settings
         s.key_settings = relevant_settings(s.settings)
@@ -104,10 +105,12 @@ def _key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float 
 class Request:
     """One cacheable request at the head of s.inbuf: a Query, or a Bind..Execute..Sync group."""
 
-    __slots__ = ("bind", "end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix", "settings", "types")
+    __slots__ = ("bind", "bypass", "end", "fmt", "max_age", "names", "parse_msg", "plan", "prefix",
+                 "settings", "stmt_parse", "types")
 
     def __init__(self, plan: Plan, end: int, fmt: object, prefix: bytes = b"",
-                 parse_msg: bytes | None = None, bind: bytes | None = None, types: bytes = b"") -> None:
+                 parse_msg: bytes | None = None, bind: bytes | None = None, types: bytes = b"",
+                 stmt_parse: bytes | None = None) -> None:
         self.plan = plan
         self.end = end  # bytes of s.inbuf it takes
         self.fmt = fmt  # what else shapes the reply: protocol, parameters, formats
@@ -118,6 +121,8 @@ class Request:
         self.max_age: float | None = None
         self.bind = bind  # the group's Bind after its names: the values a key may be pinned to
         self.types = types  # the statement's declared parameter types (Parse)
+        self.stmt_parse = stmt_parse  # a group without Parse: the Parse of the statement it binds
+        self.bypass: str | None = None  # not looked up: why ("" uncounted: not a plain read)
 
 
 def settings_changed(s: ClientSession) -> None:
@@ -134,13 +139,23 @@ def settings_changed(s: ClientSession) -> None:
 
 def try_query(s: ClientSession) -> int:
     """The head of s.inbuf is a complete Query and s holds no server connection."""
-    assert s.server.cache is not None
-    if not s.server.cache.active(s.database):
-        return PASS
+    cache = s.server.cache
+    assert cache is not None
     end = 1 + _I.unpack_from(s.inbuf, 1)[0]
+    head = fastpath.head_of(s, end) if s.fast_ok else None
+    if isinstance(head, fastpath.Pass):  # seen before: nothing to look up (counted when sent)
+        return PASS
+    if not cache.active(s.database):
+        if head is not None:
+            head.reason = ""
+        return PASS
     sql = bytes(s.inbuf[5:end - 1]).decode("utf-8", "replace")
     planner = s.planner or s.server.planner_for(s.database)
-    return _try(s, Request(planner.analyze(sql, s.facts), end, _FORMAT_SIMPLE))
+    req = Request(planner.analyze(sql, s.facts), end, _FORMAT_SIMPLE)
+    result = _try(s, req)
+    if head is not None:  # relay.forward sends it: with this plan, and maybe remembers it
+        head.plan, head.reason = req.plan, req.bypass
+    return result
 
 
 def try_extended(s: ClientSession) -> int:
@@ -155,30 +170,35 @@ def try_extended(s: ClientSession) -> int:
         return PASS  # relay refuses it, with the error Postgres would give
     if found is None:
         return PASS
-    end, parse_msg, sql, types, bind_rest, describe, raw_bind = found
+    end, parse_msg, stmt_parse, sql, types, bind_rest, describe, raw_bind = found
     planner = s.planner or s.server.planner_for(s.database)
     plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     prefix = (encode.PARSE_COMPLETE if parse_msg is not None else b"") + encode.BIND_COMPLETE
-    return _try(s, Request(plan, end, (b"X", types, bind_rest, describe), prefix, parse_msg, raw_bind, types))
+    return _try(s, Request(plan, end, (b"X", types, bind_rest, describe), prefix, parse_msg, raw_bind, types,
+                           stmt_parse))
 
 
-def _statement(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bytes, bool, bytes] | None:
+def _statement(s: ClientSession
+               ) -> tuple[int, bytes | None, bytes | None, bytes, bytes, bytes, bool, bytes] | None:
     group = _group(s)
     if group is None:
         return None
     end, parse_msg, stmt, bind_rest, describe, raw_bind = group
+    stmt_parse = None
     if parse_msg is not None:
         _name, sql, types = parse_parse(parse_msg[5:])
     elif not stmt:
         if s.unnamed is None:
             return None
+        stmt_parse = s.unnamed
         _name, sql, types = parse_parse(s.unnamed[5:])
     else:
         known = s.statements.get(stmt)
         if known is None:
             return None  # SQL-level PREPARE: Postgres knows it, we do not
+        stmt_parse = known.parse_msg
         _name, sql, types = parse_parse(known.parse_msg[5:])
-    return end, parse_msg, sql, types, bind_rest, describe, raw_bind
+    return end, parse_msg, stmt_parse, sql, types, bind_rest, describe, raw_bind
 
 
 def _normal_bind(rest: bytes) -> bytes:
@@ -260,8 +280,9 @@ def _try(s: ClientSession, req: Request) -> int:
     assert cache is not None
     plan = req.plan
     if plan.kind is not Kind.READ or not plan.verdict.allowed:
+        req.bypass = ""
         return PASS
-    settings, max_age = _key_settings(s)
+    settings, max_age = key_settings(s)
     hinted = plan.hint("max_staleness")
     if hinted is not None:
         max_age = parse_duration(hinted)
@@ -273,6 +294,7 @@ def _try(s: ClientSession, req: Request) -> int:
     if reason is not None:
         cache.stats.bypassed(reason)
         s.agent_stats.bypassed += 1
+        req.bypass = reason
         return PASS
     req.settings, req.max_age = settings, max_age
     bound = None
@@ -341,14 +363,19 @@ def _lookup(s: ClientSession, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
     plan = req.plan
+    stamp = cache.versions.stamp()  # before the versions: a bump in between moves it
+    current = cache.current(req.names)
     key = make_key(s.database, s.user, s.facts.role_policy, req.settings, plan.fingerprint, plan.params,
-                   req.fmt, cache.current(req.names))
-    value = cache.local.get(key, req.max_age)
-    if value is not None:
+                   req.fmt, current)
+    entry = cache.local.entry(key, req.max_age)
+    if entry is not None:
         cache.stats.hits += 1
         s.agent_stats.hits += 1
         s.served = "cache"
-        _reply(s, value, req)
+        reply = req.prefix + entry.value + _RFQ_IDLE
+        if s.fast_ok and cache.fast:  # the next time, these bytes are answered before parsing
+            fastpath.remember(s, req, bytes(s.inbuf[:req.end]), entry, reply, current, stamp)
+        _send(s, reply, req)
         return SERVED
     flight = cache.flights.get(key)
     if flight is not None:
@@ -364,6 +391,10 @@ def _lookup(s: ClientSession, req: Request) -> int:
 
 
 def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
+    _send(s, req.prefix + payload + _RFQ_IDLE, req)
+
+
+def _send(s: ClientSession, reply: bytes, req: Request) -> None:
     del s.inbuf[:req.end]
     s.queries += 1
     s.note_query()
@@ -373,7 +404,7 @@ def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
         s.unnamed_writes = NO_WRITES
     elif not req.prefix:
         s.unnamed = None  # a simple Query destroys the unnamed statement
-    s.write(req.prefix + payload + _RFQ_IDLE)
+    s.write(reply)
     s.request_done()
 
 
@@ -526,12 +557,14 @@ def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
     return Writes(tuple(Effect(t, "table") for t in sorted(tables)), ddl=ddl)
 
 
-def writes_of(s: ClientSession, sql: bytes) -> Writes:
+def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
+    """What executing `sql` may change; `plan`: its plan, when the caller has it already."""
     cache = s.server.cache
     if (cache is None or not cache.active(s.database)) and s.server.replicas is None:
         return NO_WRITES
     planner = s.planner or s.server.planner_for(s.database)
-    plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
+    if plan is None:
+        plan = planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
         s.server.ddl_seen(s.database)
     writes = write_set(plan, planner)
@@ -550,9 +583,12 @@ def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
     return writes_of(s, sql)
 
 
-def note_writes(s: ClientSession, sql: bytes) -> None:
-    writes = writes_of(s, sql)
-    mark(s, writes.names(s.database), writes.ddl)
+def note_writes(s: ClientSession, sql: bytes, plan: Plan | None = None) -> tuple[frozenset[str], bool]:
+    """A Query is about to be sent: mark what it writes; (the versions, whether the catalog too)."""
+    writes = writes_of(s, sql, plan)
+    names = writes.names(s.database)
+    mark(s, names, writes.ddl)
+    return names, writes.ddl
 
 
 def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes) -> None:

@@ -141,12 +141,13 @@ class Pool:
             hint="Raise pool_max_size or pool_acquire_timeout, or shorten transactions.",
         )
 
-    def release(self, backend: Backend) -> None:
+    def release(self, backend: Backend, now: float | None = None) -> None:
         """Give a backend back: kept only if idle with every message answered (Backend.clean);
-        one in any other state (mid-transaction, skipping to a Sync, a reply unread) is closed."""
+        one in any other state (mid-transaction, skipping to a Sync, a reply unread) is closed.
+        `now`: the clock, if the caller has just read it."""
         self.held -= 1
         backend.holder = None
-        backend.last_used = time.monotonic()
+        backend.last_used = time.monotonic() if now is None else now
         backend.uses += 1
         if not backend.clean or self.closed or backend.last_used - backend.created > self.settings.lifetime:
             if not backend.closed and not backend.clean:

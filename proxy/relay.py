@@ -7,7 +7,8 @@ what lets pgsluice (a) answer CloseComplete itself for prepared statements it
 keeps on the backend, in the right place, and (b) swallow the responses to
 messages it injected (re-preparing a client's statement on another backend). An
 ErrorResponse to an extended-protocol message voids the Entries up to the next
-Sync, as Postgres skips those messages.
+Sync, as Postgres skips those messages. This module is the way there (client ->
+backend); replies.py the way back; commands.py reads what the texts say to pgsluice.
 
 Everything else is passed through as ranges of the original bytes.
 """
@@ -18,26 +19,20 @@ import hashlib
 import logging
 import re
 import struct
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from planner import Kind, Plan, Verdict
-from planner.explain import describe
 from planner.guard import extended_verdict
-from planner.normalize import comment_hints
 
-from . import caching, sqlscan
+from . import caching, commands, fastpath, sqlscan
 from .logs import fields
 from .pgwire import codes, encode
 from .pgwire.decode import (
     parse_bind_names,
-    parse_error_fields,
-    parse_parameter_status,
     parse_parse,
     parse_target,
 )
 from .pgwire.errors import ProtocolError
-from .settings import apply_changes
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -192,47 +187,12 @@ def forward(s: ClientSession) -> None:
             if not s.skipping:  # else Postgres drops it unanswered, still skipping to a Sync
                 owed += 1
                 unsynced = False
-                sql = bytes(buf[pos + 5:end - 1])
-                if b"agent=" in sql:
-                    _tag_agent(s, sql)
-                s.note_query()
-                s.server.stats.upstream_queries += 1
-                s.last_sql = sql[:300]
-                head = sql[:10].lower()
-                if head[:3] == b"set" and b"pgsluice.route" in sql:
-                    fixed = _route_setting(sql)
-                    if fixed is not None:  # sent quoted: PRIMARY is a reserved word to Postgres
-                        out.append(buf[start:pos])
-                        out.append(encode.query(fixed))
-                        start, sql = end, fixed
-                swap = _deallocate(s, backend, sql) if head == b"deallocate" else \
-                    _show(s, backend, sql) if head[:4] == b"show" else None
-                if swap is None and s.server.tracks_writes:
-                    caching.note_writes(s, sql)
-                if swap is None and s.policy is not None:
-                    swap = _guarded_query(s, backend, sql)
-                if swap is None and head[:7] == b"execute":
-                    swap = _execute(s, backend, sql)
-                elif head[:4] == b"drop" or head[:5] == b"alter":
-                    _database_ddl(s, sql)
-                if swap is not None:
-                    out.append(buf[start:pos])
-                    out.extend(swap)
-                    start = end
+                head = fastpath.take_head(s, buf, pos, end)
+                if isinstance(head, fastpath.Pass):
+                    _plain_query(s, backend, head)
                 else:
-                    info = _query(s, backend, sql)
-                    if info is None and head[:4] == b"copy" and _COPY_IN.match(sql):
-                        s.copy_in = True
-                        entries.append((QUERY, COPY_IN))
-                    else:
-                        entries.append((QUERY, info))
-                    restore = _restore_startup(s, sql) if info is not None or s.pinned else None
-                    if restore is not None:  # RESET of startup parameters: put them back
-                        out.append(buf[start:end])
-                        out.append(restore)
-                        entries.append((SWALLOW_QUERY, None))
-                        owed += 1
-                        start = end
+                    start, more = _query_message(s, backend, buf, pos, end, out, start, head)
+                    owed += more
         elif code in _EXTENDED:
             unsynced = True
             if not s.skipping:
@@ -288,6 +248,90 @@ def _route_setting(sql: bytes) -> bytes | None:
     return m.group(1) + b"'" + m.group(2).lower() + b"'" + m.group(3)
 
 
+def send_known(s: ClientSession, known: fastpath.Pass) -> None:
+    """s.inbuf is exactly one Query known to need nothing but sending (fastpath.known_whole):
+    what forward does with it, without looking at it again."""
+    backend = s.backend
+    assert backend is not None
+    s.head = None
+    _plain_query(s, backend, known)
+    s.inbuf.clear()
+    backend.write(known.key)
+    backend.ready_owed += 1
+    backend.unsynced = False
+
+
+def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> None:
+    """A Query known to need nothing but sending (fastpath.Pass): what _query_message does for
+    such a text, without working it out again."""
+    fastpath.count_pass(s, known)
+    s.note_query()
+    s.server.stats.upstream_queries += 1
+    s.last_sql = known.last_sql
+    if known.names:
+        caching.mark(s, known.names)
+    s.unnamed = None  # a simple Query destroys the unnamed statement
+    backend.unnamed_owner = None
+    s.queries += 1
+    s.entries.append((QUERY, None))
+
+
+def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int, end: int, out: Chunks,
+                   start: int, head: fastpath.Head | None) -> tuple[int, int]:
+    """A Query (at buf[pos:end]): (where the bytes still to copy start, ReadyForQuery messages
+    owed besides its own). `head`: what try_query worked out for it; when nothing in it needs
+    more than sending, it is remembered as such (fastpath.Pass)."""
+    entries = s.entries
+    sql = bytes(buf[pos + 5:end - 1])
+    tagged = b"agent=" in sql
+    if tagged:
+        commands.tag_agent(s, sql)
+    s.note_query()
+    s.server.stats.upstream_queries += 1
+    s.last_sql = sql[:300]
+    head_word = sql[:10].lower()
+    if head_word[:3] == b"set" and b"pgsluice.route" in sql:
+        fixed = _route_setting(sql)
+        if fixed is not None:  # sent quoted: PRIMARY is a reserved word to Postgres
+            out.append(buf[start:pos])
+            out.append(encode.query(fixed))
+            start, sql, head = end, fixed, None
+    swap = _deallocate(s, backend, sql) if head_word == b"deallocate" else \
+        _show(s, backend, sql) if head_word[:4] == b"show" else None
+    names: frozenset[str] = frozenset()
+    ddl = False
+    if swap is None and s.server.tracks_writes:
+        names, ddl = caching.note_writes(s, sql, head.plan if head is not None else None)
+    if swap is None and s.policy is not None:
+        swap = _guarded_query(s, backend, sql)
+    if swap is None and head_word[:7] == b"execute":
+        swap = _execute(s, backend, sql)
+    elif head_word[:4] == b"drop" or head_word[:5] == b"alter":
+        commands.database_ddl(s, sql)
+    if head_word[:7] == b"execute" or head_word == b"deallocate" or head_word[:4] == b"drop" \
+            or head_word[:5] == b"alter":
+        head = None  # what they do depends on the session's statements, or on other databases
+    if swap is not None:
+        out.append(buf[start:pos])
+        out.extend(swap)
+        return end, 0
+    info = _query(s, backend, sql)
+    if info is None and head_word[:4] == b"copy" and _COPY_IN.match(sql):
+        s.copy_in = True
+        entries.append((QUERY, COPY_IN))
+        return start, 0
+    entries.append((QUERY, info))
+    restore = commands.restore_startup(s, sql) if info is not None or s.pinned else None
+    if restore is not None:  # RESET of startup parameters: put them back
+        out.append(buf[start:end])
+        out.append(restore)
+        entries.append((SWALLOW_QUERY, None))
+        return end, 1
+    if head is not None and info is None and not tagged and not ddl and s.fast_ok:
+        fastpath.remember_pass(s, head, names, s.last_sql)
+    return start, 0
+
+
 def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
@@ -336,24 +380,10 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
     return out
 
 
-_EXECUTE = re.compile(rb'(?is)execute\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)(\s*\(.*\))?\s*;?\s*')
-
-
-def _executed(s: ClientSession, sql: bytes) -> tuple[bytes, bytes] | None:
-    """(client name, arguments) of `EXECUTE name [(args)]` naming one of the client's
-    protocol-level statements (kept on backends under another name), else None."""
-    m = _EXECUTE.fullmatch(sql)
-    if m is None:
-        return None
-    raw = m.group(1)
-    name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
-    return (name, m.group(2) or b"") if name in s.statements else None
-
-
 def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     """SQL `EXECUTE name` of a statement the client prepared over the protocol (asyncpg's
     prepare(name=...)): run on the backend under its server-side name."""
-    found = _executed(s, sql)
+    found = commands.executed(s, sql)
     if found is None:
         return None
     name, args = found
@@ -367,59 +397,17 @@ def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     return out
 
 
-_NAME = rb'("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
-_DATABASE_DDL = re.compile(rb"(?is)(?:drop\s+database\s+(?:if\s+exists\s+)?" + _NAME
-                           + rb"|alter\s+database\s+" + _NAME + rb"\s+rename\b)")
-
-
-def _database_ddl(s: ClientSession, sql: bytes) -> None:
-    """DROP DATABASE / ALTER DATABASE ... RENAME: pgsluice's idle connections to that
-    database must not be in its way."""
-    m = _DATABASE_DDL.match(sql)
-    if m is not None:
-        raw = m.group(1) or m.group(2)
-        name = raw[1:-1].replace(b'""', b'"') if raw[:1] == b'"' else raw.lower()
-        s.server.database_going(name.decode("utf-8", "replace"))
-
-
-_SHOW_PLAN = re.compile(rb"(?is)\s*show\s+plan\s+('(?:[^']|'')*')\s*;?\s*")
-_SHOW_CACHE = re.compile(rb"(?is)\s*show\s+cache\s*;?\s*")
-
-
 def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     """`SHOW CACHE` and `SHOW PLAN 'query'` (not Postgres syntax, so nothing is shadowed):
     Postgres answers a VALUES list of pgsluice's rows, so the reply and the transaction
     state are exactly those of a query."""
-    text = show_sql(s, sql)
+    text = commands.show_sql(s, sql)
     if text is None:
         return None
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
     s.entries.append((QUERY, None))
     return [encode.query(text)]
-
-
-def show_sql(s: ClientSession, sql: bytes) -> bytes | None:
-    """The query that answers a pgsluice SHOW (simple or extended protocol), else None."""
-    if s.server.cache is not None and _SHOW_CACHE.fullmatch(sql):
-        return _values(("name", "value"), s.server.cache_rows())
-    m = _SHOW_PLAN.fullmatch(sql)
-    if m is None:
-        return None
-    text = m.group(1)[1:-1].replace(b"''", b"'").decode("utf-8", "replace")
-    plan = s.server.planner_for(s.database).analyze(text, s.facts)
-    return _values(("plan",), [(line,) for line in describe(plan).splitlines()])
-
-
-def _values(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> bytes:
-    values = ", ".join("(" + ", ".join(encode.quote_literal(v) for v in row) + ")" for row in rows)
-    return f"SELECT * FROM (VALUES {values}) AS pgsluice({', '.join(columns)})".encode()
-
-
-def _tag_agent(s: ClientSession, sql: bytes) -> None:
-    for key, value in comment_hints(sql.decode("utf-8", "replace")):
-        if key == "agent" and value:
-            s.set_agent(value[:64])
 
 
 def _plan(s: ClientSession, sql: bytes) -> Plan:
@@ -452,20 +440,6 @@ def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | N
         s.entries.append((QUERY, _query(s, backend, new)))
         return [encode.query(new)]
     return None
-
-
-def _restore_startup(s: ClientSession, sql: bytes) -> bytes | None:
-    """On the server connection, startup parameters are session SETs, so RESET returns to
-    the server's defaults; Postgres would return to the client's startup values. A Query
-    that resets any of them is followed by one (its replies swallowed, ParameterStatus
-    passed on) that sets them again; it shares the transaction, so a rollback undoes both."""
-    effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
-    startup = dict(s.startup_settings)
-    names = [name for name, value in effect.settings if value is None]
-    statements = list(startup.values()) if "*" in names else [startup[n] for n in names if n in startup]
-    if not statements:
-        return None
-    return encode.query(";".join(statements))
 
 
 def _scan_parse(s: ClientSession, sql: bytes) -> None:
@@ -516,7 +490,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
     s.note_query()
     s.last_sql = sql[:300]
-    if sql[:4].lower() == b"show" and (shown := show_sql(s, sql)) is not None:
+    if sql[:4].lower() == b"show" and (shown := commands.show_sql(s, sql)) is not None:
         sql = shown
         msg = encode.parse(name, sql, types)
     if name and name in s.statements:  # as Postgres: the name is taken until Close
@@ -533,8 +507,8 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
             msg = encode.parse(name, sql, types)
     out: Chunks = []
     if sql[:4].lower() == b"drop" or sql[:5].lower() == b"alter":
-        _database_ddl(s, sql)
-    if sql[:7].lower() == b"execute" and (found := _executed(s, sql)) is not None:
+        commands.database_ddl(s, sql)
+    if sql[:7].lower() == b"execute" and (found := commands.executed(s, sql)) is not None:
         # the statement it names lives on this backend under its server-side name: the
         # client stays here, where that name will keep meaning it
         s.pin("EXECUTE of a protocol-level statement in a prepared statement")
@@ -642,300 +616,3 @@ def _close(s: ClientSession, msg: bytes) -> Chunks:
     return [msg]
 
 
-# ---- backend -> client -------------------------------------------------------------------------
-
-def backward(s: ClientSession, backend: Backend) -> None:
-    """Forward backend bytes to the client, ending entries, and release at transaction end."""
-    buf = backend.buf
-    n = len(buf)
-    entries = s.entries
-    out: Chunks = []
-    start = pos = 0
-    if s.stream_left:
-        pos = min(s.stream_left, n)
-        s.stream_left -= pos
-    ready = ended = completed = False
-    fill = s.fill
-    while n - pos >= 5:
-        code = buf[pos]
-        length = _I.unpack_from(buf, pos + 1)[0]
-        if length < 4:
-            raise ProtocolError(f"invalid message length {length} from server")
-        end = pos + 1 + length
-        if end <= n and entries and entries[0][0] == SWALLOW_QUERY:
-            if code == codes.B_PARAMETER_STATUS:  # the client sees its value come back
-                name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
-                backend.params[name] = value
-                s.reported[name] = value
-            else:
-                out.append(buf[start:pos])
-                start = end
-                if code == codes.B_READY_FOR_QUERY:
-                    backend.status = buf[pos + 5]
-                    backend.ready_owed -= 1
-                    entries.popleft()
-                    ready = not entries
-            pos = end
-            continue
-        if end > n:
-            if (code == codes.B_DATA_ROW or code == codes.B_COPY_DATA) and n - pos >= _STREAM_MIN \
-                    and not s.row_cap:
-                s.stream_left = end - n
-                pos = n
-                if fill is not None:
-                    fill.too_big()
-            break
-        if fill is not None and code != codes.B_READY_FOR_QUERY:
-            fill.add(code, bytes(buf[pos:end]))
-        if code == codes.B_DATA_ROW:
-            if s.row_cap:
-                if s.rows_seen >= s.row_cap:  # max_rows_mode = "cut": drop it
-                    out.append(buf[start:pos])
-                    start = end
-                    s.rows_cut += 1
-                else:
-                    s.rows_seen += 1
-        elif code == codes.B_READY_FOR_QUERY:
-            backend.status = buf[pos + 5]
-            backend.ready_owed -= 1
-            if fill is not None:
-                caching.finish(s, fill)
-                fill = None
-            ended |= caching.ready(s, backend.status == codes.TXN_IDLE)
-            _end_at_ready(s, backend)
-            if entries and entries[0][0] in _FAKE_BYTES:
-                out.append(buf[start:end])
-                start = end
-                _drain_fakes(entries, out)
-            ready = not entries
-        elif code in _TERMINAL:
-            completed |= code == codes.B_COMMAND_COMPLETE
-            if s.row_cap and code != codes.B_PORTAL_SUSPENDED:
-                if s.rows_cut and code == codes.B_COMMAND_COMPLETE:
-                    out.append(buf[start:pos])
-                    out.extend(_cut_notice(s, bytes(buf[pos + 5:end - 1])))
-                    start = end
-                s.rows_seen = s.rows_cut = 0
-            if entries and entries[0][0] in _TERMINAL[code]:
-                kind = entries.popleft()[0]
-                if kind in _SWALLOWED:
-                    out.append(buf[start:pos])
-                    start = end
-                if entries and entries[0][0] in _FAKE_BYTES:
-                    out.append(buf[start:end])
-                    start = end
-                    _drain_fakes(entries, out)
-            elif code == codes.B_COMMAND_COMPLETE and entries and entries[0][0] == QUERY:
-                info = entries[0][1]
-                if isinstance(info, QueryInfo) and info.discards:
-                    tag = bytes(buf[pos + 5:end - 1])
-                    info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
-        elif code == codes.B_ERROR_RESPONSE:
-            if s.bpool is not s.pool and b"VFATAL\x00" in buf[pos + 5:end]:
-                # a replica going away (shut down, restarted): the lost connection answers the
-                # read with a clean error instead, and the client's connection goes on
-                out.append(buf[start:pos])
-                start = pos = end
-                continue
-            s.server.stats.error(buf[pos + 5:end])
-            _log_failure(s, bytes(buf[pos + 5:end]))
-            rejected = entries[0][1] if entries else None
-            if isinstance(rejected, Rejected) and rejected.code in buf[pos + 5:end]:
-                out.append(buf[start:pos])  # our guardrail's error, without PL/pgSQL's context
-                out.append(rejected.error)
-                start = end
-            _on_error(s, backend, buf[pos + 5:end])
-            if entries and entries[0][0] in _FAKE_BYTES:
-                out.append(buf[start:end])
-                start = end
-                _drain_fakes(entries, out)
-        elif code == codes.B_PARAMETER_STATUS:
-            name, value = parse_parameter_status(bytes(buf[pos + 5:end]))
-            backend.params[name] = value
-            s.reported[name] = value
-        elif code == codes.B_COPY_IN_RESPONSE and entries and entries[0] == (QUERY, COPY_IN):
-            ignored = [e for e in entries if e == (SYNC, COPY_IN)]
-            if ignored:
-                backend.ready_owed -= len(ignored)
-                kept = [e for e in entries if e != (SYNC, COPY_IN)]
-                entries.clear()
-                entries.extend(kept)
-        elif code == codes.B_NOTIFICATION_RESPONSE and end - pos >= 9:
-            # the sender as its client knows it: the process id of the BackendKeyData pgsluice
-            # gave the client whose server connection sent it (drivers compare the two)
-            key = s.server.backend_keys.get(_I.unpack_from(buf, pos + 5)[0])
-            if key is not None:
-                out.append(buf[start:pos + 5])
-                out.append(_I.pack(key))
-                start = pos + 9
-        pos = end
-    if start == 0 and not out:
-        data = bytes(buf[:pos])
-    else:
-        out.append(buf[start:pos])
-        data = b"".join(out)
-    del buf[:pos]
-    if ended:
-        caching.commit(s)  # before the client sees the commit (gated with Redis)
-    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s) \
-            and any(kind in _ENDS_AT_READY for kind, _ in entries):
-        # a write's CommandComplete waits for its ReadyForQuery; only while one is still owed
-        # (an error voids what was sent up to the next Sync, and Flush asks for no Sync)
-        s.held.append(data)
-        return
-    if s.held:
-        data = b"".join(s.held) + data
-        s.held.clear()
-    if data:
-        s.write(data)
-    if ready:
-        s.request_done()
-        if not s.pinned and backend.status == codes.TXN_IDLE and s.backend is backend:
-            s.release()
-        elif backend.status != codes.TXN_IDLE:
-            s.idle_in_transaction()
-
-
-def _log_failure(s: ClientSession, body: bytes) -> None:
-    if not log.isEnabledFor(logging.INFO):
-        return
-    err = parse_error_fields(body)
-    log.info("query failed", extra=fields(client=s.token, agent=s.agent, sqlstate=err.get("C", ""),
-                                          error=err.get("M", ""), sql=s.last_statement))
-
-
-def _cut_notice(s: ClientSession, tag: bytes) -> Chunks:
-    """The NOTICE saying rows were cut, and the CommandComplete counting what was sent."""
-    head, _, count = tag.rpartition(b" ")
-    sent = int(count) - s.rows_cut if count.isdigit() else 0
-    policy = s.policy
-    notice = encode.notice_response(
-        "01000", f"pgsluice: result cut at {s.row_cap} rows ({s.rows_cut} more not sent; max_rows of "
-        f"role \"{policy.name if policy else ''}\")")
-    return [notice, encode.message(codes.B_COMMAND_COMPLETE, head + b" " + str(sent).encode() + b"\x00")]
-
-
-def _drain_fakes(entries: object, out: Chunks) -> None:
-    from collections import deque
-    assert isinstance(entries, deque)
-    while entries and entries[0][0] in _FAKE_BYTES:
-        out.append(_FAKE_BYTES[entries.popleft()[0]])
-
-
-def _end_at_ready(s: ClientSession, backend: Backend) -> None:
-    """ReadyForQuery ends the oldest Sync/Query/FunctionCall; anything before it was skipped."""
-    entries = s.entries
-    while entries:
-        kind, arg = entries.popleft()
-        if kind in _ENDS_AT_READY:
-            if isinstance(arg, QueryInfo):
-                _apply_query(s, backend, arg)
-            elif arg is COPY_IN:
-                s.copy_in = False  # the COPY is over (or never started)
-            return
-        _void(s, backend, kind, arg)
-
-
-def _apply_query(s: ClientSession, backend: Backend, info: QueryInfo) -> None:
-    if info.failed:
-        return
-    if info.discard_seen:
-        backend.prepared.clear()
-        backend.maybe_prepared.clear()
-        backend.unnamed_owner = None
-        s.statements.clear()
-        s.unnamed = None
-    if info.changes and backend.status == codes.TXN_IDLE:
-        s.settings = apply_changes(s.settings, s.startup_settings, info.changes)
-        caching.settings_changed(s)
-        resets = any(value is None for _, value in info.changes)
-        backend.applied = None if resets else s.settings
-
-
-def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
-    """An entry whose message Postgres skipped (or failed): undo what we assumed."""
-    if (kind == PARSE or kind == SWALLOW_PARSE) and isinstance(arg, tuple):
-        srv, name = arg
-        backend.prepared.pop(srv, None)
-        stmt = s.statements.get(name) if name else None
-        if stmt is not None and stmt.server_name == srv and kind == PARSE:
-            del s.statements[name]
-    elif (kind == PARSE or kind == SWALLOW_PARSE) and arg is None:
-        backend.unnamed_owner = None
-    elif kind == QUERY and arg is COPY_IN:
-        s.copy_in = False  # skipped: no COPY
-    elif kind == SWALLOW_CLOSE and isinstance(arg, bytes):
-        backend.maybe_prepared.add(arg)  # skipped: it may still be there; close before a Parse
-
-
-def _on_error(s: ClientSession, backend: Backend, body: bytes | bytearray) -> None:
-    entries = s.entries
-    if not entries:
-        return
-    kind, arg = entries[0]
-    if (kind == BIND or kind == DESCRIBE) and isinstance(arg, bytes) and _STALE_PLAN in body:
-        # The client sees the error, as it would from Postgres; the next Parse or
-        # re-prepare of this text on this backend closes the stale statement first.
-        backend.prepared.pop(arg, None)
-        backend.maybe_prepared.add(arg)
-    if kind in _ENDS_AT_READY:
-        if isinstance(arg, QueryInfo):
-            arg.failed = True
-        return
-    # an extended-protocol message failed: Postgres skips everything up to the next Sync
-    entries.popleft()
-    _void(s, backend, kind, arg)
-    while entries and entries[0][0] != SYNC:
-        k, a = entries.popleft()
-        _void(s, backend, k, a)
-    if not entries:
-        s.skipping = True
-
-
-def fail_pending(s: ClientSession, err: Exception) -> None:
-    """No backend could be had: answer each buffered request with the error, as Postgres would."""
-    from .pgwire.errors import PgError
-    assert isinstance(err, PgError)
-    caching.abandon(s)  # a leader that got no server: its waiters look again
-    buf = s.inbuf
-    n = len(buf)
-    pos = 0
-    out: Chunks = []
-    failed = s.skipping
-    while n - pos >= 5:
-        code = buf[pos]
-        end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
-        if end > n:
-            break
-        if code == codes.F_TERMINATE:
-            s.close()
-            return
-        if not failed:
-            out.append(encode.error_response(err.sqlstate, err.message, detail=err.detail,
-                                             hint=err.hint))
-            failed = True
-        if code in (codes.F_QUERY, codes.F_SYNC, codes.F_FUNCTION_CALL):
-            out.append(encode.ready_for_query())
-            failed = False
-        pos = end
-    del buf[:pos]
-    s.skipping = failed
-    s.write(b"".join(out))
-
-
-def skip_to_sync(s: ClientSession) -> None:
-    """No backend, and an earlier error left us skipping: drop messages up to Sync, answer it."""
-    buf = s.inbuf
-    n = len(buf)
-    pos = 0
-    while n - pos >= 5:
-        code = buf[pos]
-        end = pos + 1 + _I.unpack_from(buf, pos + 1)[0]
-        if end > n:
-            break
-        pos = end
-        if code == codes.F_SYNC:
-            s.skipping = False
-            s.write(encode.ready_for_query())
-            break
-    del buf[:pos]

@@ -190,6 +190,8 @@ class Server:
         planner = self.planners.get(database)
         if planner is None:
             planner = self.planners[database] = Planner(policies=self.config.roles)
+            if self.cache is not None:
+                planner.on_change = self.cache.plans_changed
             self.spawn(self._load_catalog(database))
             if self.config.change_feed and self.tracks_writes:
                 feed = ChangeFeed(database, lambda: self._connect(database), self._feed_change)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 
-from . import admin, caching, relay, tls
+from . import admin, caching, fastpath, relay, replies, tls
 from .backend import Backend, LoginError, send_cancel
 from .login import CancelOnly, LoginResult, login, resync
 from .logs import fields, peer_text
@@ -71,9 +71,9 @@ class ClientSession(asyncio.Protocol):
         self.database = ""
         self.pool: Pool | None = None  # the primary's, for this database and user
         self.bpool: Pool | None = None  # the pool `backend` came from (the primary's or a replica's)
-        self.backend: Backend | None = None
         self.route_source: object = None  # settings `route_forced` was worked out from
         self.route_forced = False  # SET pgsluice.route = primary
+        self.backend: Backend | None = None
         self.key = (0, b"")
         self.startup_settings: Settings = ()
         self.settings: Settings = ()
@@ -120,10 +120,17 @@ class ClientSession(asyncio.Protocol):
         self.key_source: object = None
         self.key_settings: tuple[tuple[str, str], ...] = ()
         self.max_staleness: float | None = None
+        # the fast path (fastpath.py): whether it may answer this session, and its aliases
+        self.fast_ok = False
+        self.fast_settings: object = None
+        self.fast_facts: object = None
+        self.fast_map: dict[Any, Any] = {}
+        self.head: fastpath.Pass | fastpath.Head | None = None  # try_query -> relay.forward
         # operations (issue 5)
         self.connected_at = time.monotonic()
         self.last_sql = b""  # the last statement text sent (for the logs), truncated
         self.request_started = self.connected_at
+        self.now = self.connected_at  # when the bytes being handled arrived (data_received)
         self.admin_failed = False
         self.admin_busy = False  # PAUSE waits for transactions before it replies
         self.admin_statements: dict[bytes, str] = {}
@@ -174,8 +181,21 @@ class ClientSession(asyncio.Protocol):
                 return
             self._wake()
             return
+        now = self.now = time.monotonic()  # the one clock read of this pass
         if not self.entries and self.backend is None and self._task is None:
-            self.request_started = time.monotonic()
+            self.request_started = now
+            if self.fast_ok and not self.inbuf and self._queued is None and not self.skipping \
+                    and not self._cache_done and self._gate is None:
+                outcome = fastpath.serve(self, data, now)
+                if outcome == fastpath.SERVED:
+                    return
+                if outcome == fastpath.KNOWN and not self.server.paused:
+                    # a passthrough text seen before: straight to a server connection
+                    self.inbuf += data
+                    head = self.head
+                    if self._acquire() and isinstance(head, fastpath.Pass):
+                        relay.send_known(self, head)
+                    return
         self.inbuf += data
         if self.state == "admin":
             self._admin()
@@ -426,6 +446,8 @@ class ClientSession(asyncio.Protocol):
             self.startup_settings = self.settings = result.settings + tuple(
                 (name, set_config(name, value)) for name, value in session_settings(policy))
         self.reported = result.welcome
+        cache = self.server.cache
+        self.fast_ok = cache is not None and cache.fast and not self.row_cap
         self._welcome(result, "ready")
         self.pump()
 
@@ -481,7 +503,7 @@ class ClientSession(asyncio.Protocol):
                     self.close()
                     return
                 if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
-                    relay.skip_to_sync(self)
+                    replies.skip_to_sync(self)
                     continue
                 if self.server.cache is None or self.pinned or code not in _CACHEABLE_HEADS:
                     break
@@ -493,25 +515,12 @@ class ClientSession(asyncio.Protocol):
                     break
                 if outcome == caching.ASYNC or self.closed:
                     return
-            assert self.pool is not None
-            if self.server.paused:  # PAUSE: cache hits go on, new transactions wait for RESUME
-                self.server.parked.add(self)
+            if not self._acquire():
                 return
-            replicas = self.server.replicas
-            pool = self.bpool = (replicas.route(self) if replicas is not None else None) or self.pool
-            backend = pool.try_acquire()
-            if backend is not None and backend.applied == self.settings:
-                self._bind(backend)
-            elif backend is None and pool.size >= pool.settings.max_size:
-                # The busy case: wait in the queue with a callback and a timer, no task.
-                fut = self._queued = pool.enqueue()
-                fut.add_done_callback(self._handed_over)
-                self._deadline = asyncio.get_running_loop().call_later(
-                    pool.settings.acquire_timeout, fut.cancel)
-                return
-            else:
-                self._task = asyncio.get_running_loop().create_task(self._attach(backend))
-                return
+        head = self.head
+        if isinstance(head, fastpath.Pass) and fastpath.known_whole(self, head):
+            relay.send_known(self, head)
+            return
         try:
             relay.forward(self)
         except ProtocolError as exc:
@@ -520,6 +529,28 @@ class ClientSession(asyncio.Protocol):
             if backend is not None:
                 self.backend = None
                 self.server.spawn(self._cleanup(backend))
+
+    def _acquire(self) -> bool:
+        """A server connection for the request at the head of inbuf: True if bound now; else
+        the request waits (PAUSE, the pool's queue, a new connection or a resync)."""
+        assert self.pool is not None
+        if self.server.paused:  # PAUSE: cache hits go on, new transactions wait for RESUME
+            self.server.parked.add(self)
+            return False
+        replicas = self.server.replicas
+        pool = self.bpool = (replicas.route(self) if replicas is not None else None) or self.pool
+        backend = pool.try_acquire()
+        if backend is not None and backend.applied == self.settings:
+            self._bind(backend)
+            return True
+        if backend is None and pool.size >= pool.settings.max_size:
+            # The busy case: wait in the queue with a callback and a timer, no task.
+            fut = self._queued = pool.enqueue()
+            fut.add_done_callback(self._handed_over)
+            self._deadline = asyncio.get_running_loop().call_later(pool.settings.acquire_timeout, fut.cancel)
+            return False
+        self._task = asyncio.get_running_loop().create_task(self._attach(backend))
+        return False
 
     async def _attach(self, backend: Backend | None) -> None:
         pool = self.bpool
@@ -549,13 +580,13 @@ class ClientSession(asyncio.Protocol):
                 self._report(backend.params)
         except PgError as err:
             self._task = None
-            relay.fail_pending(self, err)
+            replies.fail_pending(self, err)
             if len(self.inbuf) < _PAUSE_AT:
                 self.resume_reading()
             return
         except LoginError as err:
             self._task = None
-            relay.fail_pending(self, PgError(err.fields.get("C", CONNECTION_FAILURE),
+            replies.fail_pending(self, PgError(err.fields.get("C", CONNECTION_FAILURE),
                                              err.fields.get("M", "login failed")))
             return
         except asyncio.CancelledError:
@@ -609,11 +640,12 @@ class ClientSession(asyncio.Protocol):
         return self._task is not None or self._queued is not None
 
     def note_query(self) -> None:
+        """One query (counted in the second it arrived)."""
         self.agent_stats.queries += 1
-        self.agent_stats.count(time.monotonic())
+        self.agent_stats.count(self.now)
 
-    def request_done(self) -> None:
-        """A reply ended with ReadyForQuery: the time since the request came in."""
+    def request_done(self) -> float:
+        """A reply ended with ReadyForQuery: the time since the request came in. Returns now."""
         now = time.monotonic()
         elapsed = now - self.request_started
         self.agent_stats.latency.observe(elapsed)
@@ -622,6 +654,7 @@ class ClientSession(asyncio.Protocol):
         if slow and elapsed * 1000 >= slow:
             log.warning("slow query", extra=fields(client=self.token, agent=self.agent,
                                                    ms=round(elapsed * 1000, 1), sql=self.last_statement))
+        return now
 
     def set_agent(self, name: str) -> None:
         if name != self.agent:
@@ -639,11 +672,11 @@ class ClientSession(asyncio.Protocol):
         if fut.cancelled():
             if not self.closed:
                 if self._cancel_asked:
-                    relay.fail_pending(self, PgError(QUERY_CANCELED,
-                                                     "canceling statement due to user request"))
+                    replies.fail_pending(self, PgError(QUERY_CANCELED,
+                                                       "canceling statement due to user request"))
                 else:
                     pool.stats.timeouts += 1
-                    relay.fail_pending(self, pool.timeout_error())
+                    replies.fail_pending(self, pool.timeout_error())
                 if len(self.inbuf) < _PAUSE_AT:
                     self.resume_reading()
             self._cancel_asked = False
@@ -651,7 +684,7 @@ class ClientSession(asyncio.Protocol):
         exc = fut.exception()
         if exc is not None:  # the pool failed to open a connection for us
             if not self.closed:
-                relay.fail_pending(self, _pg_error(exc))
+                replies.fail_pending(self, _pg_error(exc))
             return
         backend = fut.result()
         if self.closed:
@@ -683,15 +716,16 @@ class ClientSession(asyncio.Protocol):
         if not self._writing and backend.transport is not None:
             backend.transport.pause_reading()
 
-    def release(self) -> None:
-        """Give the backend back: called by relay when the transaction is over."""
+    def release(self, now: float | None = None) -> None:
+        """Give the backend back: called by relay when the transaction is over (`now`: the
+        clock, if the caller has just read it)."""
         backend = self.backend
         assert backend is not None and self.bpool is not None
         self.backend = None
         backend.on_data = backend._idle_data
         if backend.transport is not None and not self._writing:
             backend.transport.resume_reading()
-        self.bpool.release(backend)
+        self.bpool.release(backend, now)
 
     def on_backend_data(self) -> None:
         backend = self.backend
@@ -701,7 +735,7 @@ class ClientSession(asyncio.Protocol):
             self._backend_lost(backend)
             return
         try:
-            relay.backward(self, backend)
+            replies.backward(self, backend)
         except ProtocolError as exc:
             log.error("protocol error from server: %s", exc.message)
             backend.abort()
@@ -810,6 +844,7 @@ class ClientSession(asyncio.Protocol):
         """Keep this client on its backend for the rest of its session."""
         if self.pinned is None:
             self.pinned = reason
+            self.fast_ok = False
             self.server.stats.pinned += 1
             log.debug("client %s pinned: %s", self.peer, reason)
 
@@ -832,11 +867,10 @@ class ClientSession(asyncio.Protocol):
         goes elsewhere). False when a reply was mid-way in a way we cannot end cleanly."""
         if self.copy_in or self.stream_left:
             return False
-        from .pgwire.errors import CONNECTION_FAILURE as failure
         out = []
         for kind, _arg in self.entries:
             if kind in relay._ENDS_AT_READY:
-                out.append(encode.error_response(failure, "pgsluice: replica connection lost",
+                out.append(encode.error_response(CONNECTION_FAILURE, "pgsluice: replica connection lost",
                                                  hint="The read can be retried; the replica is out of "
                                                  "rotation until it answers again.")
                            + encode.ready_for_query())

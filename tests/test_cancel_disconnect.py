@@ -18,6 +18,7 @@ import pytest
 
 from proxy.embedded import EmbeddedPostgres
 from proxy.pgwire import codes, encode
+from tests.cachedb import show_cache
 from tests.rawpg import Raw, data_rows, errors_in
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle, wait_until_async
 
@@ -281,17 +282,26 @@ async def test_cancel_key_of_idle_or_waiting_client(one_backend: ProxyHandle,
         await y.close()
 
 
+@pytest.mark.parametrize("known", [False, True], ids=["new", "known"])
 async def test_cancel_of_a_client_waiting_for_a_server_connection(one_backend: ProxyHandle,
-                                                                  direct: asyncpg.Connection) -> None:
+                                                                  direct: asyncpg.Connection,
+                                                                  known: bool) -> None:
     """Every server connection is busy: a client's cancel ends its wait in the queue at once,
     with the answer Postgres gives a cancelled statement (not a timeout much later, nor its
-    query run after all)."""
+    query run after all). Also for a text sent before (a known passthrough text waits for its
+    server connection from data_received, proxy/fastpath.py)."""
     x, x_pid, x_secret = await raw_client(one_backend)
     y, _, _ = await raw_client(one_backend)
+    sql = "SELECT 2, now() > '2000-01-01' /* c_queue_x */" if known else "SELECT 2 /* c_queue_x */"
     try:
+        if known:
+            before = int(show_cache(one_backend, DB).get("known_passthrough", "0"))
+            for _ in range(3):
+                assert data_rows(await x.query(sql)) == [b"2"]
+            assert int(show_cache(one_backend, DB).get("known_passthrough", "0")) > before
         await y.send(encode.query("SELECT pg_sleep(3) /* c_queue_y */"))
         await wait_running(direct, "c_queue_y", 1)
-        await x.send(encode.query("SELECT 2 /* c_queue_x */"))  # x waits for the connection
+        await x.send(encode.query(sql))  # x waits for the connection
         await asyncio.sleep(0.2)
         started = time.monotonic()
         await send_cancel(one_backend, x_pid, x_secret)
