@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from .analyze import analyze as _analyze
+from .batch import Batchable, batchable
 from .canonical import Canonical, canonicalize, parse
 from .catalog import Catalog
 from .guard import check
@@ -116,9 +117,12 @@ class Planner:
         cacheable = not result.why_not and canon is not None
         own = shape.max_param if shape is not None else 0
         reach: Reach | None = None
+        batch: Batchable | None = None
+        why_not_batch = "not cacheable" if not cacheable else "catalog not loaded"
         if canon is not None and self.catalog.loaded:
             if cacheable:
                 reach = for_read(canon.sql, own, result.tables_read, facts, self.catalog)
+                batch, why_not_batch = batchable(canon.sql, own, result.tables_read, facts, self.catalog)
             elif result.kind is Kind.WRITE:
                 reach = for_write(canon.sql, own, facts, self.catalog)
         plan = Plan(
@@ -129,7 +133,7 @@ class Planner:
             functions=frozenset(result.functions), flags=frozenset(result.flags),
             cacheable=cacheable, why_not=result.why_not or ("" if canon else "not understood by the parser"),
             statements=max(1, len(statements)), parsed=result.parsed and canon is not None,
-            hints=comment_hints(sql), reach=reach,
+            hints=comment_hints(sql), reach=reach, batch=batch, why_not_batch=why_not_batch,
         )  # fmt: skip
         return self._guard(plan, facts), canon
 
@@ -139,4 +143,7 @@ class Planner:
         if policy is None:
             return plan
         verdict, sql, rewrites = check(plan, policy)
+        if rewrites and plan.batch is not None:  # a rewritten statement is not the one analysed
+            return dataclasses.replace(plan, verdict=verdict, sql=sql, rewrites=rewrites, batch=None,
+                                       why_not_batch="rewritten by a guardrail")
         return dataclasses.replace(plan, verdict=verdict, sql=sql, rewrites=rewrites)

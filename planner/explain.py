@@ -21,6 +21,8 @@ def describe(plan: Plan) -> str:
         f"functions:   {names(plan.functions)}",
         f"flags:       {names(frozenset(f.value for f in plan.flags))}",
         f"cacheable:   {'yes' if plan.cacheable else 'no (' + plan.why_not + ')'}",
+        "batchable:   " + (f"yes (key {plan.batch.table}.{plan.batch.column})" if plan.batch is not None
+                             else f"no ({plan.why_not_batch or 'not cacheable'})"),
         f"rewrites:    {'; '.join(plan.rewrites) or '-'}",
         "verdict:     " + ("allow" if verdict.allowed else
                            f"reject {verdict.sqlstate} [{verdict.rule}] {verdict.message}"),

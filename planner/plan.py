@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .batch import Batchable
     from .reach import Reach
 
 
@@ -94,6 +95,9 @@ class Plan:
     hints: tuple[tuple[str, str], ...] = field(default=())  # from comments: agent=..., max_staleness=...
     # per table, the columns and key values read or written (reach.py); None: not worked out
     reach: Reach | None = field(default=None, compare=False)
+    # burst batching (batch.py): what reads of this shape may be merged on, or why not
+    batch: Batchable | None = field(default=None, compare=False)
+    why_not_batch: str = field(default="", compare=False)
 
     def hint(self, name: str) -> str | None:
         for key, value in self.hints:

@@ -89,7 +89,7 @@ def _help(_server: Server) -> Rows:
         ("SHOW SERVERS", "one row per server connection"),
         ("SHOW CACHE", "cache counters, Redis and change-feed state"),
         ("SHOW REPLICAS", "per replica: state, replay position, lag, reads routed there"),
-        ("SHOW AGENTS", "per agent: queries, qps (10 s), hits, coalesced, bypasses, p50/p99"),
+        ("SHOW AGENTS", "per agent: queries, qps (10 s), hits, coalesced, bypasses, p50/p99, batched"),
         ("SHOW PLAN '<sql>'", "what the planner makes of a query"),
         ("SHOW CONFIG", "the effective configuration, secrets masked"),
         ("RELOAD", "re-read the config file: pool sizes, guardrails, log level"),
@@ -101,6 +101,7 @@ def _help(_server: Server) -> Rows:
 def _stats(server: Server) -> Rows:
     v = view(server)
     totals, agents = v["totals"], v["agents"].values()
+    batched = sum(a.get("batched", 0) for a in agents)
     rows: list[tuple[object, ...]] = [
         ("workers_reporting", v["workers"]), ("worker", server.worker), ("worker_pid", os.getpid()),
         ("uptime_seconds", round(time.monotonic() - server.started, 1)),
@@ -110,6 +111,9 @@ def _stats(server: Server) -> Rows:
         ("upstream_queries", totals["upstream_queries"]),
         ("cache_hits", sum(a["hits"] for a in agents)), ("cache_misses", sum(a["misses"] for a in agents)),
         ("coalesced", sum(a["coalesced"] for a in agents)), ("bypassed", sum(a["bypassed"] for a in agents)),
+        ("batched_reads", batched), ("batches", totals["batches"]),
+        ("batch_mean_size", round(batched / totals["batches"], 1) if totals["batches"] else 0),
+        ("batch_fallbacks", totals["batch_fallbacks"]),
         ("rejected", totals["rejected"]), ("pinned_clients", totals["pinned"]),
         ("cancels", totals["cancels"]), ("errors", sum(v["errors"].values())),
     ]
@@ -169,9 +173,9 @@ def _agents(server: Server) -> Rows:
     for name, a in sorted(view(server)["agents"].items()):
         rows.append((name, a["queries"], round(a["rate"], 1), a["hits"], a["coalesced"], a["bypassed"],
                      a["misses"], a["rejected"], _ms(quantile(a["lat_counts"], 0.5)),
-                     _ms(quantile(a["lat_counts"], 0.99))))
+                     _ms(quantile(a["lat_counts"], 0.99)), a.get("batched", 0)))
     return ("agent", "queries", "qps_10s", "hits", "coalesced", "bypassed", "misses", "rejected",
-            "p50_ms", "p99_ms"), rows
+            "p50_ms", "p99_ms", "batched"), rows
 
 
 def _replicas(server: Server) -> Rows:

@@ -381,7 +381,15 @@ def _lookup(s: ClientSession, req: Request) -> int:
     if flight is not None:
         s.spawn_task(_join(s, flight, req))
         return ASYNC
+    batcher = s.server.batcher
+    group = None
+    if batcher is not None and plan.batch is not None:
+        queued, group = batcher.offer(s, req, key)  # batching.py
+        if queued:
+            return ASYNC
     flight = cache.lead(key)
+    if batcher is not None and group is not None:
+        batcher.lead(group, flight)
     s.agent_stats.misses += 1
     if cache.redis is not None and cache.redis.up:
         s.spawn_task(_lead_via_redis(s, flight, req))

@@ -74,6 +74,8 @@ class Config:
     cache_max_entry: int = 1024 * 1024  # larger results are not cached
     cache_ttl: float = 60.0  # seconds: the last safety net
     cache_requires_feed: bool = True  # cache a table only while the change feed covers it
+    batching: bool = True  # burst batching: point reads of one shape in flight run as one (README)
+    batch_max: int = 500  # reads in one batch at most
     change_feed: bool = True  # LISTEN to the change feed where it is installed
     redis: str = ""  # redis://[:password@]host:port/db: shared tier, versions and pub/sub
     redis_timeout_ms: float = 50.0  # never wait on Redis longer than this
@@ -335,6 +337,8 @@ def validate(config: Config) -> None:
         raise ConfigError("max_message_size must be at least 1024")
     if not 1 <= config.workers <= 256:
         raise ConfigError("workers must be between 1 and 256")
+    if config.batch_max < 1:
+        raise ConfigError("batch_max must be positive")
     if config.cache_max_bytes < 1 or config.cache_max_entry < 1:
         raise ConfigError("cache_max_bytes and cache_max_entry must be positive")
     _validate_tls(config)

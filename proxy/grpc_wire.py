@@ -27,7 +27,7 @@ _DOUBLE = struct.Struct("<d")
 _MASK64 = (1 << 64) - 1
 _SMALL = [bytes((n,)) for n in range(128)]
 _NULL = b"\x0a\x02\x08\x01"  # Row.values entry: a Value with null = true
-_SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED}
+_SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALESCED, "batched": pb.BATCHED}
 _COLUMN_CACHE_MAX = 4096
 
 # SQLSTATE -> the gRPC status a unary call fails with (and an error reply's status_code)

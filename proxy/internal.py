@@ -73,7 +73,7 @@ class Reply:
     rows: list[list[bytes | None]] = field(default_factory=list)  # text-format values
     tag: str = ""
     error: dict[str, str] | None = None  # ErrorResponse fields: C (SQLSTATE), M, D, H, P...
-    served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight)
+    served: str = "executed"  # or "cache" (a hit) / "coalesced" (an identical query in flight) / "batched"
     status: str = "I"  # ReadyForQuery's: "I" idle, "T" in a transaction, "E" in a failed one
     wire: bytes = b""  # send(wire=True): RowDescription, DataRow... and CommandComplete messages
     notices: list[dict[str, str]] = field(default_factory=list)  # NoticeResponse fields

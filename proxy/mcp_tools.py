@@ -17,7 +17,7 @@ from protos.pgsluice.v1 import sluice_pb2 as pb
 
 from . import values
 
-SERVED = {"cache": "cache_hit", "coalesced": "coalesced", "executed": "executed"}
+SERVED = {"cache": "cache_hit", "coalesced": "coalesced", "executed": "executed", "batched": "batched"}
 SAMPLE_MAX = 100
 
 _JSON_VALUE: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}

@@ -56,6 +56,7 @@ _AGENT_COUNTERS = (
     ("hits", "pgsluice_cache_hits", "Answered from cache"),
     ("misses", "pgsluice_cache_misses", "Looked up, not found: run upstream"),
     ("coalesced", "pgsluice_cache_coalesced", "Waited for an identical query in flight"),
+    ("batched", "pgsluice_batched_reads", "Answered by a burst batch (one statement for many keys)"),
     ("bypassed", "pgsluice_cache_bypassed", "Not looked up in the cache"),
     ("rejected", "pgsluice_rejected", "Refused by a guardrail"),
 )
@@ -113,6 +114,11 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("pgsluice_clients", "Client connections now", value=v["clients"])
         yield CounterMetricFamily("pgsluice_clients_accepted", "Client connections since start",
                                   value=totals["clients_total"])
+        yield CounterMetricFamily("pgsluice_batches", "Burst batches run (mean size: "
+                                  "pgsluice_batched_reads / pgsluice_batches)",
+                                  value=totals.get("batches", 0))
+        yield CounterMetricFamily("pgsluice_batch_fallbacks", "Burst batches that failed: each read "
+                                  "ran alone", value=totals.get("batch_fallbacks", 0))
         yield CounterMetricFamily("pgsluice_cancels", "Cancel requests routed", value=totals["cancels"])
         errors = CounterMetricFamily("pgsluice_errors", "ErrorResponses sent to clients, by SQLSTATE class",
                                      labels=["sqlstate_class"])

@@ -32,6 +32,7 @@ from .admission import Admission
 from .authquery import AuthQuery
 from .backend import Credentials, Upstream, send_cancel
 from .backend_keys import BackendKeys
+from .batching import Batcher
 from .channel import CANCEL, CLOSE_DATABASE, WorkerChannel
 from .config import Config, parse_upstream
 from .metrics import MetricsServer
@@ -114,6 +115,8 @@ class Server:
             else:
                 lsns = shared.lsns if shared is not None and config.workers > 1 else None
                 self.replicas = Replicas(self, lsns)
+        # burst batching (batching.py): needs the cache's single-flight and misses
+        self.batcher: Batcher | None = Batcher(self, c.batch_max) if c.batching and self.cache else None
 
     @property
     def tracks_writes(self) -> bool:
@@ -532,6 +535,8 @@ class Server:
             await self.cache.close()
         if self.replicas is not None:
             await self.replicas.close()
+        if self.batcher is not None:
+            self.batcher.close()
         if self.auth_query is not None:
             await self.auth_query.close()
         for task in list(self._tasks):

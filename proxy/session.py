@@ -117,6 +117,7 @@ class ClientSession(asyncio.Protocol):
         self._cache_done = False  # the head Query already went through the cache
         self.waiting = False  # for an identical query in flight (a CancelRequest stops that)
         self.served = "executed"  # how the last cacheable request was answered (internal clients)
+        self.uncached = False  # never looked up (burst batching's own sessions, batching.py)
         self.key_source: object = None
         self.key_settings: tuple[tuple[str, str], ...] = ()
         self.max_staleness: float | None = None
@@ -505,7 +506,7 @@ class ClientSession(asyncio.Protocol):
                 if self.skipping:  # after a failed acquire: discard up to Sync, as Postgres would
                     replies.skip_to_sync(self)
                     continue
-                if self.server.cache is None or self.pinned or code not in _CACHEABLE_HEADS:
+                if self.server.cache is None or self.pinned or self.uncached or code not in _CACHEABLE_HEADS:
                     break
                 if self._cache_done:
                     self._cache_done = False

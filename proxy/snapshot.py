@@ -29,7 +29,8 @@ def snapshot(server: Server) -> Snap:
     now = time.monotonic()
     st = server.stats
     agents = {name: {"queries": a.queries, "rejected": a.rejected, "hits": a.hits, "misses": a.misses,
-                     "coalesced": a.coalesced, "bypassed": a.bypassed, "rate": a.rate(now),
+                     "coalesced": a.coalesced, "batched": a.batched, "bypassed": a.bypassed,
+                     "rate": a.rate(now),
                      "lat_counts": list(a.latency.counts), "lat_count": a.latency.count,
                      "lat_sum": a.latency.sum}
               for name, a in st.agents.items()}
@@ -48,6 +49,7 @@ def snapshot(server: Server) -> Snap:
         "workers": 1, "clients": len(server.clients),
         "totals": {"clients_total": st.clients_total, "pinned": st.pinned, "cancels": st.cancels,
                    "rejected": st.rejected, "upstream_queries": st.upstream_queries,
+                   "batches": st.batches, "batch_fallbacks": st.batch_fallbacks,
                    **({f"positions_{k}": n for k, n in server.replicas.recorded.items()}
                       if server.replicas is not None else {})},
         "errors": dict(st.errors), "agents": agents, "pools": pools, "replicas": replicas,

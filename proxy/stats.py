@@ -89,6 +89,7 @@ class AgentStats:
     hits: int = 0  # answered from cache
     misses: int = 0  # looked up, not found: ran upstream as the leader
     coalesced: int = 0  # waited for an identical query in flight
+    batched: int = 0  # answered by a burst batch (batching.py)
     bypassed: int = 0  # not looked up (not cacheable, max_staleness=0, feed or Redis down...)
     latency: Histogram = field(default_factory=Histogram)  # request in -> reply out
     _second: int = 0
@@ -122,6 +123,8 @@ class ServerStats:
     cancels: int = 0
     rejected: int = 0
     upstream_queries: int = 0  # Query and Execute messages sent to Postgres for clients
+    batches: int = 0  # burst batches run (batching.py)
+    batch_fallbacks: int = 0  # batches that failed: their reads ran alone
     errors: dict[str, int] = field(default_factory=dict)  # ErrorResponses to clients by SQLSTATE class
     agents: dict[str, AgentStats] = field(default_factory=dict)
 

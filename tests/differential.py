@@ -24,6 +24,7 @@ import argparse
 import io
 import random
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -73,6 +74,7 @@ INSERT INTO watched SELECT g, g FROM generate_series(1, 6) g;
 """
 UUIDS = [uuid.UUID(int=(i * 0x9E3779B97F4A7C15) % (1 << 128)) for i in range(1, 9)]
 KINDS = ["cat", "dog", "fish", "owl"]
+BURST = 8  # point reads of one shape sent at once after each write, for burst batching
 
 Stmt = tuple[str, tuple[Any, ...]]  # SQL with %s placeholders, and the values
 
@@ -83,6 +85,7 @@ class Stats:
     writes: int = 0
     write_errors: int = 0
     direct_writes: int = 0
+    burst_reads: int = 0  # of reads: sent at the same moment as others of their shape (batching)
     mismatches: list[str] = field(default_factory=list)
 
     @property
@@ -97,6 +100,7 @@ class Differential:
         self.stats = Stats()
         self.history: list[str] = []  # the last writes, for a mismatch report
         self.marker = 0
+        self.bursts = 0
 
     # ---- connections ----
 
@@ -111,6 +115,13 @@ class Differential:
             c2.autocommit = True
             self.p2.append(c2)
             self.p3.append(psycopg.connect(dsn, autocommit=True))
+        self.b2: list[list[psycopg2.extensions.connection]] = []
+        self.b3: list[list[psycopg.Connection[Any]]] = []
+        for dsn in self.proxy_dsns:
+            self.b2.append([psycopg2.connect(dsn) for _ in range(BURST)])
+            for c2 in self.b2[-1]:
+                c2.autocommit = True
+            self.b3.append([psycopg.connect(dsn, autocommit=True) for _ in range(BURST)])
 
     def setup(self) -> None:
         with psycopg2.connect(self.direct_dsn) as conn:
@@ -123,9 +134,9 @@ class Differential:
         self.connect()
 
     def close(self) -> None:
-        for c in [self.d2, *self.p2]:
+        for c in [self.d2, *self.p2, *(c for cs in self.b2 for c in cs)]:
             c.close()
-        for c3 in [self.d3, *self.p3]:
+        for c3 in [self.d3, *self.p3, *(c for cs in self.b3 for c in cs)]:
             c3.close()
 
     # ---- the random statements ----
@@ -254,6 +265,46 @@ class Differential:
                 f"op {self.stats.operations}: {sql} {params} via proxy {via} ({mode}):\n"
                 f"  pgsluice {got!r}\n  postgres {want!r}\n  after: {self.history[-3:]}")
 
+    def _burst(self, via: int) -> None:
+        """BURST point reads of one batchable shape with other keys, sent at the same moment on
+        BURST connections: all but the first usually run as one batch (a fresh literal in the
+        select list makes them cache misses)."""
+        self.bursts += 1
+        r, p, k = self.rng, self.p, self.k
+        sql, key = r.choice([
+            ("SELECT id, name, score, doubled, %s::int AS burst FROM parents WHERE id = %s", p),
+            ("SELECT label, n, %s::int AS burst FROM kids WHERE id = %s", k),
+            ("SELECT v, %s::int AS burst FROM tags WHERE k = %s", lambda: f"t{r.randint(1, 12)}"),
+            ("SELECT v, %s::int AS burst FROM uu WHERE u = %s", lambda: r.choice(UUIDS)),
+        ])
+        params = [(self.bursts, key()) for _ in range(BURST)]
+        mode = r.choice(("simple", "text", "binary"))
+        q = sql.replace("%s", "%b") if mode == "binary" else sql
+        got: list[object] = [None] * BURST
+        barrier = threading.Barrier(BURST)
+
+        def one(i: int) -> None:
+            try:
+                barrier.wait(5)
+                got[i] = _fetch2(self.b2[via][i], q, params[i]) if mode == "simple" else \
+                    _fetch3(self.b3[via][i], q, params[i])
+            except Exception as exc:
+                got[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(BURST)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(BURST):
+            want = _fetch2(self.d2, q, params[i]) if mode == "simple" else _fetch3(self.d3, q, params[i])
+            self.stats.reads += 1
+            self.stats.burst_reads += 1
+            if got[i] != want:
+                self.stats.mismatches.append(
+                    f"op {self.stats.operations}: burst {q} {params[i]} via proxy {via} ({mode}):\n"
+                    f"  pgsluice {got[i]!r}\n  postgres {want!r}\n  after: {self.history[-3:]}")
+
     def _write_via_proxy(self, stmts: list[Stmt], via: int) -> None:
         mode = self.rng.choice(("simple", "text", "binary"))
         if len(stmts) > 1 or stmts[0][0].startswith("COPY"):
@@ -306,6 +357,7 @@ class Differential:
                 reads = self.reads()  # new keys now and then; the same between
             for stmt in reads[:reads_per_write or len(reads)]:
                 self._read_one(stmt, self.rng.randrange(len(self.p2)))
+            self._burst(self.rng.randrange(len(self.p2)))
             if len(self.stats.mismatches) > 20:
                 break
         return self.stats

@@ -23,6 +23,7 @@ class Served(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTED: _ClassVar[Served]
     CACHE_HIT: _ClassVar[Served]
     COALESCED: _ClassVar[Served]
+    BATCHED: _ClassVar[Served]
 INTERACTIVE: Priority
 BATCH: Priority
 TYPED: ResultFormat
@@ -31,6 +32,7 @@ SERVED_UNSPECIFIED: Served
 EXECUTED: Served
 CACHE_HIT: Served
 COALESCED: Served
+BATCHED: Served
 
 class Value(_message.Message):
     __slots__ = ("null", "bool", "int64", "double", "numeric", "text", "bytea", "date", "time", "timestamp", "timestamptz", "interval", "uuid", "json", "array", "other")
