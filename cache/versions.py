@@ -46,6 +46,7 @@ class SharedCounters:
         self.generation = secrets.token_hex(8)
         self.workers = workers
         self.pid_buf = mmap.mmap(-1, 4 * (self.PIDS + 2) * workers, flags=mmap.MAP_SHARED)
+        self.lsns: SharedLsns | None = None  # with replicas: their write positions
         self._pid_seen: tuple[int, ...] = ()
         self._pid_set: frozenset[int] = frozenset()
 
@@ -104,6 +105,68 @@ class SharedCounters:
                 return False  # changed while read
             self._pid_seen, self._pid_set = changes, frozenset(pids)
         return pid in self._pid_set
+
+
+class SharedLsns:
+    """Write positions (WAL LSNs, proxy/replicas.py) shared by the worker processes of one
+    box, in mappings made before the fork: `slots` 64-bit maxima (a name's position is its
+    slot's: two names in one slot only make replica reads stricter), and per worker a count
+    of writes per slot whose position is still being read (only that worker writes its
+    counts; the parent clears them when it dies)."""
+
+    def __init__(self, slots: int = 1 << 16, workers: int = 1) -> None:
+        self.slots = slots
+        self.workers = workers
+        # the slots, then two counters: gaps opened (a worker died) and gaps closed
+        self.buf = mmap.mmap(-1, 8 * (slots + 2), flags=mmap.MAP_SHARED)
+        self.pending = mmap.mmap(-1, 4 * slots * workers, flags=mmap.MAP_SHARED)
+        self.lock = multiprocessing.Lock()
+
+    def slot(self, name: str) -> int:
+        return zlib.crc32(name.encode()) % self.slots
+
+    def raise_to(self, names: Iterable[str], lsn: int) -> None:
+        with self.lock:
+            for i in {self.slot(n) for n in names}:
+                if _Q.unpack_from(self.buf, 8 * i)[0] < lsn:
+                    _Q.pack_into(self.buf, 8 * i, lsn)
+
+    def get(self, name: str) -> int:
+        return int(_Q.unpack_from(self.buf, 8 * self.slot(name))[0])
+
+    def hold(self, worker: int, names: Iterable[str], delta: int) -> None:
+        """Worker `worker` starts (+1) or ends (-1) reading the position of a write to `names`."""
+        base = 4 * self.slots * worker
+        for i in {self.slot(n) for n in names}:
+            at = base + 4 * i
+            _I.pack_into(self.pending, at, max(0, _I.unpack_from(self.pending, at)[0] + delta))
+
+    def held(self, name: str) -> bool:
+        i = self.slot(name)
+        return any(_I.unpack_from(self.pending, 4 * (self.slots * w + i))[0] for w in range(self.workers))
+
+    def clear_worker(self, worker: int) -> None:
+        base = 4 * self.slots * worker
+        self.pending[base:base + 4 * self.slots] = bytes(4 * self.slots)
+
+    def open_gap(self) -> None:
+        """A worker died: a write of it may have committed with its position unread. No replica
+        reads until a worker has read the primary's position since (close_gap)."""
+        with self.lock:
+            _Q.pack_into(self.buf, 8 * self.slots, _Q.unpack_from(self.buf, 8 * self.slots)[0] + 1)
+
+    def gap(self) -> int:
+        """The gap to close (0: none)."""
+        at = 8 * self.slots
+        opened, closed = _Q.unpack_from(self.buf, at)[0], _Q.unpack_from(self.buf, at + 8)[0]
+        return int(opened) if opened != closed else 0
+
+    def close_gap(self, gap: int, names: Iterable[str], lsn: int) -> None:
+        """`lsn`, read after gap `gap` was seen, covers whatever the dead worker wrote."""
+        self.raise_to(names, lsn)
+        with self.lock:
+            if _Q.unpack_from(self.buf, 8 * self.slots + 8)[0] < gap:
+                _Q.pack_into(self.buf, 8 * self.slots + 8, gap)
 
 
 class Versions:

@@ -2,7 +2,7 @@
 
     psql postgresql://ADMIN@127.0.0.1:6543/pgsluice -c 'SHOW AGENTS'
 
-Commands (case-insensitive, `;` optional): SHOW STATS | POOLS | CLIENTS | SERVERS | CACHE |
+Commands (case-insensitive, `;` optional): SHOW STATS | POOLS | CLIENTS | SERVERS | REPLICAS | CACHE |
 AGENTS | CONFIG | PLAN '<sql>' | HELP, RELOAD, PAUSE, RESUME, SHUTDOWN. Replies are
 ordinary result sets (text columns), over the simple protocol (psql) or the extended one
 (asyncpg). Only users in `admin_users` get in; others get 42501.
@@ -88,6 +88,7 @@ def _help(_server: Server) -> Rows:
         ("SHOW CLIENTS", "one row per client connection"),
         ("SHOW SERVERS", "one row per server connection"),
         ("SHOW CACHE", "cache counters, Redis and change-feed state"),
+        ("SHOW REPLICAS", "per replica: state, replay position, lag, reads routed there"),
         ("SHOW AGENTS", "per agent: queries, qps (10 s), hits, coalesced, bypasses, p50/p99, batched"),
         ("SHOW PLAN '<sql>'", "what the planner makes of a query"),
         ("SHOW CONFIG", "the effective configuration, secrets masked"),
@@ -117,6 +118,9 @@ def _stats(server: Server) -> Rows:
         ("cancels", totals["cancels"]), ("errors", sum(v["errors"].values())),
     ]
     rows += [(f"errors_class_{cls}", n) for cls, n in sorted(v["errors"].items())]
+    if server.replicas is not None:  # write positions read for the replicas' causal reads
+        rows += [("write_positions_own", totals.get("positions_own", 0)),
+                 ("write_positions_feed", totals.get("positions_feed", 0))]
     return ("stat", "value"), rows
 
 
@@ -146,14 +150,20 @@ def _clients(server: Server) -> Rows:
 def _servers(server: Server) -> Rows:
     now = time.monotonic()
     rows: list[tuple[object, ...]] = []
-    for (db, user), p in sorted(server.pools.items()):
+    pools = [(db, user, p) for (db, user), p in server.pools.items()]
+    where: dict[int, str] = {}  # a replica's pools: database "db@host:port"
+    if server.replicas is not None:
+        for r in server.replicas.list:
+            pools += [(f"{db}@{r.name}", user, p) for (db, user), p in r.pools.items()]
+            where.update({id(p): f"@{r.name}" for p in r.pools.values()})
+    for db, user, p in sorted(pools, key=lambda t: (t[0], t[1])):
         for b in p.idle:
             rows.append((b.pid, db, user, "idle", None, b.uses, round(now - b.created, 1)))
     for c in server.clients:
         held = c.backend
         if held is not None:
-            rows.append((held.pid, c.database, c.user, "active", c.token, held.uses,
-                         round(now - held.created, 1)))
+            rows.append((held.pid, c.database + where.get(id(c.bpool), ""), c.user, "active", c.token,
+                         held.uses, round(now - held.created, 1)))
     return ("pid", "database", "user", "state", "client_id", "uses", "age_s"), sorted(
         rows, key=lambda r: (str(r[1]), str(r[2]), int(str(r[0]))))
 
@@ -166,6 +176,13 @@ def _agents(server: Server) -> Rows:
                      _ms(quantile(a["lat_counts"], 0.99)), a.get("batched", 0)))
     return ("agent", "queries", "qps_10s", "hits", "coalesced", "bypassed", "misses", "rejected",
             "p50_ms", "p99_ms", "batched"), rows
+
+
+def _replicas(server: Server) -> Rows:
+    rows: list[tuple[object, ...]] = [
+        (name, r["state"], r["replay_lsn"], round(r["lag_s"], 3), r["reads"], r["outstanding"])
+            for name, r in view(server).get("replicas", {}).items()]
+    return ("server", "state", "replay_lsn", "lag_s", "reads", "outstanding"), rows
 
 
 def _cache(server: Server) -> Rows:
@@ -184,7 +201,7 @@ def _ms(seconds: float | None) -> float | None:
 
 _SHOWS: dict[str, Callable[[Server], Rows]] = {
     "help": _help, "stats": _stats, "pools": _pools, "clients": _clients, "servers": _servers,
-    "agents": _agents, "cache": _cache, "config": _config,
+    "replicas": _replicas, "agents": _agents, "cache": _cache, "config": _config,
 }
 _ACTIONS: dict[str, Callable[[Server], str]] = {
     "reload": lambda s: s.reload_all(), "pause": lambda s: s.pause(), "resume": lambda s: s.resume(),

@@ -567,7 +567,8 @@ def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
 
 def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
     """What executing `sql` may change; `plan`: its plan, when the caller has it already."""
-    if s.server.cache is None or not s.server.cache.active(s.database):
+    cache = s.server.cache
+    if (cache is None or not cache.active(s.database)) and s.server.replicas is None:
         return NO_WRITES
     planner = s.planner or s.server.planner_for(s.database)
     if plan is None:
@@ -640,10 +641,16 @@ def commit(s: ClientSession) -> None:
     names, s.committing = s.committing, set()
     ddl, s.committing_ddl = s.committing_ddl, False
     cache = s.server.cache
-    if cache is None or not names:
+    if not names or (cache is None and s.server.replicas is None):
         return
     if ddl:
         s.server.ddl_seen(s.database)  # plans may depend on what changed: read the catalog again
+    if s.server.replicas is not None:
+        # no replica read of these tables until the commit's position is known: marked before
+        # the client (or a read of the new versions) can see the write
+        s.server.replicas.committed(s.database, names)
+    if cache is None:
+        return
     task = cache.bump(names)
     if task is not None and not task.done():
         s.gate_until(task)

@@ -79,6 +79,8 @@ class Config:
     change_feed: bool = True  # LISTEN to the change feed where it is installed
     redis: str = ""  # redis://[:password@]host:port/db: shared tier, versions and pub/sub
     redis_timeout_ms: float = 50.0  # never wait on Redis longer than this
+    replicas: tuple[str, ...] = ()  # streaming replicas' postgresql:// URLs (host, port, dbname)
+    replica_max_lag: float = 1.0  # s: a replica further behind is out of rotation
     slow_query_ms: float = 1000.0  # requests slower than this get a log line (0 = off)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes on the same ports
     admin_users: str = ""  # comma-separated users allowed in the admin console (default: upstream's)
@@ -106,6 +108,7 @@ class Config:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("roles", "agents")}
         out["upstream"] = mask_url(self.upstream)
         out["redis"] = mask_url(self.redis)
+        out["replicas"] = [mask_url(r) for r in self.replicas]
         out["auth_password"] = "***" if self.auth_password else ""
         if self.roles.roles:
             out["roles"] = {r.name: _role_dict(r) for r in self.roles.roles}
@@ -115,7 +118,7 @@ class Config:
         return out
 
 
-SECRET_FIELDS = frozenset({"upstream", "redis", "auth_password"})
+SECRET_FIELDS = frozenset({"upstream", "redis", "auth_password", "replicas"})
 
 
 def _role_dict(policy: Policy) -> dict[str, Any]:
@@ -177,6 +180,8 @@ def mask_url(url: str) -> str:
 
 def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
     try:
+        if name == "replicas":
+            return _replicas(raw)
         if kind is bool or kind == "bool":
             if isinstance(raw, bool):
                 return raw
@@ -210,6 +215,17 @@ def _coerce(name: str, raw: Any, kind: Any, source: str) -> Any:
         return raw
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: invalid value for {name}: {exc}") from None
+
+
+def _replicas(raw: Any) -> tuple[str, ...]:
+    """A TOML list, or a comma-separated string (flag, environment); each a postgresql:// URL."""
+    if isinstance(raw, str):
+        raw = [part.strip() for part in raw.split(",") if part.strip()]
+    if not isinstance(raw, list | tuple) or not all(isinstance(url, str) for url in raw):
+        raise ValueError("expected a list of postgresql:// URLs")
+    for url in raw:
+        parse_upstream(url)
+    return tuple(raw)
 
 
 _field_types: dict[str, Any] = {
@@ -333,6 +349,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} must be positive")
     if config.mcp_max_rows < 1 or config.mcp_max_bytes < 1024:
         raise ConfigError("mcp_max_rows must be positive and mcp_max_bytes at least 1024")
+    if config.replica_max_lag <= 0:
+        raise ConfigError("replica_max_lag must be positive")
     if config.idle_transaction_timeout < 0:
         raise ConfigError("idle_transaction_timeout must be 0 (off) or positive")
 
@@ -353,7 +371,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -277,6 +277,23 @@ class EmbeddedPostgres:
             auth += ":" + quote(password, safe="")
         return f"postgresql://{auth}@{self.host}:{self.port}/{quote(database, safe='')}"
 
+    def replica(self, datadir: Path, *, extra_conf: dict[str, str] | None = None) -> EmbeddedPostgres:
+        """A streaming replica of this (running) server: pg_basebackup -R into `datadir` over
+        the unix socket (initdb's pg_hba trusts local replication), same binaries; not started."""
+        replica = EmbeddedPostgres(datadir, user=self.user, password=self.password, bin_dir=self.bin_dir,
+                                   extra_conf={**self.extra_conf, **(extra_conf or {})})
+        replica._prepare()
+        replica.datadir.mkdir(mode=0o700, exist_ok=True)
+        replica._chown(replica.datadir)
+        self._run([str(self.bin_dir / "pg_basebackup"), "-h", str(self.socket_dir), "-p", str(self.port),
+                   "-U", self.user, "-D", str(replica.datadir), "-R", "-X", "stream", "-c", "fast",
+                   "--no-sync"], timeout=300)
+        return replica
+
+    def promote(self) -> None:
+        """End recovery: a replica becomes a primary of its own."""
+        self._run([str(self.bin_dir / "pg_ctl"), "promote", "-D", str(self.datadir), "-w"], timeout=60)
+
     def log_tail(self, lines: int = 200, *, since: int = 0) -> str:
         """The last ``lines`` lines of the server log written after byte offset ``since``."""
         try:

@@ -74,6 +74,24 @@ class ServerCollector(Collector):
         yield from self._server(v)
         yield from self._pools(v)
         yield from self._cache(v)
+        yield from self._replicas(v)
+
+    def _replicas(self, v: Snap) -> Iterable[Metric]:
+        replicas = v.get("replicas") or {}
+        if not replicas:
+            return
+        up = GaugeMetricFamily("pgsluice_replica_up", "1 while a server is in rotation for reads",
+                               labels=["server"])
+        lag = GaugeMetricFamily("pgsluice_replica_lag_seconds", "How far a replica's replay is behind "
+                                "the primary, in time", labels=["server"])
+        reads = CounterMetricFamily("pgsluice_replica_reads", "Reads that could go to a replica, by "
+                                    "where they went (primary: no replica had replayed their tables)",
+                                    labels=["server"])
+        for name, r in sorted(replicas.items()):
+            up.add_metric([name], r["up"])
+            lag.add_metric([name], r["lag_s"])
+            reads.add_metric([name], r["reads"])
+        yield from (up, lag, reads)
 
     def _agents(self, v: Snap) -> Iterable[Metric]:
         families = {attr: CounterMetricFamily(name, doc, labels=["agent"])

@@ -236,6 +236,18 @@ def forward(s: ClientSession) -> None:
         s.close()
 
 
+_ROUTE_SET = re.compile(rb"(?is)(\s*set\s+(?:session\s+|local\s+)?pgsluice\.route\s*(?:=|to)\s*)"
+                        rb"([a-z_]+)(\s*;?\s*)")
+
+
+def _route_setting(sql: bytes) -> bytes | None:
+    """`SET pgsluice.route = primary` with its value quoted, else None."""
+    m = _ROUTE_SET.fullmatch(sql)
+    if m is None or m.group(2).lower() == b"default":
+        return None
+    return m.group(1) + b"'" + m.group(2).lower() + b"'" + m.group(3)
+
+
 def send_known(s: ClientSession, known: fastpath.Pass) -> None:
     """s.inbuf is exactly one Query known to need nothing but sending (fastpath.known_whole):
     what forward does with it, without looking at it again."""
@@ -278,11 +290,17 @@ def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int,
     s.server.stats.upstream_queries += 1
     s.last_sql = sql[:300]
     head_word = sql[:10].lower()
+    if head_word[:3] == b"set" and b"pgsluice.route" in sql:
+        fixed = _route_setting(sql)
+        if fixed is not None:  # sent quoted: PRIMARY is a reserved word to Postgres
+            out.append(buf[start:pos])
+            out.append(encode.query(fixed))
+            start, sql, head = end, fixed, None
     swap = _deallocate(s, backend, sql) if head_word == b"deallocate" else \
         _show(s, backend, sql) if head_word[:4] == b"show" else None
     names: frozenset[str] = frozenset()
     ddl = False
-    if swap is None and s.server.cache is not None:
+    if swap is None and s.server.tracks_writes:
         names, ddl = caching.note_writes(s, sql, head.plan if head is not None else None)
     if swap is None and s.policy is not None:
         swap = _guarded_query(s, backend, sql)
@@ -497,7 +515,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         sql = b"EXECUTE " + _ensure(s, backend, found[0], out) + found[1]
         msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
-    writes = caching.writes_of(s, sql) if s.server.cache is not None else caching.NO_WRITES
+    writes = caching.writes_of(s, sql) if s.server.tracks_writes else caching.NO_WRITES
     if not name:
         s.unnamed_writes = writes
         s.unnamed = msg
@@ -558,7 +576,7 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
         else:
             writes = stmt.writes if stmt is not None else s.unnamed_writes
             parse_msg = stmt.parse_msg if stmt is not None else s.unnamed
-            if parse_msg is not None and s.server.cache is not None:
+            if parse_msg is not None and s.server.tracks_writes:
                 _name, sql, types = parse_parse(parse_msg[5:])
                 writes = caching.current(s, writes, sql)
                 if stmt is not None:

@@ -192,6 +192,12 @@ def backward(s: ClientSession, backend: Backend) -> None:
                     tag = bytes(buf[pos + 5:end - 1])
                     info.discard_seen |= tag in (b"DISCARD ALL", b"DEALLOCATE ALL")
         elif code == codes.B_ERROR_RESPONSE:
+            if s.bpool is not s.pool and b"VFATAL\x00" in buf[pos + 5:end]:
+                # a replica going away (shut down, restarted): the lost connection answers the
+                # read with a clean error instead, and the client's connection goes on
+                out.append(buf[start:pos])
+                start = pos = end
+                continue
             s.server.stats.error(buf[pos + 5:end])
             _log_failure(s, bytes(buf[pos + 5:end]))
             rejected = entries[0][1] if entries else None

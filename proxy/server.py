@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 from .pgwire.errors import ADMIN_SHUTDOWN
 from .pgwire.scram import ScramSecret, make_scram_secret
 from .pool import Pool, PoolSettings
+from .replicas import Replicas
 from .session import ClientSession
 from .snapshot import publish
 from .stats import ServerStats
@@ -102,8 +103,26 @@ class Server:
         self.shared = shared
         if self.cache is not None:
             self.cache.own_pid = self.own_pid
+        self.replicas: Replicas | None = None
+        if config.replicas:
+            if config.redis:
+                log.warning("replicas are NOT used: with redis, several pgsluice instances may share "
+                            "the cache, and the write positions that make replica reads safe are "
+                            "shared only between the workers of one instance")
+            elif config.workers > 1 and (shared is None or shared.lsns is None):
+                log.warning("replicas are NOT used: %d workers without shared write positions",
+                            config.workers)
+            else:
+                lsns = shared.lsns if shared is not None and config.workers > 1 else None
+                self.replicas = Replicas(self, lsns)
         # burst batching (batching.py): needs the cache's single-flight and misses
         self.batcher: Batcher | None = Batcher(self, c.batch_max) if c.batching and self.cache else None
+
+    @property
+    def tracks_writes(self) -> bool:
+        """Whether sessions work out what each statement writes (for the cache's versions, or
+        for the replicas' write positions)."""
+        return self.cache is not None or self.replicas is not None
 
     # ---- pools and credentials -----------------------------------------------------------------
 
@@ -121,6 +140,13 @@ class Server:
             pool.pids.changed = self.publish_pids
             self.pools[(database, user)] = pool
         return pool
+
+    def all_pools(self) -> list[Pool]:
+        """The primary's pools and the replicas'."""
+        pools = list(self.pools.values())
+        if self.replicas is not None:
+            pools += [p for r in self.replicas.list for p in r.pools.values()]
+        return pools
 
     def publish_pids(self) -> None:
         """Our server connections changed: tell the other workers (own_pid)."""
@@ -170,8 +196,13 @@ class Server:
             if self.cache is not None:
                 planner.on_change = self.cache.plans_changed
             self.spawn(self._load_catalog(database))
-            if self.cache is not None and self.config.change_feed:
-                self.cache.add_feed(ChangeFeed(database, lambda: self._connect(database), self._feed_change))
+            if self.config.change_feed and self.tracks_writes:
+                feed = ChangeFeed(database, lambda: self._connect(database), self._feed_change)
+                if self.cache is not None:
+                    self.cache.add_feed(feed)
+                elif self.replicas is not None:  # the cache is off: the feed serves the replicas alone
+                    self.replicas.feeds[database] = feed
+                    feed.start()
         return planner
 
     def cache_rows(self) -> list[tuple[str, str]]:
@@ -198,11 +229,14 @@ class Server:
     def _feed_change(self, database: str, change: Change) -> None:
         """A change-feed notification: bump what it (and what Postgres did because of it, by the
         catalog's foreign keys and partitions) can have changed."""
-        assert self.cache is not None
         planner = self.planners.get(database)
         facts = planner.catalog.tables if planner is not None else TableFacts()
         names = write_names(database, change_effects(change, facts), None)
-        if names:
+        if self.replicas is not None and names and not (change.pid and self.own_pid(change.pid)):
+            # before the versions move: a read of the new versions must not be filled from a
+            # replica that has not replayed the write
+            self.replicas.committed(database, names, "feed")
+        if names and self.cache is not None:
             self.cache.feed_change(names, change.pid)
         if change.op == "*":
             self.ddl_seen(database)
@@ -311,7 +345,7 @@ class Server:
             idle_transaction_timeout=new.idle_transaction_timeout,
             log_level=new.log_level, roles=new.roles, admin_users=new.admin_users)
         settings = self.pool_settings()
-        for pool in self.pools.values():
+        for pool in self.all_pools():
             pool.settings = settings
             pool._wake_for_capacity()
         for planner in self.planners.values():
@@ -350,7 +384,8 @@ class Server:
         if backend is not None and session.entries:
             # by the time the cancel connection is open the query may be over and the server
             # connection serving someone else: then the cancel is not sent
-            await send_cancel(self.upstream, backend.pid, backend.secret,
+            upstream = session.bpool.upstream if session.bpool is not None else self.upstream
+            await send_cancel(upstream, backend.pid, backend.secret,
                               still=lambda: session.backend is backend and bool(session.entries))
         elif backend is None:
             session.cancel_wait()  # waiting for an identical query in flight: stop waiting
@@ -375,8 +410,10 @@ class Server:
     def let_go_of(self, database: str) -> None:
         """Close this worker's idle server connections and change-feed listener of `database`
         (its planner and feed come back if it is used again)."""
-        closed = sum(pool.close_idle() for (db, _), pool in self.pools.items() if db == database)
-        feed = self.cache.feeds.pop(database, None) if self.cache is not None else None
+        closed = sum(pool.close_idle() for pool in self.all_pools() if pool.database == database)
+        feeds = self.cache.feeds if self.cache is not None else \
+            self.replicas.feeds if self.replicas is not None else {}
+        feed = feeds.pop(database, None)
         if feed is not None:
             self.spawn(feed.close())
             self.planners.pop(database, None)
@@ -400,7 +437,7 @@ class Server:
     async def _janitor_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            for pool in list(self.pools.values()):
+            for pool in self.all_pools():
                 try:
                     await pool.maintain()
                 except Exception:
@@ -424,8 +461,11 @@ class Server:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._servers.append(server)
         self._janitor = loop.create_task(self._janitor_loop())
-        if self.cache is not None:
-            self.cache.start()
+        if self.replicas is not None:
+            self.replicas.start()
+        if self.cache is not None or self.replicas is not None:
+            if self.cache is not None:
+                self.cache.start()
             if self.config.change_feed:
                 # the upstream's database at once: its catalog, and a warning now if its reads
                 # cannot be cached (no change feed there)
@@ -493,6 +533,8 @@ class Server:
             pool.close()
         if self.cache is not None:
             await self.cache.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         if self.batcher is not None:
             self.batcher.close()
         if self.auth_query is not None:

@@ -69,7 +69,10 @@ class ClientSession(asyncio.Protocol):
         self.closed = False
         self.user = ""
         self.database = ""
-        self.pool: Pool | None = None
+        self.pool: Pool | None = None  # the primary's, for this database and user
+        self.bpool: Pool | None = None  # the pool `backend` came from (the primary's or a replica's)
+        self.route_source: object = None  # settings `route_forced` was worked out from
+        self.route_forced = False  # SET pgsluice.route = primary
         self.backend: Backend | None = None
         self.key = (0, b"")
         self.startup_settings: Settings = ()
@@ -433,7 +436,7 @@ class ClientSession(asyncio.Protocol):
         app = result.params.get("application_name", "")
         self.set_agent(app or self.user)
         self.facts, policy = session_facts(self.server.config, self.user, self.database, result.params)
-        if self.server.cache is not None:
+        if self.server.tracks_writes:
             self.planner = self.server.planner_for(self.database)
         if policy is not None:
             self.policy = policy
@@ -535,7 +538,8 @@ class ClientSession(asyncio.Protocol):
         if self.server.paused:  # PAUSE: cache hits go on, new transactions wait for RESUME
             self.server.parked.add(self)
             return False
-        pool = self.pool
+        replicas = self.server.replicas
+        pool = self.bpool = (replicas.route(self) if replicas is not None else None) or self.pool
         backend = pool.try_acquire()
         if backend is not None and backend.applied == self.settings:
             self._bind(backend)
@@ -550,16 +554,26 @@ class ClientSession(asyncio.Protocol):
         return False
 
     async def _attach(self, backend: Backend | None) -> None:
-        assert self.pool is not None
+        pool = self.bpool
+        assert pool is not None and self.pool is not None
         try:
             if backend is None:
-                backend = await self.pool.acquire()
+                try:
+                    backend = await pool.acquire()
+                except (PgError, LoginError, OSError) as exc:
+                    if pool is self.pool or self.server.replicas is None:
+                        raise
+                    # a replica that cannot be reached: out of rotation, and this on the primary
+                    self.server.replicas.lost(pool)
+                    log.warning("replica connection failed (%s): the request runs on the primary", exc)
+                    pool = self.bpool = self.pool
+                    backend = await pool.acquire()
             if backend.applied != self.settings:
                 held, backend = backend, None  # owned by the resync until it succeeds
                 try:
                     await resync(held, self.settings)
                 except BaseException:
-                    self.pool.discard(held)
+                    pool.discard(held)
                     raise
                 backend = held
                 # every value as last reported on this connection is this session's now (the
@@ -654,7 +668,7 @@ class ClientSession(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        pool = self.pool
+        pool = self.bpool
         assert pool is not None
         if fut.cancelled():
             if not self.closed:
@@ -707,12 +721,12 @@ class ClientSession(asyncio.Protocol):
         """Give the backend back: called by relay when the transaction is over (`now`: the
         clock, if the caller has just read it)."""
         backend = self.backend
-        assert backend is not None and self.pool is not None
+        assert backend is not None and self.bpool is not None
         self.backend = None
         backend.on_data = backend._idle_data
         if backend.transport is not None and not self._writing:
             backend.transport.resume_reading()
-        self.pool.release(backend, now)
+        self.bpool.release(backend, now)
 
     def on_backend_data(self) -> None:
         backend = self.backend
@@ -758,8 +772,13 @@ class ClientSession(asyncio.Protocol):
         self.backend = None
         caching.abandon(self)
         caching.commit_all(self)  # it may have committed before the connection broke
-        if self.pool is not None:
-            self.pool.discard(backend)
+        pool = self.bpool
+        if pool is not None:
+            pool.discard(backend)
+            if pool is not self.pool and self.server.replicas is not None:
+                self.server.replicas.lost(pool)
+                if not self.pinned and backend.status == codes.TXN_IDLE and self._replica_failed():
+                    return
         if self.server.shutting_down:
             self.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         else:
@@ -770,7 +789,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _cleanup(self, backend: Backend) -> None:
         """The client left while holding `backend`: leave nothing idle in transaction."""
-        pool = self.pool
+        pool = self.bpool
         assert pool is not None
         backend.on_data = backend._idle_data
         try:
@@ -792,7 +811,7 @@ class ClientSession(asyncio.Protocol):
             return
         if self.entries or backend.buf or backend.ready_owed:
             # a query is still running for nobody: cancel it and drop the connection
-            await send_cancel(self.server.upstream, backend.pid, backend.secret)
+            await send_cancel(pool.upstream, backend.pid, backend.secret)
             pool.discard(backend)
             return
         if backend.unsynced:
@@ -831,9 +850,38 @@ class ClientSession(asyncio.Protocol):
             log.debug("client %s pinned: %s", self.peer, reason)
 
     async def cancel(self) -> None:
-        backend = self.backend
-        if backend is not None and self.entries:
-            await send_cancel(self.server.upstream, backend.pid, backend.secret)
+        backend, pool = self.backend, self.bpool
+        if backend is not None and pool is not None and self.entries:
+            await send_cancel(pool.upstream, backend.pid, backend.secret)
+
+    def route_primary(self) -> bool:
+        """SET pgsluice.route = primary is in force."""
+        if self.route_source is not self.settings:
+            self.route_source = self.settings
+            self.route_forced = any(name == "pgsluice.route" and "primary" in statement.lower()
+                                    for name, statement in self.settings)
+        return self.route_forced
+
+    def _replica_failed(self) -> bool:
+        """A replica's server connection broke under a read outside a transaction: that read
+        gets a clean error (SQLSTATE 08006) and this connection goes on (its next request
+        goes elsewhere). False when a reply was mid-way in a way we cannot end cleanly."""
+        if self.copy_in or self.stream_left:
+            return False
+        out = []
+        for kind, _arg in self.entries:
+            if kind in relay._ENDS_AT_READY:
+                out.append(encode.error_response(CONNECTION_FAILURE, "pgsluice: replica connection lost",
+                                                 hint="The read can be retried; the replica is out of "
+                                                 "rotation until it answers again.")
+                           + encode.ready_for_query())
+        self.entries.clear()
+        self.skipping = False
+        self.write(b"".join(out))
+        if out:
+            self.request_done()
+        self.pump()
+        return True
 
 
 def _pg_error(exc: BaseException) -> PgError:

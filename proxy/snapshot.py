@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .pool import Pool
     from .server import Server
 
 Snap = dict[str, Any]
@@ -33,18 +34,25 @@ def snapshot(server: Server) -> Snap:
                      "lat_counts": list(a.latency.counts), "lat_count": a.latency.count,
                      "lat_sum": a.latency.sum}
               for name, a in st.agents.items()}
-    pools = {f"{db}\x00{user}": {"size": p.size, "held": p.held, "idle": len(p.idle),
-                                 "waiting": sum(1 for w in p.waiters if not w.done()),
-                                 "max_size": p.settings.max_size, "acquires": p.stats.acquires,
-                                 "waits": p.stats.waits, "wait_time": p.stats.wait_time,
-                                 "timeouts": p.stats.timeouts, "connects": p.stats.connects}
-             for (db, user), p in server.pools.items()}
+    pools = {f"{db}\x00{user}": _pool(p) for (db, user), p in server.pools.items()}
+    replicas: dict[str, Any] = {}
+    if server.replicas is not None:
+        for r in server.replicas.list:
+            # a replica's pools: database "db@host:port" in SHOW POOLS and the metrics
+            pools.update({f"{db}@{r.name}\x00{user}": _pool(p) for (db, user), p in r.pools.items()})
+            replicas[r.name] = {"state": r.state, "up": int(r.state == "up"), "lag_s": r.lag,
+                                "replay_lsn": r.replay, "reads": r.reads, "outstanding": r.outstanding}
+        replicas["primary"] = {"state": "primary", "up": 1, "lag_s": 0.0,
+                               "replay_lsn": server.replicas.primary.last,
+                               "reads": server.replicas.primary_reads, "outstanding": 0}
     snap: Snap = {
         "workers": 1, "clients": len(server.clients),
         "totals": {"clients_total": st.clients_total, "pinned": st.pinned, "cancels": st.cancels,
                    "rejected": st.rejected, "upstream_queries": st.upstream_queries,
-                   "batches": st.batches, "batch_fallbacks": st.batch_fallbacks},
-        "errors": dict(st.errors), "agents": agents, "pools": pools,
+                   "batches": st.batches, "batch_fallbacks": st.batch_fallbacks,
+                   **({f"positions_{k}": n for k, n in server.replicas.recorded.items()}
+                      if server.replicas is not None else {})},
+        "errors": dict(st.errors), "agents": agents, "pools": pools, "replicas": replicas,
         "planners": {db: {"hit": p.stats.hits, "shape_hit": p.stats.shape_hits, "parsed": p.stats.misses}
                      for db, p in server.planners.items()},
     }
@@ -61,6 +69,14 @@ def snapshot(server: Server) -> Snap:
     return snap
 
 
+def _pool(p: Pool) -> dict[str, Any]:
+    return {"size": p.size, "held": p.held, "idle": len(p.idle),
+            "waiting": sum(1 for w in p.waiters if not w.done()),
+            "max_size": p.settings.max_size, "acquires": p.stats.acquires,
+            "waits": p.stats.waits, "wait_time": p.stats.wait_time,
+            "timeouts": p.stats.timeouts, "connects": p.stats.connects}
+
+
 def merge(snaps: list[Snap]) -> Snap:
     """Sum numbers (and lists of numbers) key by key; gauges that are states take the minimum."""
     out: Snap = {}
@@ -69,7 +85,8 @@ def merge(snaps: list[Snap]) -> Snap:
     return out
 
 
-_MIN_KEYS = frozenset({"redis_up", "max_size"})  # states, and a setting all workers share
+# states, and a setting all workers share
+_MIN_KEYS = frozenset({"redis_up", "max_size", "up", "lag_s", "replay_lsn"})
 
 
 def _add(into: Snap, other: Snap) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
 
-from cache.versions import SharedCounters
+from cache.versions import SharedCounters, SharedLsns
 
 from .admission import make_counts_file
 from .backend_keys import make_file as make_keys_file
@@ -38,7 +38,9 @@ Serve = Callable[..., Coroutine[Any, Any, None]]
 
 def run_workers(config: Config, reload_from: Callable[[], Config], serve: Serve) -> int:
     # (with Redis, versions are there; the workers still share who their server connections are)
-    shared = SharedCounters(workers=config.workers) if config.cache else None
+    shared = SharedCounters(workers=config.workers) if config.cache or config.replicas else None
+    if shared is not None and config.replicas:
+        shared.lsns = SharedLsns(workers=config.workers)
     stats_dir = tempfile.mkdtemp(prefix="pgsluice-workers-")
     make_counts_file(stats_dir, config.workers)  # max_client_conn counts over all workers
     make_keys_file(stats_dir)  # whose server connection sent a notification
@@ -96,6 +98,9 @@ def _run(config: Config, reload_from: Callable[[], Config], serve: Serve, shared
             # its connections are gone; a write of it may have committed without its bump
             shared.clear_pids(index)
             shared.new_epoch()
+            if shared.lsns is not None:
+                shared.lsns.open_gap()
+                shared.lsns.clear_worker(index)
         if stopping or index < 0:
             continue
         failures += 1
