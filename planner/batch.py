@@ -21,7 +21,7 @@ from sqlglot import exp
 from .canonical import parse
 from .catalog import Catalog
 from .plan import SessionFacts
-from .reach import _resolve
+from .reach import _resolve, conjuncts
 from .tables import INT_TYPES, KEY_TYPES
 
 # the array type of each key type (pg_type.typarray)
@@ -108,17 +108,7 @@ def _pinned(where: object, column: str) -> int | None:
     comparison of the column to a placeholder anywhere in the WHERE."""
     if not isinstance(where, exp.Where):
         return None
-    terms: list[exp.Expression] = []
-    stack: list[exp.Expression] = [where.this]
-    while stack:
-        term = stack.pop()
-        if isinstance(term, exp.And):
-            stack += [term.this, term.expression]
-        elif isinstance(term, exp.Paren):
-            stack.append(term.this)
-        else:
-            terms.append(term)
-    top = [n for n in (_equality(t, column) for t in terms) if n is not None]
+    top = [n for n in (_equality(t, column) for t in conjuncts(where.this)) if n is not None]
     anywhere = [n for n in (_equality(e, column) for e in where.find_all(exp.EQ)) if n is not None]
     if len(top) != 1 or len(anywhere) != 1:
         return None

@@ -361,12 +361,10 @@ def _alias(table: exp.Table) -> str:
     return _ident(table.this)
 
 
-def _pin(where: object, table: exp.Table, info: TableInfo | None, alone: bool, limit: int) -> Pin | None:
-    if not isinstance(where, exp.Where) or info is None or not info.key:
-        return None
-    name = _alias(table)
+def conjuncts(condition: exp.Expression) -> list[exp.Expression]:
+    """The top-level AND terms of a condition (through parentheses)."""
     terms: list[exp.Expression] = []
-    stack: list[exp.Expression] = [where.this]
+    stack: list[exp.Expression] = [condition]
     while stack:
         term = stack.pop()
         if isinstance(term, exp.And):
@@ -375,6 +373,14 @@ def _pin(where: object, table: exp.Table, info: TableInfo | None, alone: bool, l
             stack.append(term.this)
         else:
             terms.append(term)
+    return terms
+
+
+def _pin(where: object, table: exp.Table, info: TableInfo | None, alone: bool, limit: int) -> Pin | None:
+    if not isinstance(where, exp.Where) or info is None or not info.key:
+        return None
+    name = _alias(table)
+    terms = conjuncts(where.this)
     found: dict[str, list[Value] | int] = {}  # key column -> its values, or an array placeholder
     for term in terms:
         got = _equality(term, name, alone, info)
