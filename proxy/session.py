@@ -101,6 +101,7 @@ class ClientSession(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._queued: asyncio.Future[Backend] | None = None  # in the pool's queue, no task
         self._cancel_asked = False  # a CancelRequest ended the wait in the queue
+        self._attaching: asyncio.Task[None] | None = None  # _attach, while it runs
         self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Future[None] | None = None  # a task, or a cache look-up's marker
         self._paused = False
@@ -550,7 +551,7 @@ class ClientSession(asyncio.Protocol):
             fut.add_done_callback(self._handed_over)
             self._deadline = asyncio.get_running_loop().call_later(pool.settings.acquire_timeout, fut.cancel)
             return False
-        self._task = asyncio.get_running_loop().create_task(self._attach(backend))
+        self._task = self._attaching = asyncio.get_running_loop().create_task(self._attach(backend))
         return False
 
     async def _attach(self, backend: Backend | None) -> None:
@@ -580,13 +581,15 @@ class ClientSession(asyncio.Protocol):
                 # resync reports only what differs from that connection's previous state)
                 self._report(backend.params)
         except PgError as err:
-            self._task = None
+            self._task = self._attaching = None
+            self._cancel_asked = False
             replies.fail_pending(self, err)
             if len(self.inbuf) < _PAUSE_AT:
                 self.resume_reading()
             return
         except LoginError as err:
-            self._task = None
+            self._task = self._attaching = None
+            self._cancel_asked = False
             replies.fail_pending(self, PgError(err.fields.get("C", CONNECTION_FAILURE),
                                              err.fields.get("M", "login failed")))
             return
@@ -594,9 +597,16 @@ class ClientSession(asyncio.Protocol):
             if backend is not None and self.closed:
                 self.server.spawn(self._cleanup(backend))
             raise
-        self._task = None
+        self._task = self._attaching = None
         if self.closed:
             self.server.spawn(self._cleanup(backend))
+            return
+        if self._cancel_asked:  # a CancelRequest came meanwhile: the statement is not sent
+            self._cancel_asked = False
+            pool.release(backend)
+            replies.fail_pending(self, PgError(QUERY_CANCELED, "canceling statement due to user request"))
+            if len(self.inbuf) < _PAUSE_AT:
+                self.resume_reading()
             return
         self._bind(backend)
         self.resume_reading()
@@ -622,6 +632,8 @@ class ClientSession(asyncio.Protocol):
         elif self._queued is not None and not self._queued.done():
             self._cancel_asked = True
             self._queued.cancel()
+        elif self._attaching is not None and self._task is self._attaching and not self._attaching.done():
+            self._cancel_asked = True  # opening or preparing a server connection: see _attach
 
     def resume_pump(self, cache_done: bool) -> None:
         self._task = None
@@ -691,7 +703,7 @@ class ClientSession(asyncio.Protocol):
         if self.closed:
             pool.release(backend)  # idle and clean: nobody used it
         elif backend.applied != self.settings:
-            self._task = asyncio.get_running_loop().create_task(self._attach(backend))
+            self._task = self._attaching = asyncio.get_running_loop().create_task(self._attach(backend))
         else:
             self._bind(backend)
             self.resume_reading()

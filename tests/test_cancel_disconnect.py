@@ -315,6 +315,45 @@ async def test_cancel_of_a_client_waiting_for_a_server_connection(one_backend: P
         await y.close()
 
 
+async def test_cancel_of_a_client_whose_server_connection_is_being_opened(one_backend: ProxyHandle,
+                                                                         direct: asyncpg.Connection) -> None:
+    """A CancelRequest while pgsluice opens the server connection for the client's statement
+    (ClientSession._attach; here a login event trigger makes the opening take 1.5 s): the
+    statement is answered 57014 once the connection is ready and is never sent (it was run
+    after all, uncancelled, before)."""
+    x, x_pid, x_secret = await raw_client(one_backend)
+    await direct.execute("""
+        DROP TABLE IF EXISTS dc_slow_login; CREATE TABLE dc_slow_login ();
+        CREATE OR REPLACE FUNCTION dc_slow_login() RETURNS event_trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = public AS $$
+        BEGIN
+            IF session_user = 'alice' AND to_regclass('public.dc_slow_login') IS NOT NULL THEN
+                PERFORM pg_sleep(1.5);
+            END IF;
+        END $$;
+        CREATE EVENT TRIGGER dc_slow_login ON login EXECUTE FUNCTION dc_slow_login();""")
+    try:
+        # the pool's idle server connection goes away: the next statement needs a new one
+        await direct.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE usename = 'alice' AND datname = 'app'")
+        await asyncio.sleep(0.3)
+        await x.send(encode.query("SELECT pg_sleep(3), 'ran' /* c_attach_x */"))
+        await asyncio.sleep(0.4)  # pgsluice is opening the server connection (1.5 s)
+        started = time.monotonic()
+        await send_cancel(one_backend, x_pid, x_secret)
+        x_msgs = await x.read_until_ready(timeout=10)
+        assert sqlstates(x_msgs) == ["57014"], x_msgs
+        assert time.monotonic() - started < 2.5  # the connection's 1.5 s, not the statement's 3 s
+        assert await running(direct, "c_attach_x") == []
+    finally:
+        await direct.execute("DROP EVENT TRIGGER IF EXISTS dc_slow_login; DROP TABLE IF EXISTS dc_slow_login;"
+                             " DROP FUNCTION IF EXISTS dc_slow_login()")
+        await x.close()
+    y, _, _ = await raw_client(one_backend)  # the server connection went back to the pool
+    assert data_rows(await y.query("SELECT 4")) == [b"4"]
+    await y.close()
+
+
 # ---- disconnect --------------------------------------------------------------------------------
 
 async def next_client_updates_promptly(proxy: ProxyHandle, pid: int | None) -> None:
