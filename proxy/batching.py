@@ -22,9 +22,10 @@ import asyncio
 import logging
 import struct
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import batch_sql, caching
+from .internal import Socketless
 from .login import LoginResult
 from .pgwire import codes, encode
 from .session import ClientSession
@@ -251,7 +252,7 @@ def _resolve(w: Waiter, payload: bytes | None) -> None:
 
 # ---- where batches run: a session without a socket, like InternalClient's --------------------
 
-class _Sink(asyncio.Transport):
+class _Sink(Socketless):
     def __init__(self, runner: _Runner) -> None:
         super().__init__()
         self._runner = runner
@@ -267,15 +268,6 @@ class _Sink(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self._runner.session.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("internal", 0) if name == "peername" else default
 
 
 class _Runner:

@@ -83,7 +83,21 @@ class Reply:
     oversize: bool = False  # the reply passed max_bytes: its rows were dropped
 
 
-class _Sink(asyncio.Transport):
+class Socketless(asyncio.Transport):
+    """What a socketless session's transport has in common (InternalClient's, the batch
+    runner's): no reading to pause, and a peer named "internal"."""
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("internal", 0) if name == "peername" else default
+
+
+class _Sink(Socketless):
     def __init__(self, client: InternalClient) -> None:
         super().__init__()
         self._client = client
@@ -100,15 +114,6 @@ class _Sink(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self._closing
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("internal", 0) if name == "peername" else default
 
 
 class InternalClient:
