@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from cache.versions import SharedLsns
-from planner import Flag, Kind, Plan
+from planner import Flag, Kind, Plan, sqlscan
 from proxy.backends.backend import Upstream
 from proxy.backends.pool import Pool
 from proxy.base.config import mask_url, parse_upstream
 from proxy.pgwire import codes
-from proxy.pipeline import sqlscan
 
 if TYPE_CHECKING:
     from proxy.pipeline.session import ClientSession

@@ -331,7 +331,7 @@ class Server:
         """Apply what can change safely: pool sizes and timeouts, guardrails, log level."""
         if self.reload_config is None:
             return "nothing to reload: no config source"
-        from proxy.base.config import ConfigError
+        from proxy.base.errors import ConfigError
         try:
             new = self.reload_config()
         except ConfigError as exc:

@@ -8,10 +8,10 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from planner import sqlscan
 from planner.explain import describe
 from planner.normalize import comment_hints
 from proxy.pgwire import encode
-from proxy.pipeline import sqlscan
 
 if TYPE_CHECKING:
     from proxy.pipeline.session import ClientSession

@@ -21,7 +21,7 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
-from planner import Kind, Plan, Verdict
+from planner import Kind, Plan, Verdict, sqlscan
 from planner.guard import extended_verdict
 from proxy.base.logs import fields
 from proxy.pgwire import codes, encode
@@ -31,7 +31,7 @@ from proxy.pgwire.decode import (
     parse_target,
 )
 from proxy.pgwire.errors import ProtocolError
-from proxy.pipeline import caching, commands, fastpath, sqlscan
+from proxy.pipeline import caching, commands, fastpath
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend

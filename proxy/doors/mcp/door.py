@@ -33,7 +33,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.base.config import AgentAuth, Config, ConfigError, parse_upstream, split_host_port
+from proxy.base.config import AgentAuth, Config, parse_upstream, split_host_port
+from proxy.base.errors import ConfigError
 from proxy.doors.mcp.service import McpService
 from proxy.pipeline.agents import agent_for_token
 
