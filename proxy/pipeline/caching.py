@@ -29,6 +29,7 @@ from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_bind_names, parse_bind_params, parse_parse
 from proxy.pgwire.errors import ProtocolError
 from proxy.pipeline import fastpath
+from proxy.pipeline.entries import ENDS_AT_READY as _ENDS_AT_READY
 
 if TYPE_CHECKING:
     from proxy.pipeline.session import ClientSession
@@ -39,7 +40,6 @@ _i = struct.Struct("!i")
 SERVED, ASYNC, PASS = range(3)
 _RFQ_IDLE = encode.ready_for_query()
 _FORMAT_SIMPLE = b"Q"  # a simple Query's reply: text format, with RowDescription
-_ENDS_AT_READY = (0, 1, 2)  # relay.QUERY, SYNC, FUNC (relay checks)
 _COMMIT_PREPARED = re.compile(r"(?i)\bcommit\s+prepared\b")
 _CANCELED = b"\x00C57014\x00"
 _STORABLE = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,

@@ -1,29 +1,21 @@
-"""Byte relay between a client and the backend it holds, with per-message response tracking.
+"""Client -> backend: the client's messages framed, looked at and sent on to the server
+connection it holds, with an Entry (entries.py) for each one that gets a response.
 
-Every message sent to the backend that produces a response gets an Entry, in
-order. A backend message ends the head Entry when it is that Entry's terminal
-response (ParseComplete for Parse, ReadyForQuery for Sync or Query...). This is
-what lets pgsluice (a) answer CloseComplete itself for prepared statements it
-keeps on the backend, in the right place, and (b) swallow the responses to
-messages it injected (re-preparing a client's statement on another backend). An
-ErrorResponse to an extended-protocol message voids the Entries up to the next
-Sync, as Postgres skips those messages. This module is the way there (client ->
-backend); replies.py the way back; commands.py reads what the texts say to pgsluice.
-
-Everything else is passed through as ranges of the original bytes.
+forward takes every complete message in the client's buffer and rewrites what it must
+(session state, writes for the cache, pgsluice's own commands, guardrails, prepared
+statements kept on the backends); everything else is passed through as ranges of the
+original bytes. replies.py is the way back; commands.py reads what the texts say to pgsluice.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 import struct
 from typing import TYPE_CHECKING
 
-from planner import Kind, Plan, Verdict, sqlscan
+from planner import Verdict, sqlscan
 from planner.guard import extended_verdict
-from proxy.base.logs import fields
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import (
     parse_bind_names,
@@ -31,82 +23,43 @@ from proxy.pgwire.decode import (
     parse_target,
 )
 from proxy.pgwire.errors import ProtocolError
-from proxy.pipeline import caching, commands, fastpath
+from proxy.pipeline import caching, commands, fastpath, guardrails
+from proxy.pipeline.entries import (
+    BIND,
+    CLOSE,
+    COPY_IN,
+    DESCRIBE,
+    EXECUTE,
+    FAKE_BYTES,
+    FAKE_CLOSE,
+    FUNC,
+    PARSE,
+    QUERY,
+    SWALLOW_BIND,
+    SWALLOW_CLOSE,
+    SWALLOW_PARSE,
+    SWALLOW_QUERY,
+    SYNC,
+    Chunks,
+    QueryInfo,
+)
+from proxy.pipeline.guardrails import Rejected
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
     from proxy.pipeline.session import ClientSession
 
 _I = struct.Struct("!I")
-log = logging.getLogger("pgsluice.queries")
-
-# Entry kinds.
-QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
-FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND, SWALLOW_QUERY = range(8, 13)
-_SWALLOWED = (SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND)
-_ENDS_AT_READY = (QUERY, SYNC, FUNC)
-assert caching._ENDS_AT_READY == _ENDS_AT_READY
-_FAKE_BYTES = {FAKE_CLOSE: encode.CLOSE_COMPLETE}
-# "cached plan must not change result type": the statement predates a schema change
-_STALE_PLAN = b"\x00C0A000\x00"
-
-# backend message code -> the entry kinds it terminates
-_TERMINAL: dict[int, tuple[int, ...]] = {
-    codes.B_PARSE_COMPLETE: (PARSE, SWALLOW_PARSE),
-    codes.B_BIND_COMPLETE: (BIND, SWALLOW_BIND),
-    codes.B_CLOSE_COMPLETE: (CLOSE, SWALLOW_CLOSE),
-    codes.B_ROW_DESCRIPTION: (DESCRIBE,),
-    codes.B_NO_DATA: (DESCRIBE,),
-    codes.B_COMMAND_COMPLETE: (EXECUTE,),
-    codes.B_EMPTY_QUERY_RESPONSE: (EXECUTE,),
-    codes.B_PORTAL_SUSPENDED: (EXECUTE,),
-}
 # extended-protocol messages whose content pgsluice reads (their parsers raise before
 # changing any state), with the entry kind of each
 _EXTENDED = {codes.F_PARSE: PARSE, codes.F_BIND: BIND, codes.F_DESCRIBE: DESCRIBE, codes.F_CLOSE: CLOSE}
 _TXN_WORDS = re.compile(rb"(?i)\b(begin|start|commit|rollback|end|abort|savepoint|release|prepare)\b")
-_STREAM_MIN = 256 * 1024  # pass a partial DataRow/CopyData through once this much is buffered
-
-
-class QueryInfo:
-    """What a simple Query will change in session state if it succeeds."""
-
-    __slots__ = ("changes", "discard_seen", "discards", "failed")
-
-    def __init__(self, changes: tuple[tuple[str, str | None], ...], discards: bool) -> None:
-        self.changes = changes
-        self.discards = discards
-        self.discard_seen = False
-        self.failed = False
-
-
-class Rejected:
-    """A statement a guardrail refused: Postgres runs a DO block raising the same SQLSTATE
-    (so transaction state follows exactly), and the client gets this clean ErrorResponse."""
-
-    __slots__ = ("code", "error", "sql")
-
-    def __init__(self, verdict: Verdict) -> None:
-        self.code = b"\x00C" + verdict.sqlstate.encode() + b"\x00"
-        self.error = encode.error_response(verdict.sqlstate, verdict.message, hint=verdict.hint or None)
-        code, message = encode.quote_literal(verdict.sqlstate), encode.quote_literal(verdict.message)
-        self.sql = (f"DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = {code}, MESSAGE = {message};"
-                    " END$pgsluice$").encode()
-
-
-# The mark of a Query entry for COPY ... FROM STDIN, and of the Syncs the client sent after it
-# before its CopyDone / CopyFail: once the COPY has started (CopyInResponse), Postgres ignores
-# those Syncs, so no ReadyForQuery is owed for them; if it never started, they count.
-COPY_IN = object()
 _COPY_IN = re.compile(rb"(?is)copy\b.*\bfrom\s+stdin\b")
 _IN_COPY = frozenset({codes.F_COPY_DATA, codes.F_COPY_DONE, codes.F_COPY_FAIL, codes.F_FLUSH, codes.F_SYNC,
                       codes.F_TERMINATE})
 
 _BIND_UNNAMED = encode.message(codes.F_BIND, b"\x00\x00" + b"\x00\x00" * 3)
 _EXECUTE_UNNAMED = encode.message(codes.F_EXECUTE, b"\x00" + b"\x00" * 4)
-
-Entry = tuple[int, object]
-Chunks = list[bytes | bytearray]
 
 
 class Statement:
@@ -409,29 +362,13 @@ def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     return [encode.query(text)]
 
 
-def _plan(s: ClientSession, sql: bytes) -> Plan:
-    assert s.planner is not None
-    plan = s.planner.analyze(sql.decode("utf-8", "replace"), s.facts)
-    if plan.kind is Kind.DDL:
-        s.server.ddl_seen(s.database)
-    return plan
-
-
-def _rejected(s: ClientSession, verdict: Verdict) -> Rejected:
-    s.agent_stats.rejected += 1
-    s.server.stats.rejected += 1
-    log.info("query rejected", extra=fields(client=s.token, agent=s.agent, rule=verdict.rule,
-                                            sqlstate=verdict.sqlstate, sql=s.last_statement))
-    return Rejected(verdict)
-
-
 def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     """A simple Query under a role policy: refused (never reaching Postgres) or rewritten."""
-    plan = _plan(s, sql)
+    plan = guardrails.plan(s, sql)
     if not plan.verdict.allowed:
         s.unnamed = None
         backend.unnamed_owner = None
-        rejected = _rejected(s, plan.verdict)
+        rejected = guardrails.rejected(s, plan.verdict)
         s.entries.append((QUERY, rejected))
         return [encode.query(rejected.sql)]
     if plan.rewrites:
@@ -455,7 +392,7 @@ def _fake(s: ClientSession, kind: int) -> None:
     if s.entries:
         s.entries.append((kind, None))
     else:
-        s.write(_FAKE_BYTES[kind])
+        s.write(FAKE_BYTES[kind])
 
 
 def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
@@ -497,10 +434,10 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         return _refuse_parse(s, backend, name, Rejected(
             Verdict(False, "42P05", f'prepared statement "{text}" already exists')))
     if s.policy is not None:
-        plan = _plan(s, sql)
+        plan = guardrails.plan(s, sql)
         verdict = plan.verdict if not plan.verdict.allowed else extended_verdict(plan, s.policy)
         if verdict is not None and not verdict.allowed:
-            return _refuse_parse(s, backend, name, _rejected(s, verdict))
+            return _refuse_parse(s, backend, name, guardrails.rejected(s, verdict))
         if plan.rewrites:
             sql = plan.sql.encode()
             msg = encode.parse(name, sql, types)

@@ -1,4 +1,5 @@
-"""The relay's way back: backend bytes to the client, ending the Entries relay.forward made.
+"""The relay's way back: backend bytes to the client, ending the Entries relay.forward made
+(entries.py).
 
 A backend message ends the head Entry when it is that Entry's terminal response;
 ReadyForQuery ends a Query/Sync/FunctionCall (and whatever Postgres skipped before it),
@@ -19,26 +20,25 @@ from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_error_fields, parse_parameter_status
 from proxy.pgwire.errors import ProtocolError
 from proxy.pipeline import caching
-from proxy.pipeline.relay import (
-    _ENDS_AT_READY,
-    _FAKE_BYTES,
-    _STALE_PLAN,
-    _STREAM_MIN,
-    _SWALLOWED,
-    _TERMINAL,
+from proxy.pipeline.entries import (
     BIND,
+    CLOSE,
     COPY_IN,
     DESCRIBE,
+    ENDS_AT_READY,
+    EXECUTE,
+    FAKE_BYTES,
     PARSE,
     QUERY,
+    SWALLOW_BIND,
     SWALLOW_CLOSE,
     SWALLOW_PARSE,
     SWALLOW_QUERY,
     SYNC,
     Chunks,
     QueryInfo,
-    Rejected,
 )
+from proxy.pipeline.guardrails import Rejected
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
@@ -47,6 +47,22 @@ if TYPE_CHECKING:
 _I = struct.Struct("!I")
 log = logging.getLogger("pgsluice.queries")
 _PLAIN_QUERY = (QUERY, None)
+_SWALLOWED = (SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND)
+# "cached plan must not change result type": the statement predates a schema change
+_STALE_PLAN = b"\x00C0A000\x00"
+_STREAM_MIN = 256 * 1024  # pass a partial DataRow/CopyData through once this much is buffered
+
+# backend message code -> the entry kinds it terminates
+_TERMINAL: dict[int, tuple[int, ...]] = {
+    codes.B_PARSE_COMPLETE: (PARSE, SWALLOW_PARSE),
+    codes.B_BIND_COMPLETE: (BIND, SWALLOW_BIND),
+    codes.B_CLOSE_COMPLETE: (CLOSE, SWALLOW_CLOSE),
+    codes.B_ROW_DESCRIPTION: (DESCRIBE,),
+    codes.B_NO_DATA: (DESCRIBE,),
+    codes.B_COMMAND_COMPLETE: (EXECUTE,),
+    codes.B_EMPTY_QUERY_RESPONSE: (EXECUTE,),
+    codes.B_PORTAL_SUSPENDED: (EXECUTE,),
+}
 
 
 _PLAIN = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,
@@ -164,7 +180,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 fill = None
             ended |= caching.ready(s, backend.status == codes.TXN_IDLE)
             _end_at_ready(s, backend)
-            if entries and entries[0][0] in _FAKE_BYTES:
+            if entries and entries[0][0] in FAKE_BYTES:
                 out.append(buf[start:end])
                 start = end
                 _drain_fakes(entries, out)
@@ -182,7 +198,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 if kind in _SWALLOWED:
                     out.append(buf[start:pos])
                     start = end
-                if entries and entries[0][0] in _FAKE_BYTES:
+                if entries and entries[0][0] in FAKE_BYTES:
                     out.append(buf[start:end])
                     start = end
                     _drain_fakes(entries, out)
@@ -206,7 +222,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
                 out.append(rejected.error)
                 start = end
             _on_error(s, backend, buf[pos + 5:end])
-            if entries and entries[0][0] in _FAKE_BYTES:
+            if entries and entries[0][0] in FAKE_BYTES:
                 out.append(buf[start:end])
                 start = end
                 _drain_fakes(entries, out)
@@ -239,7 +255,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
     if ended:
         caching.commit(s)  # before the client sees the commit (gated with Redis)
     elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s) \
-            and any(kind in _ENDS_AT_READY for kind, _ in entries):
+            and any(kind in ENDS_AT_READY for kind, _ in entries):
         # a write's CommandComplete waits for its ReadyForQuery; only while one is still owed
         # (an error voids what was sent up to the next Sync, and Flush asks for no Sync)
         s.held.append(data)
@@ -279,8 +295,8 @@ def _cut_notice(s: ClientSession, tag: bytes) -> Chunks:
 def _drain_fakes(entries: object, out: Chunks) -> None:
     from collections import deque
     assert isinstance(entries, deque)
-    while entries and entries[0][0] in _FAKE_BYTES:
-        out.append(_FAKE_BYTES[entries.popleft()[0]])
+    while entries and entries[0][0] in FAKE_BYTES:
+        out.append(FAKE_BYTES[entries.popleft()[0]])
 
 
 def _end_at_ready(s: ClientSession, backend: Backend) -> None:
@@ -288,7 +304,7 @@ def _end_at_ready(s: ClientSession, backend: Backend) -> None:
     entries = s.entries
     while entries:
         kind, arg = entries.popleft()
-        if kind in _ENDS_AT_READY:
+        if kind in ENDS_AT_READY:
             if isinstance(arg, QueryInfo):
                 _apply_query(s, backend, arg)
             elif arg is COPY_IN:
@@ -339,7 +355,7 @@ def _on_error(s: ClientSession, backend: Backend, body: bytes | bytearray) -> No
         # re-prepare of this text on this backend closes the stale statement first.
         backend.prepared.pop(arg, None)
         backend.maybe_prepared.add(arg)
-    if kind in _ENDS_AT_READY:
+    if kind in ENDS_AT_READY:
         if isinstance(arg, QueryInfo):
             arg.failed = True
         return

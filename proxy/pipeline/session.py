@@ -3,7 +3,7 @@
 Rules (PgBouncer's): a client holds a backend from its first message until
 ReadyForQuery says 'I' with nothing outstanding; then the backend goes back to the
 pool, unless the client is pinned by session state it created. Responses are
-tracked per message sent (see relay.py) so that pgsluice can answer for prepared
+tracked per message sent (see entries.py) so that pgsluice can answer for prepared
 statements it keeps on its own and swallow what it sent itself.
 """
 
@@ -40,7 +40,7 @@ from proxy.pgwire.errors import (
     PgError,
     ProtocolError,
 )
-from proxy.pipeline import caching, fastpath, relay, replies
+from proxy.pipeline import caching, entries, fastpath, relay, replies
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
@@ -81,7 +81,7 @@ class ClientSession(asyncio.Protocol):
         self.reported: dict[str, str] = {}
         self.pinned: str | None = None
         # relay state
-        self.entries: deque[relay.Entry] = deque()
+        self.entries: deque[entries.Entry] = deque()
         self.statements: dict[bytes, relay.Statement] = {}
         self.unnamed: bytes | None = None  # the client's last unnamed Parse message
         self.unnamed_gen = 0
@@ -883,7 +883,7 @@ class ClientSession(asyncio.Protocol):
             return False
         out = []
         for kind, _arg in self.entries:
-            if kind in relay._ENDS_AT_READY:
+            if kind in entries.ENDS_AT_READY:
                 out.append(encode.error_response(CONNECTION_FAILURE, "pgsluice: replica connection lost",
                                                  hint="The read can be retried; the replica is out of "
                                                  "rotation until it answers again.")
