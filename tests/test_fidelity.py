@@ -385,8 +385,8 @@ _EXTENDED: _Corpus = {
 
 # Known differences: each is a strict xfail, so fixing the proxy turns it into a failure to update.
 _DUPLICATE_PARSE = ("proxy bug: a Parse reusing the name of an existing prepared statement gets "
-                    "ParseComplete (and silently replaces it) instead of Postgres's 42P05; relay._parse "
-                    "overwrites s.statements[name] without checking")
+                    "ParseComplete (and silently replaces it) instead of Postgres's 42P05; "
+                    "prepared.rewrite_parse overwrites s.statements[name] without checking")
 _SQL_PREPARE_NAMESPACE = ("proxy bug: protocol-level statements get server-side names, so SQL PREPARE of "
                           "a name already used by a Parse succeeds (Postgres: 42P05) and EXECUTE runs it")
 _RESET_STARTUP = ("proxy deviation (README known limitation on RESET of startup parameters): the reply "

@@ -1,6 +1,6 @@
 """What the relay reads in a statement's text besides the planner: pgsluice's own SHOW
 commands, EXECUTE of a protocol-level statement, DROP / ALTER DATABASE, agent tags, and the
-startup parameters a RESET takes away. None of them sends anything: relay.py does."""
+startup parameters a RESET takes away. None of them sends anything: relay.py and prepared.py do."""
 
 from __future__ import annotations
 

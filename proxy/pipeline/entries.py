@@ -8,9 +8,9 @@ CloseComplete itself for prepared statements it keeps on the backend, in the rig
 a client's statement on another backend). An ErrorResponse to an extended-protocol message
 voids the Entries up to the next Sync, as Postgres skips those messages.
 
-relay.py appends Entries (client -> backend), replies.py ends them (backend -> client),
-caching.py and session.py count those that end at ReadyForQuery: this module holds what
-they share, so that none of them imports another for it.
+relay.py and prepared.py append Entries (client -> backend), replies.py ends them (backend ->
+client), caching.py and session.py count those that end at ReadyForQuery: this module holds
+what they share, so that none of them imports another for it.
 """
 
 from __future__ import annotations

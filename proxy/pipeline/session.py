@@ -40,7 +40,7 @@ from proxy.pgwire.errors import (
     PgError,
     ProtocolError,
 )
-from proxy.pipeline import caching, entries, fastpath, relay, replies
+from proxy.pipeline import caching, entries, fastpath, prepared, relay, replies
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
@@ -82,7 +82,7 @@ class ClientSession(asyncio.Protocol):
         self.pinned: str | None = None
         # relay state
         self.entries: deque[entries.Entry] = deque()
-        self.statements: dict[bytes, relay.Statement] = {}
+        self.statements: dict[bytes, prepared.Statement] = {}
         self.unnamed: bytes | None = None  # the client's last unnamed Parse message
         self.unnamed_gen = 0
         self.unnamed_writes = caching.NO_WRITES  # what the unnamed statement may change
