@@ -39,7 +39,7 @@ from proxy.pgwire.errors import (
     PgError,
     ProtocolError,
 )
-from proxy.pipeline import caching, fastpath, relay, replies
+from proxy.pipeline import caching, fastpath, relay, replies, routing
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
@@ -349,7 +349,7 @@ class Session(asyncio.Protocol):
             self.server.parked.add(self)
             return False
         replicas = self.server.replicas
-        pool = self.bpool = (replicas.route(self) if replicas is not None else None) or self.pool
+        pool = self.bpool = (routing.route(replicas, self) if replicas is not None else None) or self.pool
         backend = pool.try_acquire()
         if backend is not None and backend.applied == self.settings:
             self._bind(backend)
@@ -455,6 +455,11 @@ class Session(asyncio.Protocol):
     def last_statement(self) -> str:
         """The last statement sent (truncated), for a log line: decoded only when one is written."""
         return self.last_sql.decode("utf-8", "replace")
+
+    @property
+    def gated(self) -> bool:
+        """Output is held until a version bump in Redis is over (gate_until)."""
+        return self._gate is not None
 
     @property
     def busy(self) -> bool:
