@@ -28,7 +28,7 @@ from protos.pgsluice.v1 import sluice_pb2 as pb
 from proxy.doors.grpc.service import SERVICE, SluiceService, handlers
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 log = logging.getLogger("pgsluice.grpc")
 
@@ -36,7 +36,7 @@ log = logging.getLogger("pgsluice.grpc")
 class GrpcDoor:
     """The gRPC server of one pgsluice process, serving SluiceService, health and reflection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", server.config.max_message_size),

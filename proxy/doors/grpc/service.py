@@ -30,7 +30,7 @@ from proxy.pgwire import values
 from proxy.pipeline.snapshot import view
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 SERVICE = "pgsluice.v1.Sluice"
 BATCH_CONCURRENCY = 32  # statements of one Batch in flight at once
@@ -40,7 +40,7 @@ _SERVED = {"executed": pb.EXECUTED, "cache": pb.CACHE_HIT, "coalesced": pb.COALE
 class SluiceService(Statements):
     """pgsluice.v1.Sluice (registered by `handlers`, with the serializers each method needs)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         super().__init__(server)
         self.streams: set[Stream] = set()
 

@@ -22,7 +22,7 @@ from proxy.pipeline.agents import AgentSessions
 from proxy.pipeline.internal import InternalClient, Reply
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 _TOO_BIG = "54000"
 _COPY_CLIENT = frozenset({Flag.COPY_FROM, Flag.COPY_TO})  # COPY ... FROM / TO
@@ -33,7 +33,7 @@ class Statements:
     """One agent's statements through the pipeline (the service's RPCs and the Session stream
     both run theirs here)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.sessions = AgentSessions(server)  # agents.py: idle internal sessions per agent (as MCP's)
         redis = server.cache.redis if server.cache is not None else None
