@@ -207,7 +207,7 @@ class Replicas:
         self.server = server
         self.max_lag = config.replica_max_lag
         self.positions = Positions(shared, server.worker)
-        self.primary = PrimaryPosition(lambda: server._connect(server.admin_database()))
+        self.primary = PrimaryPosition(lambda: server.control_connection(server.admin_database()))
         self.list = [Replica(i, url, server.upstream.tls) for i, url in enumerate(config.replicas)]
         self.primary_reads = 0
         self.recorded = {"own": 0, "feed": 0}  # write positions read after commits / feed notices

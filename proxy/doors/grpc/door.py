@@ -80,7 +80,7 @@ class GrpcDoor:
         while True:
             try:
                 async with asyncio.timeout(2):
-                    conn = await self.server._connect(self.server.admin_database())
+                    conn = await self.server.control_connection(self.server.admin_database())
                     await conn.close()
                 status = health_pb2.HealthCheckResponse.SERVING
             except Exception:
