@@ -13,7 +13,7 @@ from proxy.base.logs import fields
 from proxy.pgwire import encode
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 log = logging.getLogger("pgsluice.queries")
 
@@ -32,7 +32,7 @@ class Rejected:
                     " END$pgsluice$").encode()
 
 
-def plan(s: ClientSession, sql: bytes) -> Plan:
+def plan(s: Session, sql: bytes) -> Plan:
     assert s.planner is not None
     plan = s.planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
@@ -40,7 +40,7 @@ def plan(s: ClientSession, sql: bytes) -> Plan:
     return plan
 
 
-def rejected(s: ClientSession, verdict: Verdict) -> Rejected:
+def rejected(s: Session, verdict: Verdict) -> Rejected:
     s.agent_stats.rejected += 1
     s.server.stats.rejected += 1
     log.info("query rejected", extra=fields(client=s.token, agent=s.agent, rule=verdict.rule,

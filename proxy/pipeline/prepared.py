@@ -37,7 +37,7 @@ from proxy.pipeline.guardrails import Rejected
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _BIND_UNNAMED = encode.message(codes.F_BIND, b"\x00\x00" + b"\x00\x00" * 3)
 _EXECUTE_UNNAMED = encode.message(codes.F_EXECUTE, b"\x00" + b"\x00" * 4)
@@ -62,7 +62,7 @@ def server_name(sql: bytes, types: bytes, search_path: bytes = b"") -> bytes:
     return b"sluice_" + digest.hexdigest().encode()
 
 
-def _search_path(s: ClientSession) -> bytes:
+def _search_path(s: Session) -> bytes:
     for name, sql in s.settings:
         if name == "search_path":
             return sql.encode()
@@ -71,7 +71,7 @@ def _search_path(s: ClientSession) -> bytes:
 
 # ---- SQL over protocol-level statements (simple Query) ------------------------------------------
 
-def sql_deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def sql_deallocate(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """`DEALLOCATE name` of a protocol-level statement (psycopg evicting from its cache
     with libpq < 17): runs on the backend under the server-side name, no pinning."""
     m = _DEALLOCATE.fullmatch(sql)
@@ -94,7 +94,7 @@ def sql_deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | N
     return out
 
 
-def sql_execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def sql_execute(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """SQL `EXECUTE name` of a statement the client prepared over the protocol (asyncpg's
     prepare(name=...)): run on the backend under its server-side name."""
     found = commands.executed(s, sql)
@@ -113,7 +113,7 @@ def sql_execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
 
 # ---- Parse, Bind, Describe, Close ---------------------------------------------------------------
 
-def _scan_parse(s: ClientSession, sql: bytes) -> None:
+def _scan_parse(s: Session, sql: bytes) -> None:
     effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
     if effect is sqlscan.PLAIN:
         return
@@ -123,14 +123,14 @@ def _scan_parse(s: ClientSession, sql: bytes) -> None:
         s.pin("session state through the extended protocol")
 
 
-def _fake(s: ClientSession, kind: int) -> None:
+def _fake(s: Session, kind: int) -> None:
     if s.entries:
         s.entries.append((kind, None))
     else:
         s.write(FAKE_BYTES[kind])
 
 
-def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
+def _make_room(s: Session, backend: Backend, out: Chunks) -> None:
     prepared = backend.prepared
     while len(prepared) >= s.server.config.max_prepared_statements:
         oldest = next(iter(prepared))
@@ -139,7 +139,7 @@ def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
         s.entries.append((SWALLOW_CLOSE, oldest))
 
 
-def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -> None:
+def _close_server(s: Session, backend: Backend, srv: bytes, out: Chunks) -> None:
     """Drop srv from this backend (swallowing CloseComplete) so that it can be parsed anew."""
     backend.prepared.pop(srv, None)
     backend.maybe_prepared.discard(srv)
@@ -147,7 +147,7 @@ def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -
     s.entries.append((SWALLOW_CLOSE, srv))
 
 
-def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rejected) -> Chunks:
+def _refuse_parse(s: Session, backend: Backend, name: bytes, rejected: Rejected) -> Chunks:
     """Postgres runs (and fails) a DO block in place of the Parse: it skips to Sync as for any
     error, and a transaction block is aborted, exactly as with a real error."""
     backend.unnamed_owner = None
@@ -157,7 +157,7 @@ def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rej
     return [encode.parse(b"", rejected.sql), _BIND_UNNAMED, _EXECUTE_UNNAMED]
 
 
-def rewrite_parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
+def rewrite_parse(s: Session, backend: Backend, msg: bytes) -> Chunks:
     """What to send for the client's Parse `msg` (its parser raises before changing state)."""
     name, sql, types = parse_parse(msg[5:])
     s.note_query()
@@ -212,7 +212,7 @@ def rewrite_parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     return out
 
 
-def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: Chunks) -> bytes:
+def _ensure(s: Session, backend: Backend, stmt_name: bytes, out: Chunks) -> bytes:
     """Make the client's statement exist on this backend; returns the name to use there."""
     if not stmt_name:
         if s.unnamed is not None and backend.unnamed_owner != (s.token, s.unnamed_gen):
@@ -238,7 +238,7 @@ def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: Chunks) -
     return srv
 
 
-def rewrite_bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes) -> Chunks:
+def rewrite_bind_or_describe(s: Session, backend: Backend, code: int, msg: bytes) -> Chunks:
     """What to send for the client's Bind or Describe `msg` (its parser raises before changing
     state)."""
     out: Chunks = []
@@ -277,7 +277,7 @@ def rewrite_bind_or_describe(s: ClientSession, backend: Backend, code: int, msg:
     return out
 
 
-def rewrite_close(s: ClientSession, msg: bytes) -> Chunks:
+def rewrite_close(s: Session, msg: bytes) -> Chunks:
     """What to send for the client's Close `msg`: nothing for a statement pgsluice keeps (its
     CloseComplete is pgsluice's, in its place)."""
     target, name = parse_target(msg[5:])

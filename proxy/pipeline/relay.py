@@ -42,7 +42,7 @@ from proxy.pipeline.prepared import (
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 
@@ -67,7 +67,7 @@ def has_message(buf: bytearray, limit: int = codes.DEFAULT_MAX_MESSAGE) -> bool:
 
 # ---- client -> backend -------------------------------------------------------------------------
 
-def forward(s: ClientSession) -> None:
+def forward(s: Session) -> None:
     """Send every complete client message in s.inbuf to s.backend, rewriting as needed."""
     backend = s.backend
     assert backend is not None
@@ -168,7 +168,7 @@ def _route_setting(sql: bytes) -> bytes | None:
     return m.group(1) + b"'" + m.group(2).lower() + b"'" + m.group(3)
 
 
-def send_known(s: ClientSession, known: fastpath.Pass) -> None:
+def send_known(s: Session, known: fastpath.Pass) -> None:
     """s.inbuf is exactly one Query known to need nothing but sending (fastpath.known_whole):
     what forward does with it, without looking at it again."""
     backend = s.backend
@@ -181,7 +181,7 @@ def send_known(s: ClientSession, known: fastpath.Pass) -> None:
     backend.unsynced = False
 
 
-def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> None:
+def _plain_query(s: Session, backend: Backend, known: fastpath.Pass) -> None:
     """A Query known to need nothing but sending (fastpath.Pass): what _query_message does for
     such a text, without working it out again."""
     fastpath.count_pass(s, known)
@@ -196,7 +196,7 @@ def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> No
     s.entries.append((QUERY, None))
 
 
-def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int, end: int, out: Chunks,
+def _query_message(s: Session, backend: Backend, buf: bytearray, pos: int, end: int, out: Chunks,
                    start: int, head: fastpath.Head | None) -> tuple[int, int]:
     """A Query (at buf[pos:end]): (where the bytes still to copy start, ReadyForQuery messages
     owed besides its own). `head`: what try_query worked out for it; when nothing in it needs
@@ -252,7 +252,7 @@ def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int,
     return start, 0
 
 
-def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
+def _query(s: Session, backend: Backend, sql: bytes) -> QueryInfo | None:
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
     s.queries += 1
@@ -274,7 +274,7 @@ def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
     return None
 
 
-def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def _show(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """`SHOW CACHE` and `SHOW PLAN 'query'` (not Postgres syntax, so nothing is shadowed):
     Postgres answers a VALUES list of pgsluice's rows, so the reply and the transaction
     state are exactly those of a query."""
@@ -287,7 +287,7 @@ def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     return [encode.query(text)]
 
 
-def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def _guarded_query(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """A simple Query under a role policy: refused (never reaching Postgres) or rewritten."""
     plan = guardrails.plan(s, sql)
     if not plan.verdict.allowed:
