@@ -50,12 +50,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from itertools import islice
-from typing import NamedTuple, cast
+from typing import cast
 
-import sqlglot
 from sqlglot import exp
 
 from .catalog import (
@@ -68,48 +66,32 @@ from .catalog import (
     builtin_hazard,
     live_catalog,
 )
+from .keywords import (
+    KEYWORD_GRAMMAR,
+    KIND_BY_HEAD,
+    QUERY_HEADS,
+    Tok,
+    first_words,
+    head_words,
+    is_punct,
+    is_word,
+    matching,
+    read_name,
+    read_names,
+    search_path_change,
+    tokens,
+)
 from .normalize import TIME_WORDS
 from .plan import Flag, Kind, SessionFacts
+from .result import RANK, Analysis, Stmt
+from .sqltree import DML, MAX_PARSE, TREE_FOR, function_name, ident, is_cte, parse_trees, table_parts
 from .statements import split
 
 __all__ = ["SIDE_EFFECTS", "TIME_DEPENDENT", "Analysis", "analyze", "analyze_statements", "first_words",
-           "statement_kind"]
+           "statement_kind", "tokens"]
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)  # it warns on every fallback to Command
 
-# A text's kind is that of its most consequential statement (see Kind).
-RANK = {Kind.READ: 0, Kind.UTILITY: 1, Kind.TXN: 2, Kind.SESSION: 3, Kind.WRITE: 4, Kind.DDL: 5,
-        Kind.UNKNOWN: 6}
-KIND_BY_HEAD = {
-    "select": Kind.READ, "values": Kind.READ, "table": Kind.READ, "with": Kind.READ, "show": Kind.READ,
-    "explain": Kind.READ,
-    "insert": Kind.WRITE, "update": Kind.WRITE, "delete": Kind.WRITE, "merge": Kind.WRITE,
-    "truncate": Kind.WRITE, "copy": Kind.WRITE,
-    "create": Kind.DDL, "alter": Kind.DDL, "drop": Kind.DDL, "comment": Kind.DDL, "grant": Kind.DDL,
-    "revoke": Kind.DDL, "reindex": Kind.DDL, "refresh": Kind.DDL, "security": Kind.DDL,
-    "import": Kind.DDL, "reassign": Kind.DDL,
-    "begin": Kind.TXN, "start": Kind.TXN, "commit": Kind.TXN, "end": Kind.TXN, "rollback": Kind.TXN,
-    "abort": Kind.TXN, "savepoint": Kind.TXN, "release": Kind.TXN,
-    "set": Kind.SESSION, "reset": Kind.SESSION, "discard": Kind.SESSION, "listen": Kind.SESSION,
-    "unlisten": Kind.SESSION, "prepare": Kind.SESSION, "deallocate": Kind.SESSION,
-    "declare": Kind.SESSION, "fetch": Kind.SESSION, "move": Kind.SESSION, "close": Kind.SESSION,
-    "vacuum": Kind.UTILITY, "analyze": Kind.UTILITY, "analyse": Kind.UTILITY, "checkpoint": Kind.UTILITY,
-    "lock": Kind.UTILITY, "notify": Kind.UTILITY, "do": Kind.UTILITY, "call": Kind.UTILITY,
-    "cluster": Kind.UTILITY, "load": Kind.UTILITY,
-    "execute": Kind.UNKNOWN,  # runs a prepared statement the text does not show
-}  # fmt: skip
-# Statements whose whole grammar is keywords, names and literals (no expressions, no function
-# calls): the token reader understands them completely.
-_KEYWORD_GRAMMAR = frozenset({
-    "show", "set", "reset", "discard", "listen", "unlisten", "deallocate", "fetch", "move", "close",
-    "begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release", "checkpoint",
-    "load", "notify", "vacuum", "analyze", "analyse", "lock", "cluster", "reindex", "refresh",
-})
-_QUERY_HEADS = frozenset({"select", "values", "table", "with"})
-# Past this many characters a statement is not handed to sqlglot (about 1.5 us per character:
-# a bulk INSERT would stall the event loop); it is read from its keywords. Same limit as the
-# Planner's MAX_PARSE.
-MAX_PARSE = 16 * 1024
 _HUGE_TOKENS = 4096
 _DO_UPDATE = re.compile(r"(?i)\bdo\s+update\b")
 _WHERE_WORD = re.compile(r"(?i)\bwhere\b")
@@ -117,39 +99,12 @@ _LOCKING_WORDS = re.compile(r"(?i)\bfor\s+(?:update|share|no\s+key\s+update|key\
 _DML_WORDS = re.compile(r"(?i)\b(?:insert|update|delete|merge)\b")
 _INTO_WORD = re.compile(r"(?i)\binto\b")
 _WITH_DATA = re.compile(r"(?is)\bwith\s+(?:no\s+)?data\s*;?\s*$")
-_DML = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
-# The sqlglot tree a statement must have for its tables and functions to be read from it.
-_TREE_FOR: dict[str, tuple[type, ...]] = {
-    "select": (exp.Query,), "values": (exp.Query, exp.Values), "table": (exp.Query,),
-    "with": (exp.Query, *_DML), "insert": (exp.Insert,), "update": (exp.Update,),
-    "delete": (exp.Delete,), "merge": (exp.Merge,), "create": (exp.Create,), "alter": (exp.Alter,),
-    "drop": (exp.Drop,), "truncate": (exp.TruncateTable,), "comment": (exp.Comment,),
-    "grant": (exp.Grant,), "revoke": (exp.Revoke,),
-}
 _RELATION_KINDS = frozenset({"TABLE", "VIEW", "SEQUENCE", "FOREIGN TABLE", "MATERIALIZED VIEW"})
 _SYSTEM_COLUMNS = frozenset({"xmin", "xmax", "cmin", "cmax", "ctid"})
 # pg_class / pg_database columns that VACUUM, ANALYZE and autovacuum change without DDL.
 _LIVE_CATALOG_COLUMNS = frozenset({"reltuples", "relpages", "relallvisible", "relallfrozen", "relfrozenxid",
                                    "relminmxid", "datfrozenxid", "datminmxid"})
 _LIVE_STAR_TABLES = frozenset({"pg_catalog.pg_class", "pg_catalog.pg_database"})
-# sqlglot's names for built-ins whose Postgres name differs (for `functions` and pg_proc).
-_TYPED_NAMES = {
-    "CurrentTimestamp": "now", "Rand": "random", "Uuid": "gen_random_uuid", "ArrayConcat": "array_cat",
-    "ArraySize": "array_length", "BitwiseAndAgg": "bit_and", "BitwiseOrAgg": "bit_or",
-    "BitwiseXorAgg": "bit_xor", "CurrentVersion": "version", "Explode": "unnest",
-    "ExplodingGenerateSeries": "generate_series", "GenerateSeries": "generate_series", "Getbit": "get_bit",
-    "GroupConcat": "string_agg", "Hex": "to_hex", "JSONArrayAgg": "json_agg",
-    "JSONBObjectAgg": "jsonb_object_agg", "JSONObject": "json_object", "JSONObjectAgg": "json_object_agg",
-    "LogicalAnd": "bool_and", "LogicalOr": "bool_or", "Pad": "lpad", "SHA2Digest": "sha256",
-    "StrPosition": "strpos", "StrToDate": "to_date", "StrToTime": "to_timestamp",
-    "TimeFromParts": "make_time", "TimeToStr": "to_char", "TimestampFromParts": "make_timestamp",
-    "TimestampTrunc": "date_trunc",
-    "Trim": "btrim", "UnixToTime": "to_timestamp", "VariancePop": "var_pop", "CurrentDate": "current_date",
-    "CurrentTime": "current_time", "Localtime": "localtime", "Localtimestamp": "localtimestamp",
-    "CurrentUser": "current_user", "SessionUser": "session_user", "CurrentSchema": "current_schema",
-    "CurrentCatalog": "current_database", "CurrentDatabase": "current_database",
-    "CurrentSchemas": "current_schemas",
-}  # fmt: skip
 _TIME_CLASS = re.compile(r"^(Current|Local|Sys)\w*(Timestamp|Date|Time|Datetime)\w*$")
 _VOLATILE_CLASSES = frozenset({"Rand", "Random", "Uuid", "RandomUuid", "Randn"})
 _SRF_CLASSES = frozenset({"Explode", "ExplodingGenerateSeries", "GenerateSeries", "Unnest", "Posexplode"})
@@ -168,211 +123,6 @@ _NOT_CALLS = _classes(
     "Window", "WithinGroup", "Distinct", "Any", "All",
 )
 _STRINGS = _classes("RawString", "ByteString", "National", "UnicodeString")
-
-
-# ---- result ---------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Analysis:
-    kind: Kind = Kind.UNKNOWN
-    tables_read: set[str] = field(default_factory=set)  # "schema.name" (bare name if unresolved)
-    tables_written: set[str] = field(default_factory=set)
-    functions: set[str] = field(default_factory=set)  # "schema.name" when resolvable, else "name"
-    flags: set[Flag] = field(default_factory=set)
-    why_not: str = ""  # the first reason it is not cacheable ("" = cacheable)
-    parsed: bool = True  # False: some statement was only classified by its keywords
-    statements: int = 0
-    kinds: list[Kind] = field(default_factory=list)  # per statement
-
-    @property
-    def cacheable(self) -> bool:
-        return not self.why_not
-
-    def no_cache(self, why: str) -> None:
-        if not self.why_not:
-            self.why_not = why
-
-
-@dataclass(slots=True)
-class _Stmt:
-    """One statement's analysis before it is merged into the text's."""
-
-    kind: Kind
-    head: str = ""
-    reads: set[str] = field(default_factory=set)
-    writes: set[str] = field(default_factory=set)
-    functions: set[str] = field(default_factory=set)
-    flags: set[Flag] = field(default_factory=set)
-    why: str = ""  # the first detail reason against caching (relations, functions, literals)
-    parsed: bool = True
-    plain_query: bool = False  # a SELECT / VALUES / TABLE / WITH query with a trusted tree
-    note: str = ""  # a statement-level reason against caching (SHOW, EXPLAIN, COPY, ...)
-
-    def no_cache(self, why: str) -> None:
-        if not self.why:
-            self.why = why
-
-
-# ---- tokens ---------------------------------------------------------------------------------------
-
-
-class Tok(NamedTuple):
-    kind: str  # w word (lower-cased), q quoted identifier (unquoted), s string, n number/$n, p punctuation
-    value: str
-    start: int
-    end: int
-
-
-_TOKEN = re.compile(
-    r"""(?P<ws>(?:\s+|--[^\n\r]*)+)
-      | (?P<cm>/\*)
-      | (?P<dq>\$(?:[A-Za-z_\x80-\U0010ffff][\w\x80-\U0010ffff]*)?\$)
-      | (?P<es>[eE]'(?:[^'\\]++|\\.|'')*+'?)
-      | (?P<s>(?:[bBxXnN]|[uU]&)?'(?:[^']++|'')*+'?)
-      | (?P<q>(?:[uU]&)?"(?:[^"]++|"")*+"?)
-      | (?P<n>\$\d+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
-      | (?P<w>[A-Za-z_\x80-\U0010ffff][\w$\x80-\U0010ffff]*)
-      | (?P<p>.)""",
-    re.X | re.S,
-)
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def _lower(name: str) -> str:
-    """Postgres folds unquoted identifiers to lower case in ASCII only."""
-    return name.translate(_ASCII_LOWER)
-
-
-def tokens(sql: str, pos: int = 0) -> Iterator[Tok]:
-    """Postgres-like tokens of `sql` from `pos`, comments and whitespace dropped. Never raises;
-    an unterminated string, identifier, comment or dollar quote runs to the end."""
-    n = len(sql)
-    match = _TOKEN.match
-    while pos < n:
-        m = match(sql, pos)
-        if m is None:  # cannot happen: `.` matches anything under re.S
-            return
-        kind = m.lastgroup
-        end = m.end()
-        if kind == "ws":
-            pass
-        elif kind == "cm":
-            depth, i = 1, end
-            while depth and i < n:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-            end = i
-        elif kind == "dq":
-            close = sql.find(m.group(), end)
-            end = n if close < 0 else close + len(m.group())
-            yield Tok("s", sql[pos:end], pos, end)
-        elif kind == "w":
-            yield Tok("w", _lower(m.group()), pos, end)
-        elif kind == "q":
-            text = m.group()
-            body = text[text.index('"') + 1:]
-            body = body[:-1] if body.endswith('"') else body
-            yield Tok("q", body.replace('""', '"'), pos, end)
-        elif kind in ("s", "es"):
-            yield Tok("s", m.group(), pos, end)
-        elif kind == "n":
-            yield Tok("n", m.group(), pos, end)
-        else:
-            yield Tok("p", m.group(), pos, end)
-        pos = end
-
-
-def _head(sql: str) -> list[Tok]:
-    """The leading word tokens of a statement (opening parentheses skipped)."""
-    out: list[Tok] = []
-    for tok in tokens(sql):
-        if tok.kind == "w":
-            out.append(tok)
-            if len(out) == 4:
-                break
-        elif tok.kind == "p" and tok.value == "(" and not out:
-            continue
-        else:
-            break
-    return out
-
-
-def first_words(sql: str, n: int = 3) -> list[str]:
-    """The first `n` keywords of a statement, lower-cased (leading parentheses skipped)."""
-    words: list[str] = []
-    for tok in tokens(sql):
-        if tok.kind == "w":
-            words.append(tok.value)
-            if len(words) >= n:
-                break
-        elif tok.kind == "p" and tok.value == "(" and not words:
-            continue
-        else:
-            break
-    return words
-
-
-def _matching(toks: Sequence[Tok], i: int) -> int:
-    """Index just after the parenthesis closing the one at toks[i] (or len(toks))."""
-    depth = 0
-    for j in range(i, len(toks)):
-        tok = toks[j]
-        if tok.kind == "p":
-            if tok.value == "(":
-                depth += 1
-            elif tok.value == ")":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-    return len(toks)
-
-
-def _word(toks: Sequence[Tok], i: int, *words: str) -> bool:
-    return i < len(toks) and toks[i].kind == "w" and (not words or toks[i].value in words)
-
-
-def _punct(toks: Sequence[Tok], i: int, char: str) -> bool:
-    return i < len(toks) and toks[i].kind == "p" and toks[i].value == char
-
-
-def _name(toks: Sequence[Tok], i: int) -> tuple[list[str] | None, int]:
-    """A possibly qualified name at toks[i]: its parts and the index after it."""
-    if i >= len(toks) or toks[i].kind not in ("w", "q"):
-        return None, i
-    parts = [toks[i].value]
-    i += 1
-    while _punct(toks, i, ".") and i + 1 < len(toks) and toks[i + 1].kind in ("w", "q"):
-        parts.append(toks[i + 1].value)
-        i += 2
-    return parts, i
-
-
-def _names(toks: Sequence[Tok], i: int, stop: frozenset[str] = frozenset()) -> tuple[list[list[str]], int]:
-    """A comma-separated list of names, each optionally preceded by ONLY and followed by `*`
-    or a parenthesized column list."""
-    out: list[list[str]] = []
-    while i < len(toks):
-        if _word(toks, i, "only"):
-            i += 1
-        if _word(toks, i) and toks[i].value in stop:
-            break
-        parts, i = _name(toks, i)
-        if parts is None:
-            break
-        out.append(parts)
-        if _punct(toks, i, "*"):
-            i += 1
-        if _punct(toks, i, "("):
-            i = _matching(toks, i)
-        if not _punct(toks, i, ","):
-            break
-        i += 1
-    return out, i
 
 
 # ---- analysis -------------------------------------------------------------------------------------
@@ -414,15 +164,6 @@ def statement_kind(sql: str) -> tuple[Kind, set[Flag]]:
     return st.kind, st.flags
 
 
-def _parse(sql: str) -> list[exp.Expression] | None:
-    if len(sql) > MAX_PARSE:
-        return None
-    try:
-        trees = sqlglot.parse(sql, read="postgres")
-    except Exception:  # sqlglot raises more than ParseError on odd input
-        return None
-    return [cast(exp.Expression, t) for t in trees if t is not None]
-
 
 class _Analyzer:
     def __init__(self, facts: SessionFacts, catalog: Catalog) -> None:
@@ -450,7 +191,7 @@ class _Analyzer:
             for i, text in enumerate(statements):
                 if len(sql) > MAX_PARSE:  # a huge text (a dump, a bulk load): keywords only
                     break
-                parsed = _parse(text) if self._wants_tree(text) else None
+                parsed = parse_trees(text) if self._wants_tree(text) else None
                 trees[i] = parsed[0] if parsed is not None and len(parsed) == 1 else None
         out = Analysis(statements=len(statements))
         results = []
@@ -458,7 +199,7 @@ class _Analyzer:
             st = self.statement(text, tree)
             results.append(st)
             if st.head in ("set", "reset") and len(statements) > 1:
-                path = _search_path_change(text)
+                path = search_path_change(text)
                 if path is not None:  # later statements of the text resolve names with it
                     self.path = path or self.facts.search_path
         for st in results:
@@ -478,10 +219,10 @@ class _Analyzer:
     @staticmethod
     def _wants_tree(text: str) -> bool:
         words = first_words(text, 1)
-        return bool(words) and words[0] in _TREE_FOR
+        return bool(words) and words[0] in TREE_FOR
 
     @staticmethod
-    def _finish(out: Analysis, results: list[_Stmt]) -> None:
+    def _finish(out: Analysis, results: list[Stmt]) -> None:
         """Cacheability: the statement-level reasons first, then the details."""
         if not results:
             out.no_cache("empty query")
@@ -503,14 +244,14 @@ class _Analyzer:
 
     # ---- one statement ----
 
-    def statement(self, text: str, tree: exp.Expression | None) -> _Stmt:
-        head_toks = _head(text)
+    def statement(self, text: str, tree: exp.Expression | None) -> Stmt:
+        head_toks = head_words(text)
         if not head_toks:
-            return _Stmt(Kind.UNKNOWN, parsed=False, why="no statement keyword")
+            return Stmt(Kind.UNKNOWN, parsed=False, why="no statement keyword")
         head = head_toks[0].value
         words = [t.value for t in head_toks]
-        st = _Stmt(KIND_BY_HEAD.get(head, Kind.UNKNOWN), head)
-        expected = _TREE_FOR.get(head)
+        st = Stmt(KIND_BY_HEAD.get(head, Kind.UNKNOWN), head)
+        expected = TREE_FOR.get(head)
         if expected is not None and tree is not None and isinstance(tree, expected) \
                 and not isinstance(tree, exp.Command):
             if head == "create" and any(w in ("temp", "temporary") for w in words[1:4]):
@@ -520,10 +261,10 @@ class _Analyzer:
         self._keywords(text, words, st)
         return st
 
-    def _keywords(self, text: str, words: list[str], st: _Stmt) -> None:
+    def _keywords(self, text: str, words: list[str], st: Stmt) -> None:
         """A statement without a usable sqlglot tree, read from its tokens."""
         head = st.head
-        st.parsed = head in _KEYWORD_GRAMMAR
+        st.parsed = head in KEYWORD_GRAMMAR
         toks: list[Tok] | None = None
 
         huge = len(text) > MAX_PARSE
@@ -548,28 +289,28 @@ class _Analyzer:
         elif head == "lock":
             st.flags.add(Flag.LOCKING)
             t = all_tokens()
-            i = 2 if _word(t, 1, "table") else 1
-            self._rels(_names(t, i, frozenset({"in", "nowait"}))[0], st.reads, st)
+            i = 2 if is_word(t, 1, "table") else 1
+            self._rels(read_names(t, i, frozenset({"in", "nowait"}))[0], st.reads, st)
         elif head in ("vacuum", "analyze", "analyse", "cluster"):
             t = all_tokens()
             i = 1
-            if _punct(t, i, "("):
-                i = _matching(t, i)
-            while _word(t, i, "full", "freeze", "verbose", "analyze", "analyse", "skip_locked"):
+            if is_punct(t, i, "("):
+                i = matching(t, i)
+            while is_word(t, i, "full", "freeze", "verbose", "analyze", "analyse", "skip_locked"):
                 i += 1
-            self._rels(_names(t, i, frozenset({"using"}))[0], st.reads, st)
+            self._rels(read_names(t, i, frozenset({"using"}))[0], st.reads, st)
         elif head == "reindex":
             t = all_tokens()
             i = 1
-            if _punct(t, i, "("):
-                i = _matching(t, i)
-            if _word(t, i, "table"):
-                i += 2 if _word(t, i + 1, "concurrently") else 1
-                self._rels(_names(t, i)[0][:1], st.reads, st)
+            if is_punct(t, i, "("):
+                i = matching(t, i)
+            if is_word(t, i, "table"):
+                i += 2 if is_word(t, i + 1, "concurrently") else 1
+                self._rels(read_names(t, i)[0][:1], st.reads, st)
         elif head == "refresh":
             t = all_tokens()
-            i = 3 + (1 if _word(t, 3, "concurrently") else 0)
-            self._rels(_names(t, i)[0][:1], st.writes, st, op="ddl")
+            i = 3 + (1 if is_word(t, 3, "concurrently") else 0)
+            self._rels(read_names(t, i)[0][:1], st.writes, st, op="ddl")
             for qualified in list(st.writes):  # it runs the view's query: that reads its tables
                 view = self.catalog.view(qualified)
                 if view is not None:
@@ -584,7 +325,7 @@ class _Analyzer:
             self._prepare(text, all_tokens(), st)
         elif head == "call":
             t = all_tokens()
-            parts, _ = _name(t, 1)
+            parts, _ = read_name(t, 1)
             if parts:
                 self._call(parts, st)
         elif head in ("create", "alter", "drop", "grant", "revoke", "comment", "truncate"):
@@ -603,17 +344,17 @@ class _Analyzer:
 
     # ---- statements that wrap another ----
 
-    def _inner(self, text: str, start: int) -> _Stmt:
+    def _inner(self, text: str, start: int) -> Stmt:
         inner_text = text[start:]
-        parsed = _parse(inner_text) if self._wants_tree(inner_text) else None
+        parsed = parse_trees(inner_text) if self._wants_tree(inner_text) else None
         tree = parsed[0] if parsed is not None and len(parsed) == 1 else None
         return self.statement(inner_text, tree)
 
-    def _explain(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+    def _explain(self, text: str, toks: list[Tok], st: Stmt) -> None:
         analyze = False
         i = 1
-        if _punct(toks, i, "("):
-            end = _matching(toks, i)
+        if is_punct(toks, i, "("):
+            end = matching(toks, i)
             option: list[Tok] = []
             for tok in [*toks[i + 1:end - 1], Tok("p", ",", 0, 0)]:
                 if tok.kind == "p" and tok.value == ",":
@@ -625,7 +366,7 @@ class _Analyzer:
                     option.append(tok)
             i = end
         else:
-            while _word(toks, i, "analyze", "analyse", "verbose"):
+            while is_word(toks, i, "analyze", "analyse", "verbose"):
                 analyze = analyze or toks[i].value != "verbose"
                 i += 1
         st.note = "EXPLAIN ANALYZE executes its statement" if analyze else \
@@ -646,24 +387,24 @@ class _Analyzer:
             st.reads |= inner.reads | inner.writes
             st.flags |= inner.flags & {Flag.CATALOG, Flag.TEMP_TABLE}
 
-    def _copy(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+    def _copy(self, text: str, toks: list[Tok], st: Stmt) -> None:
         st.note = "COPY uses the copy sub-protocol"
         i = 1
-        inner: _Stmt | None = None
+        inner: Stmt | None = None
         target: list[str] | None = None
-        if _punct(toks, i, "("):
-            end = _matching(toks, i)
+        if is_punct(toks, i, "("):
+            end = matching(toks, i)
             inner_text = text[toks[i].end:toks[end - 1].start] if end - 1 > i else ""
-            parsed = _parse(inner_text) if self._wants_tree(inner_text) else None
+            parsed = parse_trees(inner_text) if self._wants_tree(inner_text) else None
             inner = self.statement(inner_text, parsed[0] if parsed and len(parsed) == 1 else None)
             i = end
         else:
-            if _word(toks, i, "binary"):  # pre-7.3 syntax
+            if is_word(toks, i, "binary"):  # pre-7.3 syntax
                 i += 1
-            target, i = _name(toks, i)
-            if _punct(toks, i, "("):
-                i = _matching(toks, i)
-        direction = toks[i].value if _word(toks, i, "from", "to") else ""
+            target, i = read_name(toks, i)
+            if is_punct(toks, i, "("):
+                i = matching(toks, i)
+        direction = toks[i].value if is_word(toks, i, "from", "to") else ""
         where = toks[i + 1] if i + 1 < len(toks) else None
         st.parsed = direction != "" and where is not None and (target is not None or inner is not None) \
             and (inner is None or inner.parsed)
@@ -691,9 +432,9 @@ class _Analyzer:
             if inner.kind is not Kind.READ:
                 st.kind = inner.kind if inner.kind in (Kind.WRITE, Kind.DDL) else Kind.UNKNOWN
 
-    def _declare(self, text: str, toks: list[Tok], st: _Stmt) -> None:
-        i = next((j for j in range(1, len(toks)) if _word(toks, j, "cursor")), len(toks))
-        i = next((j for j in range(i, len(toks)) if _word(toks, j, "for")), len(toks))
+    def _declare(self, text: str, toks: list[Tok], st: Stmt) -> None:
+        i = next((j for j in range(1, len(toks)) if is_word(toks, j, "cursor")), len(toks))
+        i = next((j for j in range(i, len(toks)) if is_word(toks, j, "for")), len(toks))
         if i + 1 >= len(toks):
             st.parsed = False
             return
@@ -705,11 +446,11 @@ class _Analyzer:
         if inner.kind is not Kind.READ:
             st.kind = Kind.UNKNOWN
 
-    def _prepare(self, text: str, toks: list[Tok], st: _Stmt) -> None:
-        parts, i = _name(toks, 1)
-        if _punct(toks, i, "("):
-            i = _matching(toks, i)
-        if parts is None or not _word(toks, i, "as") or i + 1 >= len(toks):
+    def _prepare(self, text: str, toks: list[Tok], st: Stmt) -> None:
+        parts, i = read_name(toks, 1)
+        if is_punct(toks, i, "("):
+            i = matching(toks, i)
+        if parts is None or not is_word(toks, i, "as") or i + 1 >= len(toks):
             st.parsed = False
             return
         inner = self._inner(text, toks[i + 1].start)  # not run until EXECUTE
@@ -720,7 +461,7 @@ class _Analyzer:
 
     # ---- statements sqlglot could not parse ----
 
-    def _create_as(self, text: str, toks: list[Tok], i: int, st: _Stmt) -> None:
+    def _create_as(self, text: str, toks: list[Tok], i: int, st: Stmt) -> None:
         """CREATE TABLE / [MATERIALIZED] VIEW ... AS query that sqlglot could not parse: the
         query (which CREATE TABLE AS and CREATE MATERIALIZED VIEW run) from its own parse."""
         depth = 0
@@ -729,9 +470,9 @@ class _Analyzer:
             if tok.kind == "p" and tok.value in "()":
                 depth += 1 if tok.value == "(" else -1
             elif depth == 0 and tok.kind == "w" and tok.value == "as" and j + 1 < len(toks) and (
-                    _word(toks, j + 1, "select", "with", "values", "table") or _punct(toks, j + 1, "(")):
+                    is_word(toks, j + 1, "select", "with", "values", "table") or is_punct(toks, j + 1, "(")):
                 inner_text = _WITH_DATA.sub("", text[toks[j + 1].start:])
-                parsed = _parse(inner_text)
+                parsed = parse_trees(inner_text)
                 inner = self.statement(inner_text, parsed[0] if parsed and len(parsed) == 1 else None)
                 st.parsed = inner.parsed and inner.kind is Kind.READ
                 st.reads |= inner.reads
@@ -739,93 +480,93 @@ class _Analyzer:
                 st.flags |= inner.flags - {Flag.UNBOUNDED_SELECT}
                 return
 
-    def _ddl(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+    def _ddl(self, text: str, toks: list[Tok], st: Stmt) -> None:
         head = st.head
         i = 1
         if head == "truncate":
-            i += 1 if _word(toks, i, "table") else 0
-            self._rels(_names(toks, i, frozenset({"restart", "continue", "cascade", "restrict"}))[0],
+            i += 1 if is_word(toks, i, "table") else 0
+            self._rels(read_names(toks, i, frozenset({"restart", "continue", "cascade", "restrict"}))[0],
                        st.writes, st, op="truncate")
             return
         if head in ("grant", "revoke"):
-            on = next((j for j in range(1, len(toks)) if _word(toks, j, "on")), None)
+            on = next((j for j in range(1, len(toks)) if is_word(toks, j, "on")), None)
             if on is None:
                 return  # GRANT role TO role
             i = on + 1
-            if _word(toks, i, "table", "sequence"):
+            if is_word(toks, i, "table", "sequence"):
                 i += 1
-            elif _word(toks, i, "foreign") and _word(toks, i + 1, "table"):
+            elif is_word(toks, i, "foreign") and is_word(toks, i + 1, "table"):
                 i += 2
-            elif _word(toks, i, "all") or (_word(toks, i) and _word(toks, i + 1) and
-                                            not _word(toks, i + 1, "to", "from")):
+            elif is_word(toks, i, "all") or (is_word(toks, i) and is_word(toks, i + 1) and
+                                            not is_word(toks, i + 1, "to", "from")):
                 return  # ALL TABLES IN SCHEMA, SCHEMA s, FUNCTION f, DATABASE d ...
-            self._rels(_names(toks, i, frozenset({"to", "from"}))[0], st.writes, st)
+            self._rels(read_names(toks, i, frozenset({"to", "from"}))[0], st.writes, st)
             return
         if head == "comment":
             i = 2
-            if _word(toks, i, "materialized", "foreign"):
+            if is_word(toks, i, "materialized", "foreign"):
                 i += 1
-            if _word(toks, i, "table", "view", "sequence"):
-                self._rels(_names(toks, i + 1)[0][:1], st.writes, st)
-            elif _word(toks, i, "column"):
-                parts, _ = _name(toks, i + 1)
+            if is_word(toks, i, "table", "view", "sequence"):
+                self._rels(read_names(toks, i + 1)[0][:1], st.writes, st)
+            elif is_word(toks, i, "column"):
+                parts, _ = read_name(toks, i + 1)
                 if parts and len(parts) > 1:
                     self._rels([parts[:-1]], st.writes, st)
             return
         temp = False
-        while _word(toks, i, "or", "replace", "global", "local", "temp", "temporary", "unlogged",
+        while is_word(toks, i, "or", "replace", "global", "local", "temp", "temporary", "unlogged",
                     "unique", "recursive", "constraint"):
             temp = temp or toks[i].value in ("temp", "temporary")
             i += 1
         if temp:
             st.flags.add(Flag.TEMP_TABLE)
-        if _word(toks, i, "materialized", "foreign"):
+        if is_word(toks, i, "materialized", "foreign"):
             i += 1
-        if not _word(toks, i):
+        if not is_word(toks, i):
             return
         what = toks[i].value
         i += 1
         if head == "create" and what in ("table", "view"):
             self._create_as(text, toks, i, st)
         if head == "create" and what == "statistics":
-            frm = next((j for j in range(i, len(toks)) if _word(toks, j, "from")), None)
+            frm = next((j for j in range(i, len(toks)) if is_word(toks, j, "from")), None)
             if frm is not None:
-                self._rels(_names(toks, frm + 1)[0][:1], st.writes, st)
+                self._rels(read_names(toks, frm + 1)[0][:1], st.writes, st)
             return
         if head == "create" and what in ("index", "trigger", "policy", "rule"):
-            on = next((j for j in range(i, len(toks)) if _word(toks, j, "on")), None)
+            on = next((j for j in range(i, len(toks)) if is_word(toks, j, "on")), None)
             if on is not None:
                 j = on + 1
                 if what == "rule":
-                    j = next((k for k in range(j, len(toks)) if _word(toks, k, "to")), len(toks)) + 1
-                self._rels(_names(toks, j)[0][:1], st.writes, st)
+                    j = next((k for k in range(j, len(toks)) if is_word(toks, k, "to")), len(toks)) + 1
+                self._rels(read_names(toks, j)[0][:1], st.writes, st)
             return
-        cascade = head == "drop" and any(_word(toks, j, "cascade") for j in range(i, len(toks)))
+        cascade = head == "drop" and any(is_word(toks, j, "cascade") for j in range(i, len(toks)))
         if head == "drop" and what == "schema" and cascade:
-            i += 2 if _word(toks, i, "if") else 0
-            for parts in _names(toks, i, frozenset({"cascade", "restrict"}))[0]:
+            i += 2 if is_word(toks, i, "if") else 0
+            for parts in read_names(toks, i, frozenset({"cascade", "restrict"}))[0]:
                 self.drop_schema(parts[-1], st)
             return
         if what not in ("table", "view", "sequence"):
             return  # functions, types, schemas, roles, extensions ...: not relations
         if head == "drop" and what in ("table", "view", "sequence"):
-            i += 2 if _word(toks, i, "if") else 0
-            self._rels(_names(toks, i, frozenset({"cascade", "restrict"}))[0], st.writes, st)
+            i += 2 if is_word(toks, i, "if") else 0
+            self._rels(read_names(toks, i, frozenset({"cascade", "restrict"}))[0], st.writes, st)
             if cascade:
                 for qualified in list(st.writes):
                     st.writes |= self.catalog.dependent_views(qualified)
         elif head == "alter":
-            i += 2 if _word(toks, i, "if") else 0
-            found = _names(toks, i)[0][:1]
+            i += 2 if is_word(toks, i, "if") else 0
+            found = read_names(toks, i)[0][:1]
             if found and found[0] != ["all"]:
                 self._rels(found, st.writes, st)
         elif head == "create":
-            i += 3 if _word(toks, i, "if") else 0
-            parts, _ = _name(toks, i)
+            i += 3 if is_word(toks, i, "if") else 0
+            parts, _ = read_name(toks, i)
             if parts:
                 self._rels([parts], st.writes, st, create=True, temp=temp)
 
-    def _dml(self, toks: list[Tok], st: _Stmt) -> None:
+    def _dml(self, toks: list[Tok], st: Stmt) -> None:
         """SELECT / WITH / INSERT ... that sqlglot could not parse: the kind from keywords,
         conservatively (a data-modifying keyword anywhere in a WITH makes it a write)."""
         head = st.head
@@ -860,16 +601,16 @@ class _Analyzer:
         if head in ("insert", "merge", "delete"):
             i = 2
         if head in ("insert", "update", "delete", "merge"):
-            i += 1 if _word(toks, i, "only") else 0
-            parts, _ = _name(toks, i)
+            i += 1 if is_word(toks, i, "only") else 0
+            parts, _ = read_name(toks, i)
             if parts:
                 op = {"insert": "insert", "update": "update", "delete": "delete", "merge": "merge"}[head]
-                if head == "insert" and any(_word(toks, j, "do") and _word(toks, j + 1, "update")
+                if head == "insert" and any(is_word(toks, j, "do") and is_word(toks, j + 1, "update")
                                             for j in range(len(toks))):
                     op = "update"  # ON CONFLICT DO UPDATE
                 self._rels([parts], st.writes, st, op=op)
 
-    def _huge_dml(self, text: str, toks: list[Tok], st: _Stmt) -> None:
+    def _huge_dml(self, text: str, toks: list[Tok], st: Stmt) -> None:
         """A query or DML statement past MAX_PARSE (a bulk INSERT, typically): its target from
         the first tokens, the rest from regular expressions over the text (conservative: a
         word inside a string literal counts as well)."""
@@ -877,8 +618,8 @@ class _Analyzer:
         head = st.head
         if head in ("insert", "update", "delete", "merge"):
             i = (2 if head in ("insert", "merge", "delete") else 1)
-            i += 1 if _word(toks, i, "only") else 0
-            parts, _ = _name(toks, i)
+            i += 1 if is_word(toks, i, "only") else 0
+            parts, _ = read_name(toks, i)
             if parts:
                 op = "update" if head == "insert" and _DO_UPDATE.search(text) else \
                     {"insert": "insert", "update": "update", "delete": "delete", "merge": "merge"}[head]
@@ -895,7 +636,7 @@ class _Analyzer:
             st.kind = Kind.WRITE
             st.flags.add(Flag.SELECT_INTO)
 
-    def _scan_calls(self, toks: list[Tok], st: _Stmt) -> None:
+    def _scan_calls(self, toks: list[Tok], st: Stmt) -> None:
         """`name(` patterns in an unparsed statement: the built-in hazards among them."""
         for j in range(len(toks) - 1):
             tok = toks[j]
@@ -906,7 +647,7 @@ class _Analyzer:
                     continue
                 self._hazards(name, None, st)
 
-    def _call(self, parts: list[str], st: _Stmt) -> None:
+    def _call(self, parts: list[str], st: Stmt) -> None:
         schema = parts[-2] if len(parts) > 1 else None
         resolved, _info = self.catalog.function(parts[-1], schema, self.path, self.user)
         st.functions.add(f"{resolved}.{parts[-1]}" if resolved else parts[-1])
@@ -914,7 +655,7 @@ class _Analyzer:
 
     # ---- names ----
 
-    def _rels(self, names: list[list[str]], into: set[str], st: _Stmt, *, create: bool = False,
+    def _rels(self, names: list[list[str]], into: set[str], st: Stmt, *, create: bool = False,
               temp: bool = False, op: str = "ddl") -> None:
         for parts in names:
             if parts:
@@ -924,14 +665,14 @@ class _Analyzer:
                 if into is st.writes:
                     into |= self.catalog.also_written(qualified, op)
 
-    def drop_schema(self, schema: str, st: _Stmt) -> None:
+    def drop_schema(self, schema: str, st: Stmt) -> None:
         """DROP SCHEMA ... CASCADE: every relation in it, and the views elsewhere built on them."""
         dropped = self.catalog.relations_in(schema)
         st.writes |= dropped
         for qualified in dropped:
             st.writes |= self.catalog.dependent_views(qualified)
 
-    def relation(self, schema: str | None, name: str, st: _Stmt, *, create: bool = False,
+    def relation(self, schema: str | None, name: str, st: Stmt, *, create: bool = False,
                  temp: bool = False) -> str:
         """'schema.name' for a relation (bare name if it cannot be resolved), noting what
         about it stands against caching: unknown, temporary, sequence, foreign, live catalog,
@@ -972,7 +713,7 @@ class _Analyzer:
                 st.no_cache(f"foreign table {qualified} changes outside Postgres")
         return qualified
 
-    def read_view(self, qualified: str, st: _Stmt) -> None:
+    def read_view(self, qualified: str, st: Stmt) -> None:
         """A user view is read through: its relations count as read; its definition is
         analysed like a query (once per catalog) and what stands against caching it, its
         flags and its functions become the reader's."""
@@ -998,7 +739,7 @@ class _Analyzer:
         st.flags |= flags
         st.functions |= functions
 
-    def function(self, name: str, schema: str | None, st: _Stmt, nargs: int,
+    def function(self, name: str, schema: str | None, st: Stmt, nargs: int,
                  first_arg: exp.Expression | None) -> Function | None:
         """An (Anonymous, i.e. not sqlglot-typed) function call; its catalog facts."""
         catalog = self.catalog
@@ -1023,7 +764,7 @@ class _Analyzer:
             st.no_cache(f"{qualified}() is a stable user-defined function (may read other tables)")
         return info
 
-    def _hazards(self, name: str, schema: str | None, st: _Stmt) -> None:
+    def _hazards(self, name: str, schema: str | None, st: Stmt) -> None:
         if schema not in (None, "pg_catalog"):
             return
         time_dep, session_dep, side, danger = builtin_hazard(name)
@@ -1039,9 +780,9 @@ class _Analyzer:
 
 
 class _Walker:
-    """Reads one sqlglot tree (whose type matches the statement's keywords) into a _Stmt."""
+    """Reads one sqlglot tree (whose type matches the statement's keywords) into a Stmt."""
 
-    def __init__(self, analyzer: _Analyzer, st: _Stmt) -> None:
+    def __init__(self, analyzer: _Analyzer, st: Stmt) -> None:
         self.a = analyzer
         self.st = st
         self.cascade = False  # DROP ... CASCADE
@@ -1075,7 +816,7 @@ class _Walker:
                 st.flags.add(Flag.LOCKING)
                 st.no_cache("FOR UPDATE / FOR SHARE")
             elif cat == _COLUMN:
-                name = _ident(node.this)
+                name = ident(node.this)
                 if name in _SYSTEM_COLUMNS:
                     st.no_cache(f"system column {name} changes without a write")
                 elif name in _LIVE_CATALOG_COLUMNS:
@@ -1103,7 +844,7 @@ class _Walker:
                 targets.append((into.this, True, temp, "insert"))
         written = {id(t[0]) for t in targets}
         for table, create, temp, op in targets:
-            parts = _table_parts(table)
+            parts = table_parts(table)
             if parts is not None:
                 self.a._rels([parts], st.writes, st, create=create, temp=temp, op=op)
         if self.cascade:  # DROP ... CASCADE: the views built on what it drops go too
@@ -1114,8 +855,8 @@ class _Walker:
                 continue
             if not isinstance(table.this, exp.Identifier):
                 continue  # a function in FROM: seen as a function
-            parts = _table_parts(table)
-            if parts is None or (len(parts) == 1 and _is_cte(table, parts[0])):
+            parts = table_parts(table)
+            if parts is None or (len(parts) == 1 and is_cte(table, parts[0])):
                 continue
             schema = parts[-2] if len(parts) > 1 else None
             qualified = self.a.relation(schema, parts[-1], st)
@@ -1128,7 +869,7 @@ class _Walker:
         aggregates: set[int] = set()  # ids of calls of (catalog-known) aggregates
         for fn in funcs:
             srf = self._function(fn, aggregates) or srf
-        if st.head in _QUERY_HEADS and st.kind is Kind.READ:
+        if st.head in QUERY_HEADS and st.kind is Kind.READ:
             st.plain_query = True
             if isinstance(tree, exp.Select | exp.SetOperation) and not _bounded(tree, srf, aggregates):
                 st.flags.add(Flag.UNBOUNDED_SELECT)
@@ -1172,7 +913,7 @@ class _Walker:
                     else:
                         skip.add(id(table))
                         if kind == "SCHEMA" and tree.args.get("cascade"):  # DROP SCHEMA s: Table(db=s)
-                            self.a.drop_schema(_ident(table.this) or _ident(table.args.get("db")), st)
+                            self.a.drop_schema(ident(table.this) or ident(table.args.get("db")), st)
             if tree.args.get("cascade"):
                 self.cascade = True
         elif isinstance(tree, exp.TruncateTable):
@@ -1219,23 +960,23 @@ class _Walker:
         st = self.st
         a = self.a
         if isinstance(fn, exp.Anonymous):
-            name = _ident(fn.this)
+            name = ident(fn.this)
             if not name:
                 return False
             schema: str | None = None
             parent = fn.parent
             if isinstance(parent, exp.Dot) and parent.expression is fn \
                     and isinstance(parent.this, exp.Identifier):
-                schema = _ident(parent.this)
+                schema = ident(parent.this)
             elif isinstance(parent, exp.Table) and parent.this is fn and parent.args.get("db") is not None:
-                schema = _ident(parent.args["db"])
+                schema = ident(parent.args["db"])
             args = fn.expressions
             info = a.function(name, schema, st, len(args), args[0] if args else None)
             if info is not None and info.aggregate:
                 aggregates.add(id(fn))
             return bool(info and info.returns_set) and not isinstance(fn.parent, exp.Table)
         cls = type(fn).__name__
-        name = _TYPED_NAMES.get(cls) or _sql_name(fn)
+        name = function_name(fn)
         if not name:
             return False
         if isinstance(fn, exp.AggFunc):
@@ -1259,32 +1000,6 @@ class _Walker:
 
 # ---- tree helpers ---------------------------------------------------------------------------------
 
-
-def _search_path_change(text: str) -> tuple[str, ...] | None:
-    """The search_path a SET / RESET statement sets: the names, () for the default, None if
-    the statement is about something else."""
-    toks = list(tokens(text))
-    i = 1
-    if _word(toks, i, "session", "local"):
-        i += 1
-    if not _word(toks, i, "search_path"):
-        return None
-    if toks[0].value == "reset":
-        return ()
-    i += 1
-    if _word(toks, i, "to") or _punct(toks, i, "="):
-        i += 1
-    if _word(toks, i, "default"):
-        return ()
-    names: list[str] = []
-    for tok in toks[i:]:
-        if tok.kind in ("w", "q"):
-            names.append(tok.value)
-        elif tok.kind == "s" and tok.value.startswith("'"):
-            names.append(tok.value[1:-1].replace("''", "'"))
-        elif not (tok.kind == "p" and tok.value == ","):
-            return None
-    return tuple(names) or None
 
 
 def _write_op(node: exp.Expression) -> str:
@@ -1312,7 +1027,7 @@ def _categorize(cls: type) -> int:
         cat = _TABLE
     elif issubclass(cls, exp.Func):
         cat = _OTHER if issubclass(cls, _NOT_CALLS) else _CALL
-    elif issubclass(cls, _DML):
+    elif issubclass(cls, DML):
         cat = _WRITE
     elif issubclass(cls, exp.Lock):
         cat = _LOCK
@@ -1355,68 +1070,6 @@ def _kind(tree: exp.Expression) -> str:
             and tree.args["properties"].find(exp.MaterializedProperty) is not None)):
         return "MATERIALIZED VIEW"
     return text
-
-
-def _ident(node: object) -> str:
-    if isinstance(node, exp.Identifier):
-        text = str(node.this)
-        return text if node.quoted else _lower(text)
-    if isinstance(node, str):
-        return _lower(node)
-    return ""
-
-
-def _table_parts(table: exp.Table) -> list[str] | None:
-    name = _ident(table.this)
-    if not name:
-        return None
-    db = table.args.get("db")
-    return [_ident(db), name] if db is not None and _ident(db) else [name]
-
-
-def _sql_name(fn: exp.Func) -> str:
-    try:
-        return type(fn).sql_name().lower()
-    except Exception:  # classes without a SQL name
-        return ""
-
-
-def _with_names(node: exp.Expr) -> tuple[exp.With | None, list[str]]:
-    with_ = node.args.get("with_") or node.args.get("with")
-    if not isinstance(with_, exp.With):
-        return None, []
-    return with_, [_cte_name(cte) for cte in with_.expressions]
-
-
-def _cte_name(cte: exp.Expression) -> str:
-    alias = cte.args.get("alias")
-    return _ident(alias.this) if isinstance(alias, exp.TableAlias) else ""
-
-
-def _is_cte(table: exp.Table, name: str) -> bool:
-    """Is this unqualified table name a reference to a WITH query visible where it is used?
-    A CTE sees the CTEs before it in its WITH (and itself and all of them if RECURSIVE);
-    the statement's body sees all of them."""
-    node: exp.Expr = table
-    parent = node.parent
-    while parent is not None:
-        if isinstance(node, exp.CTE) and isinstance(parent, exp.With):
-            names = [_cte_name(c) for c in parent.expressions]
-            idx = next((k for k, c in enumerate(parent.expressions) if c is node), len(names))
-            visible = names if parent.args.get("recursive") else names[:idx]
-            if name in visible:
-                return True
-            owner = parent.parent
-            if owner is None:
-                return False
-            node, parent = owner, owner.parent  # the owner's WITH is done
-            continue
-        if not isinstance(node, exp.With):
-            with_, names = _with_names(parent)
-            if with_ is not None and with_ is not node and name in names:
-                return True
-        node, parent = parent, parent.parent
-    return False
 
 
 def _bounded(tree: exp.Expression, srf: bool, aggregates: set[int]) -> bool:
