@@ -136,7 +136,7 @@ def writes(canonical: str, facts: SessionFacts, catalog: Catalog) -> tuple[list[
         if isinstance(tree, exp.Copy):
             if tree.args.get("kind"):  # COPY ... FROM: inserts
                 target = tree.this.this if isinstance(tree.this, exp.Schema) else tree.this
-                t = _resolve(target, facts, catalog) if isinstance(target, exp.Table) else None
+                t = resolve_table(target, facts, catalog) if isinstance(target, exp.Table) else None
                 if t is None:
                     complete = False
                 else:
@@ -144,7 +144,7 @@ def writes(canonical: str, facts: SessionFacts, catalog: Catalog) -> tuple[list[
             continue
         if isinstance(tree, exp.TruncateTable):
             for table in tree.expressions:
-                t = _resolve(table, facts, catalog) if isinstance(table, exp.Table) else None
+                t = resolve_table(table, facts, catalog) if isinstance(table, exp.Table) else None
                 if t is None:
                     complete = False
                 else:
@@ -171,7 +171,7 @@ def _write(node: exp.Expression, scan: _Scan, facts: SessionFacts, catalog: Cata
         target = target.this
     if not isinstance(target, exp.Table):
         return None
-    t = _resolve(target, facts, catalog)
+    t = resolve_table(target, facts, catalog)
     if t is None:
         return None
     schema, _, name = t.partition(".")
@@ -268,7 +268,8 @@ def _merge(node: exp.Merge, t: str) -> list[Effect]:
 
 # ---- the statement's tables, columns and pins ---------------------------------------------------
 
-def _resolve(table: exp.Table, facts: SessionFacts, catalog: Catalog) -> str | None:
+def resolve_table(table: exp.Table, facts: SessionFacts, catalog: Catalog) -> str | None:
+    """'schema.name' of a table reference in the session's search_path (None if unknown)."""
     parts = table_parts(table)
     if parts is None:
         return None
@@ -320,7 +321,7 @@ class _Scan:
                 continue
             sources.add(parts[-1])
             sources.add(_alias(table))
-            t = _resolve(table, facts, catalog)
+            t = resolve_table(table, facts, catalog)
             if t is None:
                 self.whole = True
                 continue
@@ -336,7 +337,7 @@ class _Scan:
             listed += [j.this for j in joins]
             for table in listed:
                 if isinstance(table, exp.Table) and isinstance(table.this, exp.Identifier):
-                    t = _resolve(table, facts, catalog)
+                    t = resolve_table(table, facts, catalog)
                     info = catalog.tables.info(t) if t is not None else None
                     pin = _pin(select.args.get("where"), table, info, alone=len(listed) == 1,
                                limit=MAX_READ_KEYS)
@@ -346,7 +347,7 @@ class _Scan:
     def where_pin(self, node: exp.Expression, target: exp.Table, info: TableInfo | None,
                   limit: int) -> Pin | None:
         """The pin of an UPDATE's or DELETE's target (None if it occurs elsewhere too)."""
-        t = _resolve(target, self.facts, self.catalog)
+        t = resolve_table(target, self.facts, self.catalog)
         if t is None or self.occurrences.get(t, 0) != 1:
             return None
         extra = node.args.get("from_") or node.args.get("using")
