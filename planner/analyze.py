@@ -62,7 +62,8 @@ from collections.abc import Sequence
 
 from sqlglot import exp
 
-from .catalog import SIDE_EFFECTS, TIME_DEPENDENT, Catalog
+from .catalog import Catalog
+from .hazards import SIDE_EFFECTS, TIME_DEPENDENT
 from .keywords import first_words, search_path_change, tokens
 from .plan import Flag, Kind, SessionFacts
 from .reader import StatementReader

@@ -13,15 +13,8 @@ import re
 
 from sqlglot import exp
 
-from .catalog import (
-    SYSTEM_SCHEMAS,
-    TIME_DEPENDENT,
-    Catalog,
-    Function,
-    Relation,
-    builtin_hazard,
-    live_catalog,
-)
+from .catalog import Catalog, Function, Relation
+from .hazards import SYSTEM_SCHEMAS, TIME_DEPENDENT, builtin_hazard, live_catalog
 from .plan import Flag, Kind, SessionFacts
 from .result import Analysis, Stmt
 
