@@ -47,7 +47,7 @@ class CacheSettings:
 @dataclass(slots=True)
 class CacheStats:
     hits: int = 0
-    fast_hits: int = 0  # of hits: answered by the wire door's fast path (proxy/fastpath.py)
+    fast_hits: int = 0  # of hits: answered by the wire door's fast path (proxy/pipeline/fastpath.py)
     known_passes: int = 0  # simple Queries sent as they were sent before, not analysed again
     redis_hits: int = 0  # of hits: found in the Redis tier
     misses: int = 0
@@ -98,7 +98,7 @@ class Cache:
         self._read_names: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._feed_pending: set[str] = set()
         self._feed_task: asyncio.Task[None] | None = None
-        # The wire door's fast path (proxy/fastpath.py): per session context, raw request ->
+        # The wire door's fast path (proxy/pipeline/fastpath.py): per session context, raw request ->
         # an alias of a local entry. `fast_gen` moves whenever a plan or an admission decision
         # may have changed (catalog, guardrails, change feed state, Redis): aliases made
         # before are not used. With Redis there is none: every look-up waits for the barrier.

@@ -7,7 +7,7 @@ the process holds (tests/test_cache_units.py checks it with tracemalloc). Entrie
 than `max_entry` are refused by `put` (the caller counts that as a bypass).
 
 An entry may have aliases: other dicts that map something else to it (the wire door's fast
-path, proxy/fastpath.py). They are charged to the entry and removed with it, so an alias
+path, proxy/pipeline/fastpath.py). They are charged to the entry and removed with it, so an alias
 never outlives its entry nor escapes `max_bytes`. A hit through an alias only marks the
 entry used; eviction gives a used entry a second chance (CLOCK), as it would have moved to
 the end on a hit by key.

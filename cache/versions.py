@@ -108,7 +108,7 @@ class SharedCounters:
 
 
 class SharedLsns:
-    """Write positions (WAL LSNs, proxy/replicas.py) shared by the worker processes of one
+    """Write positions (WAL LSNs, proxy/backends/replicas.py) shared by the worker processes of one
     box, in mappings made before the fork: `slots` 64-bit maxima (a name's position is its
     slot's: two names in one slot only make replica reads stricter), and per worker a count
     of writes per slot whose position is still being read (only that worker writes its

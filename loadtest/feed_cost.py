@@ -21,7 +21,7 @@ import asyncpg
 
 from cache.feed import install, uninstall
 from loadtest import run_script
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 SCHEMA = """
 DROP TABLE IF EXISTS feed_cost;

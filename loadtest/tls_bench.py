@@ -59,8 +59,8 @@ def postgres(folder: Path) -> Iterator[tuple[Endpoint, bool]]:
     """A PostgreSQL with ssl = on when a build with OpenSSL is installed; (endpoint, has TLS)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from proxy.certs import Authority
-        from proxy.embedded import EmbeddedPostgres, system_bin_dir
+        from proxy.ops.certs import Authority
+        from proxy.ops.embedded import EmbeddedPostgres, system_bin_dir
     bin_dir = system_bin_dir()
     pair = Authority().issue("postgres", ["127.0.0.1"])
     pg = EmbeddedPostgres(folder / "data", bin_dir=bin_dir, tls=(pair.cert, pair.key) if bin_dir else None,
@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cache.feed import INSTALL
-    from proxy.certs import make_server_files
+    from proxy.ops.certs import make_server_files
 
     with tempfile.TemporaryDirectory(prefix="pgsluice-tls-bench-") as tmp:
         folder = Path(tmp)

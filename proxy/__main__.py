@@ -1,5 +1,5 @@
 """`python -m proxy` is the `pgsluice` command."""
 
-from .cli import main
+from proxy.ops.cli import main
 
 raise SystemExit(main())

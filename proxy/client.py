@@ -31,8 +31,7 @@ import grpc
 
 from protos.pgsluice.v1 import sluice_pb2 as pb
 from protos.pgsluice.v1 import sluice_pb2_grpc
-
-from . import values
+from proxy.pgwire import values
 
 _SESSION = "/pgsluice.v1.Sluice/Session"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import psycopg2
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.util import PASSWORDS, ProxyHandle, wait_until
 
 SCHEMA = """

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # the package is not installed into the venv
     sys.path.insert(0, str(REPO_ROOT))
 
-from proxy.embedded import EmbeddedPostgres, free_port  # noqa: E402
+from proxy.ops.embedded import EmbeddedPostgres, free_port  # noqa: E402
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle, port_open, wait_until  # noqa: E402
 
 PROXY_START_TIMEOUT = 15.0

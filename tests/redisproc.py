@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.embedded import free_port
+from proxy.ops.embedded import free_port
 from tests.util import port_open, wait_until
 
 

@@ -13,7 +13,7 @@ import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from tests import cachedb
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle
 

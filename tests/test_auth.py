@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.certs import make_server_files
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.certs import make_server_files
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.netns import Namespace, namespace
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.embedded import free_port
+from proxy.ops.embedded import free_port
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_auth, parse_error_fields
 from tests.rawpg import DB, PASSWORD, STARTUP, USER, Raw, data_rows, describe, errors_in

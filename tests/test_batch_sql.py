@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from proxy.batch_sql import _bound, _literal, rewrite
+from proxy.pipeline.batch_sql import _bound, _literal, rewrite
 
 
 @pytest.mark.parametrize(("sql", "own", "want"), [

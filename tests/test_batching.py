@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from proxy.pgwire import encode
 from tests import cachedb
 from tests import rawpg as rp

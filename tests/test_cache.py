@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from proxy.pgwire import encode
 from tests import cachedb
 from tests.cachedb import calls, connect, show_cache

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests import cachedb
 from tests.cachedb import calls, connect, show_cache
 from tests.redisproc import RedisServer

@@ -13,7 +13,7 @@ import pytest
 from cache.keys import make_key
 from cache.local import LocalCache, entry_size
 from cache.singleflight import SingleFlight
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 
 class Clock:

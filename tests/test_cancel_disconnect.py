@@ -16,7 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from proxy.pgwire import codes, encode
 from tests.cachedb import show_cache
 from tests.rawpg import Raw, data_rows, errors_in
@@ -289,7 +289,7 @@ async def test_cancel_of_a_client_waiting_for_a_server_connection(one_backend: P
     """Every server connection is busy: a client's cancel ends its wait in the queue at once,
     with the answer Postgres gives a cancelled statement (not a timeout much later, nor its
     query run after all). Also for a text sent before (a known passthrough text waits for its
-    server connection from data_received, proxy/fastpath.py)."""
+    server connection from data_received, proxy/pipeline/fastpath.py)."""
     x, x_pid, x_secret = await raw_client(one_backend)
     y, _, _ = await raw_client(one_backend)
     sql = "SELECT 2, now() > '2000-01-01' /* c_queue_x */" if known else "SELECT 2 /* c_queue_x */"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 
 def _run(pg: EmbeddedPostgres, *args: str, user: str = "postgres", password: str = "postgres"

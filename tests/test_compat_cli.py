@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle
 
 USER, DB = "alice", "app"

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cli import build_parser, main
-from proxy.config import FIELD_KINDS, load
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.base.config import FIELD_KINDS, load
+from proxy.ops.cli import build_parser, main
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from tests.netns import namespace
 from tests.redisproc import RedisServer
 from tests.util import port_open, wait_until

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, ConfigError, load, mask_url, parse_upstream
+from proxy.base.config import Config, load, mask_url, parse_upstream
+from proxy.base.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +87,7 @@ def test_cli_rejects_bad_config() -> None:
 
 
 def test_tls_and_auth_settings(tmp_path: Path) -> None:
-    from proxy.certs import Authority
+    from proxy.ops.certs import Authority
     cert, key = Authority().issue("pgsluice", ["localhost"]).write(tmp_path, "server")
     config = load({"tls_cert": str(cert), "tls_key": str(key), "tls_mode": "require",
                    "server_tls_mode": "verify-full", "auth_user": "auth", "auth_password": "s3cret"}, env={})

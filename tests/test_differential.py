@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.differential import Differential
 from tests.redisproc import RedisServer
 from tests.util import ProxyFactory, ProxyHandle

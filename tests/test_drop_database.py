@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from cache.feed import INSTALL
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.util import ProxyFactory, ProxyHandle
 
 

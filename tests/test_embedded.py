@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from proxy.ops.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from tests.util import PASSWORDS, port_open
 
 ROLPASSWORD = "SELECT rolpassword FROM pg_authid WHERE rolname = $1"

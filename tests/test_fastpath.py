@@ -1,4 +1,4 @@
-"""The wire door's fast path (proxy/fastpath.py): a repeated request answered before any
+"""The wire door's fast path (proxy/pipeline/fastpath.py): a repeated request answered before any
 parsing. It must never answer where the slow path would not: one test per check it makes —
 settings, role, guardrails, max_staleness and TTL, DDL, change feed down, Redis, and versions
 (key-pinned reads after writes of their key and of another, both protocols; two workers).
@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests import cachedb
 from tests.cachedb import calls, show_cache
 from tests.rawpg import Msg, PgConn, bind, describe_portal, execute, parse, rows, sqlstates, sync

@@ -1,4 +1,4 @@
-"""The fast path's passthrough side (proxy/fastpath.py Pass): a simple Query that needed nothing
+"""The fast path's passthrough side (proxy/pipeline/fastpath.py Pass): a simple Query that needed nothing
 but sending is remembered per session context and sent the next time without planner, cache or
 sqlscan work — from data_received when the session is idle (relay.send_known), else through
 relay.forward. It must do what the slow path does for such a text, and stop being used when
@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests import cachedb
 from tests.cachedb import show_cache
 from tests.rawpg import Msg, query, rows, sqlstates, types

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from cache.feed import INSTALL
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from tests.util import port_open, wait_until
 
 WRITERS = 20

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from proxy.pgwire import codes
 from proxy.pgwire.decode import parse_error_fields
 from tests.rawpg import (

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.pgsluice.v1 import sluice_pb2 as pb
 from protos.pgsluice.v1 import sluice_pb2_grpc
-from proxy import values
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
+from proxy.pgwire import values
 from tests import cachedb
 from tests.util import ProxyFactory, ProxyHandle, wait_until_async
 

@@ -19,9 +19,10 @@ import pytest
 
 from protos.pgsluice.v1 import sluice_pb2 as pb
 from protos.pgsluice.v1 import sluice_pb2_grpc
-from proxy import grpc_wire, values
 from proxy.client import SluiceClient, SluiceError
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.doors.grpc import wire as grpc_wire
+from proxy.ops.embedded import EmbeddedPostgres, free_port
+from proxy.pgwire import values
 from tests import cachedb
 from tests.util import ProxyFactory, ProxyHandle, port_open, wait_until, wait_until_async
 
@@ -356,7 +357,7 @@ async def test_wire_format_gives_the_same_values(door: tuple[ProxyHandle, int]) 
 
 
 def test_hand_encoded_replies_equal_the_protobuf_ones() -> None:
-    """grpc_wire writes exactly what proxy.values would build (no server: the encoder alone)."""
+    """grpc_wire writes exactly what proxy.pgwire.values would build (no server: the encoder alone)."""
     import struct
     cols = [("b", 16), ("i", 23), ("i8", 20), ("f", 701), ("f4", 700), ("t", 25), ("n", 1700), ("d", 1082),
             ("j", 3802), ("by", 17), ("arr", 1007), ("o", 869), ("", 25), ("u", 2950), ("tz", 1184)]

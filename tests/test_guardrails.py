@@ -14,7 +14,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.util import ProxyFactory, ProxyHandle
 
 CONFIG = """

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from proxy.config import Config
-from proxy.embedded import EmbeddedPostgres
-from proxy.internal import InternalClient
-from proxy.server import Server
+from proxy.base.config import Config
+from proxy.ops.embedded import EmbeddedPostgres
+from proxy.ops.server import Server
+from proxy.pipeline.internal import InternalClient
 from tests import cachedb
 
 DB = "internaltest"

@@ -17,7 +17,7 @@ import asyncpg
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from tests import cachedb
 from tests.cachedb import connect, show_cache
 from tests.redisproc import RedisServer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg2
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.util import ProxyFactory, wait_until
 
 

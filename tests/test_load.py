@@ -19,7 +19,7 @@ from loadtest.findmax import Slo, find_max
 from loadtest.load import Target, measure
 from loadtest.profiles import PROFILES, ProfileError, SpeculateProfile, load_profile
 from loadtest.sample import SCHEMAS
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from tests.util import ProxyFactory
 
 DB = "loadtest"

@@ -11,7 +11,7 @@ import subprocess
 import psycopg
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.rawpg import PgConn
 from tests.util import PASSWORDS, ProxyFactory, ProxyHandle
 

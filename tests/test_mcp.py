@@ -23,7 +23,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from tests import cachedb
 from tests.util import ProxyFactory, ProxyHandle, wait_until_async
 
@@ -645,7 +645,7 @@ async def test_https_with_the_wire_doors_certificate(
     """With tls_cert/tls_key the door speaks HTTPS, as the gRPC door does."""
     import ssl
 
-    from proxy.certs import make_server_files
+    from proxy.ops.certs import make_server_files
 
     files = make_server_files(tmp_path, ["127.0.0.1"])
     port = free_port()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from proxy.pgwire import codes, encode
 from tests.rawpg import (
     PgConn,

@@ -25,4 +25,4 @@ def test_the_wheel_carries_the_load_profiles(tmp_path: Path) -> None:
     assert profiles
     for profile in profiles:
         assert f"loadtest/profiles/{profile.name}" in names
-    assert "proxy/cli.py" in names and "protos/pgsluice/v1/sluice_pb2.py" in names
+    assert "proxy/ops/cli.py" in names and "protos/pgsluice/v1/sluice_pb2.py" in names

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy import relay
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import (
     Framer,
@@ -36,6 +35,7 @@ from proxy.pgwire.decode import (
 )
 from proxy.pgwire.errors import ProtocolError
 from proxy.pgwire.scram import ScramError, ScramServer, make_scram_secret
+from proxy.pipeline import relay
 
 _I = struct.Struct("!I")
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

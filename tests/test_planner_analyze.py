@@ -29,7 +29,7 @@ from planner.analyze import Analysis, analyze_statements, first_words, statement
 from planner.canonical import parse
 from planner.catalog import Catalog, load
 from planner.plan import Flag, Kind, SessionFacts
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 CORPUS_DIR = Path(__file__).parent / "planner_corpus"
 KEYS = {"id", "sql", "kind", "reads", "writes", "flags", "cacheable", "why", "functions", "parsed",

@@ -16,7 +16,7 @@ import pytest
 from planner.analyze import analyze_statements
 from planner.catalog import Catalog, Function, builtin_hazard, live_catalog, load
 from planner.plan import Flag, SessionFacts
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 SCHEMA = """
 CREATE SCHEMA app;

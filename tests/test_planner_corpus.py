@@ -67,7 +67,7 @@ from planner.analyze import first_words
 from planner.catalog import Catalog, load
 from planner.explain import describe
 from planner.statements import split
-from proxy.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
+from proxy.ops.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
 
 CORPUS_DIR = Path(__file__).resolve().parent / "planner_corpus"
 VARIANTS_FILE = CORPUS_DIR / "variants.json"

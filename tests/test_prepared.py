@@ -10,7 +10,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import pq
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.util import ProxyFactory
 
 Outcome = tuple[str, str | None, bytes | None, list[bytes | None]]

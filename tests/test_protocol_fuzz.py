@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_error_fields
 from tests.util import ProxyFactory, ProxyHandle

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests.conftest import _start_proxy, _stop_proxies, make_traversable_tmpdir
 from tests.util import ProxyHandle
 

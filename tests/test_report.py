@@ -19,7 +19,7 @@ from loadtest.findmax import Slo, find_max
 from loadtest.load import Plan, Target, measure
 from loadtest.report import write_report
 from loadtest.sample import schema_sql
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 
 DB = "loadreport"
 CHROMIUM = Path("/usr/bin/chromium")

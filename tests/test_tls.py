@@ -25,9 +25,9 @@ import psycopg
 import pytest
 
 from cache.feed import INSTALL
-from proxy.certs import Authority
 from proxy.client import SluiceClient, SluiceError
-from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.ops.certs import Authority
+from proxy.ops.embedded import EmbeddedPostgres, free_port
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_auth, parse_error_fields
 from tests.conftest import make_traversable_tmpdir

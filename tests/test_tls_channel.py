@@ -1,4 +1,4 @@
-"""proxy.tls.TlsChannel without sockets: a client SSLObject on memory BIOs talks to it through a
+"""proxy.base.tls.TlsChannel without sockets: a client SSLObject on memory BIOs talks to it through a
 transport that records what was written (uvicorn's socketless style)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.certs import Authority
-from proxy.tls import TlsChannel
+from proxy.base.tls import TlsChannel
+from proxy.ops.certs import Authority
 
 
 class Recorder(asyncio.Transport):

@@ -1,4 +1,4 @@
-"""Tests for proxy.userlist: PgBouncer-style auth file parsing."""
+"""Tests for proxy.base.userlist: PgBouncer-style auth file parsing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.base.userlist import Credential, UserlistError, load_userlist, parse_userlist
 from proxy.pgwire.scram import make_scram_secret
-from proxy.userlist import Credential, UserlistError, load_userlist, parse_userlist
 
 SECRET = make_scram_secret("pencil", salt=b"saltsalt", iterations=4096)
 MD5 = "md5" + hashlib.md5(b"secretbob").hexdigest()

@@ -9,7 +9,7 @@ import time
 import psycopg2
 import pytest
 
-from proxy.embedded import EmbeddedPostgres
+from proxy.ops.embedded import EmbeddedPostgres
 from tests import cachedb
 from tests.util import ProxyFactory, ProxyHandle, wait_until
 
@@ -77,7 +77,7 @@ def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from proxy.embedded import free_port
+    from proxy.ops.embedded import free_port
     cachedb.create(pg, DB)
     mport = free_port()
     proxy = proxy_factory("--workers", "2", "--metrics-listen", f"127.0.0.1:{mport}")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.certs import Authority
-from proxy.embedded import EmbeddedPostgres, system_bin_dir
+from proxy.ops.certs import Authority
+from proxy.ops.embedded import EmbeddedPostgres, system_bin_dir
 from tests.util import PASSWORDS
 
 ROLES = f"""

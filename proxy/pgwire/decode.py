@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import codes
-from .errors import FEATURE_NOT_SUPPORTED, ProtocolError
+from proxy.pgwire import codes
+from proxy.pgwire.errors import FEATURE_NOT_SUPPORTED, ProtocolError
 
 _I = struct.Struct("!I")
 _i = struct.Struct("!i")

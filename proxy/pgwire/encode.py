@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
-from . import codes
+from proxy.pgwire import codes
 
 _I = struct.Struct("!I")
 _HEAD = struct.Struct("!cI")

@@ -1,0 +1,1 @@
+"""Backends: server connections to Postgres, their pools, replicas and cancel keys."""

@@ -1,0 +1,1 @@
+"""Configuration, logs, counters, TLS and the worker channel: what every room reads."""

@@ -1,0 +1,1 @@
+"""The gRPC door: unary calls and the Session stream."""

@@ -1,0 +1,1 @@
+"""The MCP door: Streamable HTTP and stdio, tools and resources."""

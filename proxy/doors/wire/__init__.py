@@ -1,0 +1,1 @@
+"""The Postgres wire door: client connections, login, the admin console."""

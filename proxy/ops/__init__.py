@@ -1,0 +1,1 @@
+"""Operations: the server process, CLI, demo, metrics, workers."""

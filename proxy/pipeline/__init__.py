@@ -1,0 +1,1 @@
+"""The pipeline: what every request passes through, whatever door it came from."""
