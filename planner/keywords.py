@@ -108,13 +108,13 @@ def tokens(sql: str, pos: int = 0) -> Iterator[Tok]:
         pos = end
 
 
-def head_words(sql: str) -> list[Tok]:
-    """The leading word tokens of a statement (opening parentheses skipped)."""
+def head_words(sql: str, n: int = 4) -> list[Tok]:
+    """The leading word tokens of a statement, at most `n` (opening parentheses skipped)."""
     out: list[Tok] = []
     for tok in tokens(sql):
         if tok.kind == "w":
             out.append(tok)
-            if len(out) == 4:
+            if len(out) >= n:
                 break
         elif tok.kind == "p" and tok.value == "(" and not out:
             continue
@@ -125,17 +125,7 @@ def head_words(sql: str) -> list[Tok]:
 
 def first_words(sql: str, n: int = 3) -> list[str]:
     """The first `n` keywords of a statement, lower-cased (leading parentheses skipped)."""
-    words: list[str] = []
-    for tok in tokens(sql):
-        if tok.kind == "w":
-            words.append(tok.value)
-            if len(words) >= n:
-                break
-        elif tok.kind == "p" and tok.value == "(" and not words:
-            continue
-        else:
-            break
-    return words
+    return [tok.value for tok in head_words(sql, n)]
 
 
 def matching(toks: Sequence[Tok], i: int) -> int:
