@@ -50,6 +50,7 @@ Where each part lives (the entry point imports the parts; no part imports it):
   result.py    Analysis (the text's), Stmt (one statement's), RANK (which kind wins)
   sqltree.py   small sqlglot helpers (identifiers, table names, CTE scoping, TREE_FOR)
   rules.py     name resolution and the cacheability rules (relations, functions, columns)
+  hazards.py   built-in functions and pg_catalog relations judged by name (used by rules.py)
   walk.py      the sqlglot tree walk of one statement (Walker)
   reader.py    one statement: the tree walk when the tree fits, else its tokens
   analyze.py   the text: its statements read in order and merged, then judged (Rules.finish)
