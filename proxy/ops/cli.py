@@ -116,7 +116,8 @@ def make_cert(folder: str, hosts: list[str], clients: list[str], keep: bool = Fa
 
 def run_mcp(config: Config) -> int:
     """`pgsluice mcp`: stdout carries the protocol, so logs go to stderr (they do)."""
-    from proxy.doors.mcp.door import serve_stdio, stdio_agent
+    from proxy.doors.mcp.door import stdio_agent
+    from proxy.ops.mcp_stdio import serve_stdio
     try:
         stdio_agent(config)
     except ConfigError as exc:

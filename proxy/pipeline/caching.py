@@ -31,7 +31,7 @@ from proxy.pgwire.errors import ProtocolError
 from proxy.pipeline import fastpath
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 _H = struct.Struct("!h")
@@ -89,7 +89,7 @@ class Fill:
 
 # ---- reads -------------------------------------------------------------------------------------
 
-def key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float | None]:
+def key_settings(s: Session) -> tuple[tuple[tuple[str, str], ...], float | None]:
     if s.key_source is not s.settings:
         s.key_source = s.settings
         s.key_settings = relevant_settings(s.settings)
@@ -124,7 +124,7 @@ class Request:
         self.bypass: str | None = None  # not looked up: why ("" uncounted: not a plain read)
 
 
-def settings_changed(s: ClientSession) -> None:
+def settings_changed(s: Session) -> None:
     """s.settings moved (SET/RESET outside a transaction): names resolve through the new
     search_path, so the planner's facts follow it."""
     path = SessionFacts().search_path
@@ -136,7 +136,7 @@ def settings_changed(s: ClientSession) -> None:
         s.facts = dataclasses.replace(s.facts, search_path=path)
 
 
-def try_query(s: ClientSession) -> int:
+def try_query(s: Session) -> int:
     """The head of s.inbuf is a complete Query and s holds no server connection."""
     cache = s.server.cache
     assert cache is not None
@@ -157,7 +157,7 @@ def try_query(s: ClientSession) -> int:
     return result
 
 
-def try_extended(s: ClientSession) -> int:
+def try_extended(s: Session) -> int:
     """The head of s.inbuf is a Parse or Bind and s holds no server connection: a group
     [Parse (unnamed)] Bind [Describe portal] Execute Sync, complete, can be cached."""
     assert s.server.cache is not None
@@ -177,7 +177,7 @@ def try_extended(s: ClientSession) -> int:
                            stmt_parse))
 
 
-def _statement(s: ClientSession
+def _statement(s: Session
                ) -> tuple[int, bytes | None, bytes | None, bytes, bytes, bytes, bool, bytes] | None:
     group = _group(s)
     if group is None:
@@ -231,7 +231,7 @@ def _normal_bind_parts(rest: bytes) -> bytes:
     return b"".join(_I.pack(len(p)) + p for p in parts)  # length-prefixed: unambiguous
 
 
-def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
+def _group(s: Session) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
     """(end, unnamed Parse message or None, statement name, Bind parameters and formats (for
     the key), Describe portal?, the Bind after its names) of a cacheable group at the head of
     s.inbuf, else None."""
@@ -274,7 +274,7 @@ def _group(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool, byt
     return None
 
 
-def _try(s: ClientSession, req: Request) -> int:
+def _try(s: Session, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
     plan = req.plan
@@ -305,7 +305,7 @@ def _try(s: ClientSession, req: Request) -> int:
     return _lookup(s, req)
 
 
-def _after_barrier(s: ClientSession, req: Request) -> int:
+def _after_barrier(s: Session, req: Request) -> int:
     """With Redis: the look-up continues once the version barrier is passed — by callback, no
     task, in the common case where the mirror already knows every version the key needs."""
     cache = s.server.cache
@@ -351,14 +351,14 @@ def _after_barrier(s: ClientSession, req: Request) -> int:
     return ASYNC
 
 
-def _redis_bypass(s: ClientSession) -> int:
+def _redis_bypass(s: Session) -> int:
     assert s.server.cache is not None
     s.server.cache.stats.bypassed("redis slow or down")
     s.agent_stats.bypassed += 1
     return PASS
 
 
-def _lookup(s: ClientSession, req: Request) -> int:
+def _lookup(s: Session, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
     plan = req.plan
@@ -397,11 +397,11 @@ def _lookup(s: ClientSession, req: Request) -> int:
     return PASS
 
 
-def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
+def _reply(s: Session, payload: bytes, req: Request) -> None:
     _send(s, req.prefix + payload + _RFQ_IDLE, req)
 
 
-def _send(s: ClientSession, reply: bytes, req: Request) -> None:
+def _send(s: Session, reply: bytes, req: Request) -> None:
     del s.inbuf[:req.end]
     s.queries += 1
     s.note_query()
@@ -415,7 +415,7 @@ def _send(s: ClientSession, reply: bytes, req: Request) -> None:
     s.request_done()
 
 
-async def _lookup_after_sync(s: ClientSession, req: Request) -> None:
+async def _lookup_after_sync(s: Session, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     if not await cache.sync(req.names):
@@ -429,7 +429,7 @@ async def _lookup_after_sync(s: ClientSession, req: Request) -> None:
     s.resume_pump(cache_done=result == PASS)
 
 
-async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
+async def _join(s: Session, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     flight.waiters += 1
@@ -457,7 +457,7 @@ async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
     s.resume_pump(cache_done=False)
 
 
-async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> None:
+async def _lead_via_redis(s: Session, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     try:
@@ -480,7 +480,7 @@ async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> Non
     s.resume_pump(cache_done=True)
 
 
-def finish(s: ClientSession, fill: Fill) -> None:
+def finish(s: Session, fill: Fill) -> None:
     """ReadyForQuery ended the leader's Query."""
     s.fill = None
     assert s.server.cache is not None
@@ -488,7 +488,7 @@ def finish(s: ClientSession, fill: Fill) -> None:
                         fill.storable and fill.shareable)
 
 
-def abandon(s: ClientSession) -> None:
+def abandon(s: Session) -> None:
     """The leader will not see its reply (it left, its server went away): waiters retry."""
     fill = s.fill
     if fill is not None:
@@ -564,7 +564,7 @@ def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
     return Writes(tuple(Effect(t, "table") for t in sorted(tables)), ddl=ddl)
 
 
-def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
+def writes_of(s: Session, sql: bytes, plan: Plan | None = None) -> Writes:
     """What executing `sql` may change; `plan`: its plan, when the caller has it already."""
     cache = s.server.cache
     if (cache is None or not cache.active(s.database)) and s.server.replicas is None:
@@ -581,7 +581,7 @@ def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
     return writes
 
 
-def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
+def current(s: Session, writes: Writes, sql: bytes) -> Writes:
     """A prepared statement's write set, worked out again if the catalog changed since (a new
     foreign key's cascade; or it was prepared while the catalog was loading)."""
     planner = s.planner
@@ -590,7 +590,7 @@ def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
     return writes_of(s, sql)
 
 
-def note_writes(s: ClientSession, sql: bytes, plan: Plan | None = None) -> tuple[frozenset[str], bool]:
+def note_writes(s: Session, sql: bytes, plan: Plan | None = None) -> tuple[frozenset[str], bool]:
     """A Query is about to be sent: mark what it writes; (the versions, whether the catalog too)."""
     writes = writes_of(s, sql, plan)
     names = writes.names(s.database)
@@ -598,7 +598,7 @@ def note_writes(s: ClientSession, sql: bytes, plan: Plan | None = None) -> tuple
     return names, writes.ddl
 
 
-def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes) -> None:
+def mark_bound(s: Session, writes: Writes, bind_rest: bytes, types: bytes) -> None:
     """A Bind of a statement that writes: its key values are the ones bound here."""
     if not writes.effects:
         return
@@ -606,7 +606,7 @@ def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes)
     mark(s, writes.names(s.database, bound), writes.ddl)
 
 
-def mark(s: ClientSession, names: frozenset[str], ddl: bool = False) -> None:
+def mark(s: Session, names: frozenset[str], ddl: bool = False) -> None:
     """Statements about to be sent change what `names` stand for: they are done (committed, or
     part of the transaction) at the ReadyForQuery of the next message that ends at one."""
     if names:
@@ -614,12 +614,12 @@ def mark(s: ClientSession, names: frozenset[str], ddl: bool = False) -> None:
         s.write_marks.append((due, names, ddl))
 
 
-def mark_everything(s: ClientSession, ddl: bool) -> None:
+def mark_everything(s: Session, ddl: bool) -> None:
     """Anything in the database may change (`ddl`: the catalog too)."""
     mark(s, EVERYTHING.names(s.database), ddl)
 
 
-def ready(s: ClientSession, idle: bool) -> bool:
+def ready(s: Session, idle: bool) -> bool:
     """A ReadyForQuery from the server: True if a transaction with writes just ended."""
     s.ready_seen += 1
     marks = s.write_marks
@@ -630,12 +630,12 @@ def ready(s: ClientSession, idle: bool) -> bool:
     return idle and bool(s.committing)
 
 
-def write_due(s: ClientSession) -> bool:
+def write_due(s: Session) -> bool:
     """Whether the next ReadyForQuery may end a transaction that wrote."""
     return bool(s.committing) or bool(s.write_marks and s.write_marks[0][0] == s.ready_seen + 1)
 
 
-def commit(s: ClientSession) -> None:
+def commit(s: Session) -> None:
     """The transaction that wrote s.committing is over (committed or not): bump them."""
     names, s.committing = s.committing, set()
     ddl, s.committing_ddl = s.committing_ddl, False
@@ -655,7 +655,7 @@ def commit(s: ClientSession) -> None:
         s.gate_until(task)
 
 
-def commit_all(s: ClientSession) -> frozenset[str]:
+def commit_all(s: Session) -> frozenset[str]:
     """The client or its server connection is gone: whatever it sent may have committed."""
     while s.write_marks:
         _, names, ddl = s.write_marks.popleft()
