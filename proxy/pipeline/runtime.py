@@ -233,6 +233,7 @@ class Runtime:
             self.ddl_seen(database)
 
     async def control_connection(self, database: str) -> asyncpg.Connection:
+        """A connection of pgsluice's own (catalog loads, change feeds, health checks)."""
         return await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
                                      user=self.upstream_user, password=self.upstream_password,
                                      database=database, timeout=self.config.connect_timeout,
