@@ -31,7 +31,7 @@ from proxy.pgwire.decode import (
     parse_target,
 )
 from proxy.pgwire.errors import ProtocolError
-from proxy.pipeline import caching, commands, fastpath, sqlscan
+from proxy.pipeline import commands, fastpath, sqlscan, tracking
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
@@ -45,7 +45,7 @@ QUERY, SYNC, FUNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(8)
 FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND, SWALLOW_QUERY = range(8, 13)
 _SWALLOWED = (SWALLOW_PARSE, SWALLOW_CLOSE, SWALLOW_BIND)
 _ENDS_AT_READY = (QUERY, SYNC, FUNC)
-assert caching._ENDS_AT_READY == _ENDS_AT_READY
+assert tracking._ENDS_AT_READY == _ENDS_AT_READY
 _FAKE_BYTES = {FAKE_CLOSE: encode.CLOSE_COMPLETE}
 # "cached plan must not change result type": the statement predates a schema change
 _STALE_PLAN = b"\x00C0A000\x00"
@@ -115,7 +115,7 @@ class Statement:
     __slots__ = ("parse_msg", "server_name", "writes")
 
     def __init__(self, server_name: bytes, parse_msg: bytes,
-                 writes: caching.Writes = caching.NO_WRITES) -> None:
+                 writes: tracking.Writes = tracking.NO_WRITES) -> None:
         self.server_name = server_name
         self.parse_msg = parse_msg
         self.writes = writes  # what an execution may change (cache versions to bump)
@@ -216,7 +216,7 @@ def forward(s: ClientSession) -> None:
                 owed += 1
                 unsynced = False
                 entries.append((FUNC, None))
-                caching.mark_everything(s, True)  # a FunctionCall: anything
+                tracking.mark_everything(s, True)  # a FunctionCall: anything
         elif code == codes.F_TERMINATE:
             terminate = True
             break
@@ -268,7 +268,7 @@ def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> No
     s.server.stats.upstream_queries += 1
     s.last_sql = known.last_sql
     if known.names:
-        caching.mark(s, known.names)
+        tracking.mark(s, known.names)
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
     s.queries += 1
@@ -300,7 +300,7 @@ def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int,
     names: frozenset[str] = frozenset()
     ddl = False
     if swap is None and s.server.tracks_writes:
-        names, ddl = caching.note_writes(s, sql, head.plan if head is not None else None)
+        names, ddl = tracking.note_writes(s, sql, head.plan if head is not None else None)
     if swap is None and s.policy is not None:
         swap = _guarded_query(s, backend, sql)
     if swap is None and head_word[:7] == b"execute":
@@ -514,7 +514,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
         sql = b"EXECUTE " + _ensure(s, backend, found[0], out) + found[1]
         msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
-    writes = caching.writes_of(s, sql) if s.server.tracks_writes else caching.NO_WRITES
+    writes = tracking.writes_of(s, sql) if s.server.tracks_writes else tracking.NO_WRITES
     if not name:
         s.unnamed_writes = writes
         s.unnamed = msg
@@ -571,20 +571,20 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
         portal, stmt_name, rest = parse_bind_names(msg[5:])
         stmt = s.statements.get(stmt_name) if stmt_name else None
         if stmt is None and stmt_name:
-            caching.mark_everything(s, False)  # a statement from SQL PREPARE: it may write anything
+            tracking.mark_everything(s, False)  # a statement from SQL PREPARE: it may write anything
         else:
             writes = stmt.writes if stmt is not None else s.unnamed_writes
             parse_msg = stmt.parse_msg if stmt is not None else s.unnamed
             if parse_msg is not None and s.server.tracks_writes:
                 _name, sql, types = parse_parse(parse_msg[5:])
-                writes = caching.current(s, writes, sql)
+                writes = tracking.current(s, writes, sql)
                 if stmt is not None:
                     stmt.writes = writes
                 else:
                     s.unnamed_writes = writes
-                caching.mark_bound(s, writes, msg[5 + rest:], types)
+                tracking.mark_bound(s, writes, msg[5 + rest:], types)
             else:
-                caching.mark(s, writes.names(s.database))
+                tracking.mark(s, writes.names(s.database))
         name = _ensure(s, backend, stmt_name, out)
         s.entries.append((BIND, name if name != stmt_name else None))
         if name == stmt_name:

@@ -40,7 +40,7 @@ from proxy.pgwire.errors import (
     PgError,
     ProtocolError,
 )
-from proxy.pipeline import caching, fastpath, relay, replies
+from proxy.pipeline import caching, fastpath, relay, replies, tracking
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
@@ -85,7 +85,7 @@ class ClientSession(asyncio.Protocol):
         self.statements: dict[bytes, relay.Statement] = {}
         self.unnamed: bytes | None = None  # the client's last unnamed Parse message
         self.unnamed_gen = 0
-        self.unnamed_writes = caching.NO_WRITES  # what the unnamed statement may change
+        self.unnamed_writes = tracking.NO_WRITES  # what the unnamed statement may change
         self.stream_left = 0  # bytes of a large backend message still to pass through
         self.skipping = False  # Postgres is discarding messages until Sync after an error
         self.copy_in = False  # a COPY FROM STDIN of this client's may be running (relay.py)
@@ -784,7 +784,7 @@ class ClientSession(asyncio.Protocol):
     def _backend_lost(self, backend: Backend) -> None:
         self.backend = None
         caching.abandon(self)
-        caching.commit_all(self)  # it may have committed before the connection broke
+        tracking.commit_all(self)  # it may have committed before the connection broke
         pool = self.bpool
         if pool is not None:
             pool.discard(backend)
@@ -810,13 +810,13 @@ class ClientSession(asyncio.Protocol):
         finally:
             # an autocommit write may have committed before the cancel reached it; and once
             # more a little later, for one still finishing on a dropped connection
-            names = caching.commit_all(self)
+            names = tracking.commit_all(self)
             if names:
                 asyncio.get_running_loop().call_later(2.0, self._bump_again, names)
 
     def _bump_again(self, names: frozenset[str]) -> None:
         self.committing |= names
-        caching.commit(self)
+        tracking.commit(self)
 
     async def _cleanup_backend(self, pool: Pool, backend: Backend) -> None:
         if backend.closed:
