@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from proxy.pipeline.sqlscan import split_statements
+from planner.sqlscan import split_statements
 
 
 @lru_cache(maxsize=256)

@@ -318,7 +318,7 @@ async def test_cancel_of_a_client_waiting_for_a_server_connection(one_backend: P
 async def test_cancel_of_a_client_whose_server_connection_is_being_opened(one_backend: ProxyHandle,
                                                                          direct: asyncpg.Connection) -> None:
     """A CancelRequest while pgsluice opens the server connection for the client's statement
-    (ClientSession._attach; here a login event trigger makes the opening take 1.5 s): the
+    (Session._attach; here a login event trigger makes the opening take 1.5 s): the
     statement is answered 57014 once the connection is ready and is never sent (it was run
     after all, uncancelled, before)."""
     x, x_pid, x_secret = await raw_client(one_backend)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.base.config import Config, ConfigError, load, mask_url, parse_upstream
+from proxy.base.config import Config, load, mask_url, parse_upstream
+from proxy.base.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

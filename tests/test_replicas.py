@@ -195,7 +195,7 @@ def test_read_your_writes_psql(cluster: Cluster, proxies: list[ProxyHandle]) -> 
 
 async def test_writes_seen_through_the_change_feed(cluster: Cluster, proxies: list[ProxyHandle]) -> None:
     """A write made on the primary directly, then, once pgsluice has the feed's notice, a read
-    through pgsluice: never the old value. Mechanism: the feed's position (Server._feed_change
+    through pgsluice: never the old value. Mechanism: the feed's position (Runtime._feed_change
     -> Replicas.record, before the versions move)."""
     proxy = _proxy(cluster, proxies)  # the cache on: the read bypasses it (max_staleness=0)
     await _wait_rotation(proxy, cluster)

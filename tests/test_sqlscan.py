@@ -1,4 +1,4 @@
-"""Tests of proxy.pipeline.sqlscan: the lexer-level session-state scanner."""
+"""Tests of planner.sqlscan: the lexer-level session-state scanner."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.pipeline.sqlscan import PLAIN, SessionEffect, scan, scan_cached, split_statements
+from planner.sqlscan import PLAIN, SessionEffect, scan, scan_cached, split_statements
 
 S = tuple[tuple[str, str | None], ...]
 

@@ -26,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from cache.versions import SharedLsns
-from planner import Flag, Kind, Plan
+from planner import Flag, Kind, Plan, sqlscan
 from proxy.backends.backend import Upstream
 from proxy.backends.pool import Pool
 from proxy.base.config import mask_url, parse_upstream
 from proxy.pgwire import codes
-from proxy.pipeline import sqlscan
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 log = logging.getLogger("pgsluice.replicas")
 POLL = 0.02  # s between two polls of a replica's replay position (and of the primary's)
@@ -58,7 +57,7 @@ _NOT_YET = object()
 UNKNOWN = 1 << 63  # a position being read: no replica has passed it
 
 
-def _group_sql(s: ClientSession) -> bytes | None:
+def _group_sql(s: Session) -> bytes | None:
     """The statement text of a complete [Parse (unnamed)] Bind [Describe] Execute Sync group at
     the head of s.inbuf (unnamed portal, one Execute), else None."""
     buf = s.inbuf
@@ -405,7 +404,7 @@ class Replicas:
                 best = r
         return best
 
-    def route(self, s: ClientSession) -> Pool | None:
+    def route(self, s: Session) -> Pool | None:
         """The replica pool the request at the head of s.inbuf may run on, or None (primary)."""
         primary = s.pool
         if s.pinned or s._gate is not None or primary is None or s.route_primary():
@@ -436,7 +435,7 @@ class Replicas:
         r.reads += 1
         return self.pool(r, primary)
 
-    def read_names(self, s: ClientSession, sql: str, simple: bool) -> list[str] | None:
+    def read_names(self, s: Session, sql: str, simple: bool) -> list[str] | None:
         """The names whose positions a replica must have passed for this statement, or None:
         it must run on the primary."""
         db = s.database

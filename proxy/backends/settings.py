@@ -9,8 +9,13 @@ backend with no round trip.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from proxy.pgwire.encode import quote_literal
+from proxy.pgwire.errors import PgError
+
+if TYPE_CHECKING:
+    from proxy.backends.backend import Backend
 
 Settings = tuple[tuple[str, str], ...]
 
@@ -100,3 +105,25 @@ def apply_changes(current: Settings, startup: Settings,
             merged.pop(name, None)  # keep order: latest SET last
             merged[name] = set_statement(name, value)
     return tuple(merged.items())
+
+
+async def resync(backend: Backend, settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Bring a backend's session settings to `settings`; returns the ParameterStatus it reported.
+
+    A failing setting is the client's error (bad TimeZone at startup, say): raised as
+    PgError with Postgres's SQLSTATE and message.
+    """
+    statements = [sql for _, sql in settings]
+    if backend.applied is None or backend.applied:
+        statements.insert(0, "RESET ALL")
+    if not statements:
+        backend.applied = settings
+        return {}
+    result = await backend.run(";".join(statements))
+    if result.error is not None:
+        backend.applied = None
+        err = result.error
+        raise PgError(err.get("C", "XX000"), err.get("M", "could not apply session settings"),
+                      severity="FATAL", detail=err.get("D"), hint=err.get("H"))
+    backend.applied = settings
+    return result.params

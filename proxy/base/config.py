@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
 from planner.policy import Policies, Policy, PolicyError
+from proxy.base.errors import ConfigError
+from proxy.base.tls import check_files
 
 AuthMode = Literal["passthrough", "auth_file", "trust"]
 LogFormat = Literal["text", "json", "logfmt"]
@@ -130,10 +132,6 @@ def _role_dict(policy: Policy) -> dict[str, Any]:
         out[f.name] = sorted(value) if isinstance(value, frozenset) else \
             list(value) if isinstance(value, tuple) else value
     return out
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message names where it came from (flag, env var or file:line)."""
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -342,7 +340,6 @@ def validate(config: Config) -> None:
     if config.cache_max_bytes < 1 or config.cache_max_entry < 1:
         raise ConfigError("cache_max_bytes and cache_max_entry must be positive")
     _validate_tls(config)
-    from proxy.base.tls import check_files  # here, not at the top: tls.py imports ConfigError from us
     check_files(config)
     for name in ("pool_acquire_timeout", "connect_timeout", "login_timeout", "cache_ttl", "redis_timeout_ms"):
         if getattr(config, name) <= 0:

@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from proxy.base.config import ConfigError
+from proxy.base.errors import ConfigError
 
 if TYPE_CHECKING:
     from proxy.base.config import Config

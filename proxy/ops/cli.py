@@ -15,7 +15,9 @@ from typing import Any
 
 from cache.versions import SharedCounters
 from proxy import __version__
-from proxy.base.config import FIELD_KINDS, Config, ConfigError, load, to_toml
+from proxy.base.config import FIELD_KINDS, Config, load, to_toml
+from proxy.base.errors import ConfigError
+from proxy.ops.loop import install_loop
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +42,6 @@ def _config_from(args: argparse.Namespace) -> Config:
 def setup_logging(config: Config) -> None:
     from proxy.base.logs import setup
     setup(config.log_level, config.log_format)
-
-
-def install_loop(config: Config) -> None:
-    if config.uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            return
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 async def serve(config: Config, reload_from: Callable[[], Config] | None = None,
@@ -123,7 +116,8 @@ def make_cert(folder: str, hosts: list[str], clients: list[str], keep: bool = Fa
 
 def run_mcp(config: Config) -> int:
     """`pgsluice mcp`: stdout carries the protocol, so logs go to stderr (they do)."""
-    from proxy.doors.mcp.door import serve_stdio, stdio_agent
+    from proxy.doors.mcp.door import stdio_agent
+    from proxy.ops.mcp_stdio import serve_stdio
     try:
         stdio_agent(config)
     except ConfigError as exc:

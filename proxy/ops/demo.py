@@ -15,11 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.sample import schema_sql
 from proxy.base.config import Config
 from proxy.ops.certs import make_server_files
-from proxy.ops.cli import install_loop
 from proxy.ops.embedded import EmbeddedPostgres, free_port
+from proxy.ops.loop import install_loop
 
 PASSWORD = "pgsluice"
 SIDE_AGENTS, SIDE_SECONDS = 10, 8.0  # the side-by-side run: about 25 s with its warm-ups
@@ -156,6 +155,7 @@ def run_demo(*, once: bool = False, port: int = 6543, data_dir: str | None = Non
     pg.start()
     try:
         print(f"PostgreSQL is up on 127.0.0.1:{pg.port}; loading the sample schema ...")
+        from loadtest.sample import schema_sql  # the load generator's schema (the one allowed upward import)
         pg.psql(schema_sql(1))
         from cache.feed import INSTALL
         pg.psql(INSTALL)  # what `pgsluice install-change-feed` does: writes outside pgsluice are seen

@@ -20,7 +20,7 @@ from proxy.pipeline.internal import InternalClient
 from proxy.pipeline.session import session_facts
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 IDLE_KEEP = 1.0  # seconds an idle internal session waits for the agent's next call
 MAX_IDLE = 64  # idle sessions kept per (agent, database)
@@ -48,7 +48,7 @@ class AgentSessions:
     would linger in SHOW CLIENTS and clients_now), at most MAX_IDLE per agent and database, and
     the most recently returned is taken first (its caches are the warmest)."""
 
-    def __init__(self, server: Server, keep: float = IDLE_KEEP, most: int = MAX_IDLE) -> None:
+    def __init__(self, server: Runtime, keep: float = IDLE_KEEP, most: int = MAX_IDLE) -> None:
         self.server, self.keep, self.most = server, keep, most
         self._idle: dict[tuple[str, str], deque[tuple[InternalClient, float]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None

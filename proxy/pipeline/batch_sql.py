@@ -19,7 +19,7 @@ from proxy.pgwire import codes, encode
 
 if TYPE_CHECKING:
     from proxy.pipeline.cacheable import Request
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 _H = struct.Struct("!h")
@@ -35,7 +35,7 @@ _IGNORED = frozenset({codes.B_PARAMETER_STATUS, codes.B_PARSE_COMPLETE, codes.B_
 
 # ---- key values ----------------------------------------------------------------------------
 
-def key_of(s: ClientSession, req: Request, batch: Batchable) -> tuple[Hashable, object, str] | None:
+def key_of(s: Session, req: Request, batch: Batchable) -> tuple[Hashable, object, str] | None:
     """(the group this read batches with, its key value normalized, as an array element)."""
     plan = req.plan
     if "\ufffd" in plan.sql:

@@ -24,15 +24,14 @@ import struct
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from proxy.doors.wire.login import LoginResult
 from proxy.pgwire import codes, encode
 from proxy.pipeline import batch_sql, cacheable, caching
 from proxy.pipeline.internal import Socketless
-from proxy.pipeline.session import ClientSession
+from proxy.pipeline.session import LoginResult, Session
 
 if TYPE_CHECKING:
     from cache.engine import Flight
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 log = logging.getLogger("pgsluice.batching")
 _I = struct.Struct("!I")
@@ -45,7 +44,7 @@ class Waiter:
 
     __slots__ = ("flight", "future", "gone", "norm", "req", "s", "sql", "value")
 
-    def __init__(self, s: ClientSession, req: cacheable.Request, flight: Flight, norm: object,
+    def __init__(self, s: Session, req: cacheable.Request, flight: Flight, norm: object,
                  value: str) -> None:
         self.s, self.req, self.flight = s, req, flight
         self.norm = norm  # the key value, as compared with the rows' (int, UUID or bytes)
@@ -64,7 +63,7 @@ class Group:
 
 
 class Batcher:
-    def __init__(self, server: Server, max_size: int) -> None:
+    def __init__(self, server: Runtime, max_size: int) -> None:
         self.server = server
         self.max_size = max_size
         self.groups: dict[Hashable, Group] = {}
@@ -75,7 +74,7 @@ class Batcher:
 
     # ---- called by caching._lookup on a miss with no identical read in flight ----
 
-    def offer(self, s: ClientSession, req: cacheable.Request, key: Hashable) -> tuple[bool, Hashable | None]:
+    def offer(self, s: Session, req: cacheable.Request, key: Hashable) -> tuple[bool, Hashable | None]:
         """(True, group): queued behind the shape's read in flight (an ASYNC outcome); (False,
         group): this read leads its shape (call `lead` with its flight); (False, None): not
         batched."""
@@ -273,20 +272,19 @@ class _Runner:
     """A session of the client's user, database and settings that runs batch statements on the
     pool like any client (transaction pooling), bypassing the cache."""
 
-    def __init__(self, server: Server, s: ClientSession, key: Hashable) -> None:
+    def __init__(self, server: Runtime, s: Session, key: Hashable) -> None:
         assert s.pool is not None
         self.key = key
         self._buf = bytearray()
         self._welcomed = False
         self._messages: list[tuple[int, bytes]] = []
         self._done: asyncio.Future[list[tuple[int, bytes]]] | None = None
-        session = self.session = ClientSession(server)
+        session = self.session = Session(server)
         session.transport = _Sink(self)
         session.peer = ("internal", 0)
         session.uncached = True
-        session._startup_done = True
         params = {"user": s.user, "database": s.database, "application_name": "pgsluice batch"}
-        session._start(LoginResult(s.user, s.database, params, s.pool, s.settings, {}))
+        session.start(LoginResult(s.user, s.database, params, s.pool, s.settings, {}))
         # the clients' own settings (their policy's included), no guardrail of its own: the
         # statement is theirs, already allowed
         session.startup_settings = session.settings = s.settings

@@ -20,7 +20,7 @@ from proxy.pgwire.decode import parse_bind_names, parse_parse
 from proxy.pgwire.errors import ProtocolError
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 _H = struct.Struct("!h")
@@ -50,7 +50,7 @@ class Request:
         self.bypass: str | None = None  # not looked up: why ("" uncounted: not a plain read)
 
 
-def key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float | None]:
+def key_settings(s: Session) -> tuple[tuple[tuple[str, str], ...], float | None]:
     """The settings a cache key holds and the session's max_staleness (worked out again only
     when s.settings moved)."""
     if s.key_source is not s.settings:
@@ -64,7 +64,7 @@ def key_settings(s: ClientSession) -> tuple[tuple[tuple[str, str], ...], float |
     return s.key_settings, s.max_staleness
 
 
-def settings_changed(s: ClientSession) -> None:
+def settings_changed(s: Session) -> None:
     """s.settings moved (SET/RESET outside a transaction): names resolve through the new
     search_path, so the planner's facts follow it."""
     path = SessionFacts().search_path
@@ -76,7 +76,7 @@ def settings_changed(s: ClientSession) -> None:
         s.facts = dataclasses.replace(s.facts, search_path=path)
 
 
-def group(s: ClientSession
+def group(s: Session
           ) -> tuple[int, bytes | None, bytes | None, bytes, bytes, bytes, bool, bytes] | None:
     """A cacheable group at the head of s.inbuf, with its statement: (end, unnamed Parse message
     or None, the Parse of the statement it binds when it carries none, SQL, parameter types,
@@ -135,7 +135,7 @@ def _normal_bind_parts(rest: bytes) -> bytes:
     return b"".join(_I.pack(len(p)) + p for p in parts)  # length-prefixed: unambiguous
 
 
-def _messages(s: ClientSession) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
+def _messages(s: Session) -> tuple[int, bytes | None, bytes, bytes, bool, bytes] | None:
     """(end, unnamed Parse message or None, statement name, Bind parameters and formats (for
     the key), Describe portal?, the Bind after its names) of a cacheable group at the head of
     s.inbuf, else None."""

@@ -24,7 +24,7 @@ from proxy.pipeline import cacheable, fastpath, tracking
 from proxy.pipeline.cacheable import Request, key_settings
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 SERVED, ASYNC, PASS = range(3)
@@ -76,7 +76,7 @@ class Fill:
         self.parts = []
 
 
-def try_query(s: ClientSession) -> int:
+def try_query(s: Session) -> int:
     """The head of s.inbuf is a complete Query and s holds no server connection."""
     cache = s.server.cache
     assert cache is not None
@@ -97,7 +97,7 @@ def try_query(s: ClientSession) -> int:
     return result
 
 
-def try_extended(s: ClientSession) -> int:
+def try_extended(s: Session) -> int:
     """The head of s.inbuf is a Parse or Bind and s holds no server connection: a group
     [Parse (unnamed)] Bind [Describe portal] Execute Sync, complete, can be cached."""
     assert s.server.cache is not None
@@ -117,7 +117,7 @@ def try_extended(s: ClientSession) -> int:
                            stmt_parse))
 
 
-def _try(s: ClientSession, req: Request) -> int:
+def _try(s: Session, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
     plan = req.plan
@@ -148,7 +148,7 @@ def _try(s: ClientSession, req: Request) -> int:
     return _lookup(s, req)
 
 
-def _after_barrier(s: ClientSession, req: Request) -> int:
+def _after_barrier(s: Session, req: Request) -> int:
     """With Redis: the look-up continues once the version barrier is passed — by callback, no
     task, in the common case where the mirror already knows every version the key needs."""
     cache = s.server.cache
@@ -194,14 +194,14 @@ def _after_barrier(s: ClientSession, req: Request) -> int:
     return ASYNC
 
 
-def _redis_bypass(s: ClientSession) -> int:
+def _redis_bypass(s: Session) -> int:
     assert s.server.cache is not None
     s.server.cache.stats.bypassed("redis slow or down")
     s.agent_stats.bypassed += 1
     return PASS
 
 
-def _lookup(s: ClientSession, req: Request) -> int:
+def _lookup(s: Session, req: Request) -> int:
     cache = s.server.cache
     assert cache is not None
     plan = req.plan
@@ -240,11 +240,11 @@ def _lookup(s: ClientSession, req: Request) -> int:
     return PASS
 
 
-def _reply(s: ClientSession, payload: bytes, req: Request) -> None:
+def _reply(s: Session, payload: bytes, req: Request) -> None:
     _send(s, req.prefix + payload + _RFQ_IDLE, req)
 
 
-def _send(s: ClientSession, reply: bytes, req: Request) -> None:
+def _send(s: Session, reply: bytes, req: Request) -> None:
     del s.inbuf[:req.end]
     s.queries += 1
     s.note_query()
@@ -258,7 +258,7 @@ def _send(s: ClientSession, reply: bytes, req: Request) -> None:
     s.request_done()
 
 
-async def _lookup_after_sync(s: ClientSession, req: Request) -> None:
+async def _lookup_after_sync(s: Session, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     if not await cache.sync(req.names):
@@ -272,7 +272,7 @@ async def _lookup_after_sync(s: ClientSession, req: Request) -> None:
     s.resume_pump(cache_done=result == PASS)
 
 
-async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
+async def _join(s: Session, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     flight.waiters += 1
@@ -300,7 +300,7 @@ async def _join(s: ClientSession, flight: Flight, req: Request) -> None:
     s.resume_pump(cache_done=False)
 
 
-async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> None:
+async def _lead_via_redis(s: Session, flight: Flight, req: Request) -> None:
     cache = s.server.cache
     assert cache is not None
     try:
@@ -323,7 +323,7 @@ async def _lead_via_redis(s: ClientSession, flight: Flight, req: Request) -> Non
     s.resume_pump(cache_done=True)
 
 
-def finish(s: ClientSession, fill: Fill) -> None:
+def finish(s: Session, fill: Fill) -> None:
     """ReadyForQuery ended the leader's Query."""
     s.fill = None
     assert s.server.cache is not None
@@ -331,7 +331,7 @@ def finish(s: ClientSession, fill: Fill) -> None:
                         fill.storable and fill.shareable)
 
 
-def abandon(s: ClientSession) -> None:
+def abandon(s: Session) -> None:
     """The leader will not see its reply (it left, its server went away): waiters retry."""
     fill = s.fill
     if fill is not None:

@@ -8,18 +8,18 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from planner import sqlscan
 from planner.explain import describe
 from planner.normalize import comment_hints
 from proxy.pgwire import encode
-from proxy.pipeline import sqlscan
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _EXECUTE = re.compile(rb'(?is)execute\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)(\s*\(.*\))?\s*;?\s*')
 
 
-def executed(s: ClientSession, sql: bytes) -> tuple[bytes, bytes] | None:
+def executed(s: Session, sql: bytes) -> tuple[bytes, bytes] | None:
     """(client name, arguments) of `EXECUTE name [(args)]` naming one of the client's
     protocol-level statements (kept on backends under another name), else None."""
     m = _EXECUTE.fullmatch(sql)
@@ -35,7 +35,7 @@ _DATABASE_DDL = re.compile(rb"(?is)(?:drop\s+database\s+(?:if\s+exists\s+)?" + _
                            + rb"|alter\s+database\s+" + _NAME + rb"\s+rename\b)")
 
 
-def database_ddl(s: ClientSession, sql: bytes) -> None:
+def database_ddl(s: Session, sql: bytes) -> None:
     """DROP DATABASE / ALTER DATABASE ... RENAME: pgsluice's idle connections to that
     database must not be in its way."""
     m = _DATABASE_DDL.match(sql)
@@ -49,7 +49,7 @@ _SHOW_PLAN = re.compile(rb"(?is)\s*show\s+plan\s+('(?:[^']|'')*')\s*;?\s*")
 _SHOW_CACHE = re.compile(rb"(?is)\s*show\s+cache\s*;?\s*")
 
 
-def show_sql(s: ClientSession, sql: bytes) -> bytes | None:
+def show_sql(s: Session, sql: bytes) -> bytes | None:
     """The query that answers a pgsluice SHOW (simple or extended protocol), else None."""
     if s.server.cache is not None and _SHOW_CACHE.fullmatch(sql):
         return values_query(("name", "value"), s.server.cache_rows())
@@ -66,13 +66,13 @@ def values_query(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> b
     return f"SELECT * FROM (VALUES {values}) AS pgsluice({', '.join(columns)})".encode()
 
 
-def tag_agent(s: ClientSession, sql: bytes) -> None:
+def tag_agent(s: Session, sql: bytes) -> None:
     for key, value in comment_hints(sql.decode("utf-8", "replace")):
         if key == "agent" and value:
             s.set_agent(value[:64])
 
 
-def restore_startup(s: ClientSession, sql: bytes) -> bytes | None:
+def restore_startup(s: Session, sql: bytes) -> bytes | None:
     """On the server connection, startup parameters are session SETs, so RESET returns to
     the server's defaults; Postgres would return to the client's startup values. A Query
     that resets any of them is followed by one (its replies swallowed, ParameterStatus

@@ -40,7 +40,7 @@ from proxy.pgwire import codes
 from proxy.pipeline import cacheable, tracking
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 SIMPLE, PARSED, BOUND = range(3)  # a Query; a group with its Parse; a group binding a known statement
 _OVERHEAD = 400  # per alias besides its raw bytes, reply and versions: object, dict slot, key tuple
@@ -95,7 +95,7 @@ class Head:
         self.reason: str | None = None  # None: looked up in the cache (so not a Pass)
 
 
-def context(s: ClientSession) -> dict[Hashable, Fast | Pass]:
+def context(s: Session) -> dict[Hashable, Fast | Pass]:
     """The aliases of the session's context (shared by every session in the same one)."""
     if s.fast_settings is s.settings and s.fast_facts is s.facts:
         return s.fast_map
@@ -114,7 +114,7 @@ def context(s: ClientSession) -> dict[Hashable, Fast | Pass]:
     return found
 
 
-def head_of(s: ClientSession, end: int) -> Pass | Head:
+def head_of(s: Session, end: int) -> Pass | Head:
     """The Query at the head of s.inbuf (`end` bytes): its Pass, else a Head for try_query to
     fill in; either is s.head until relay.forward takes it."""
     cache = s.server.cache
@@ -128,7 +128,7 @@ def head_of(s: ClientSession, end: int) -> Pass | Head:
     return head
 
 
-def count_pass(s: ClientSession, known: Pass) -> None:
+def count_pass(s: Session, known: Pass) -> None:
     """A known passthrough text is sent: counted as the slow path would have counted it."""
     cache = s.server.cache
     assert cache is not None
@@ -138,7 +138,7 @@ def count_pass(s: ClientSession, known: Pass) -> None:
         s.agent_stats.bypassed += 1
 
 
-def take_head(s: ClientSession, buf: bytearray, pos: int, end: int) -> Pass | Head | None:
+def take_head(s: Session, buf: bytearray, pos: int, end: int) -> Pass | Head | None:
     """relay.forward sends the Query at buf[pos:end]: what try_query left for it, if it is that
     Query (by its bytes), and nothing it was worked out from has changed since."""
     head = s.head
@@ -154,7 +154,7 @@ def take_head(s: ClientSession, buf: bytearray, pos: int, end: int) -> Pass | He
     return head
 
 
-def known_whole(s: ClientSession, known: Pass) -> bool:
+def known_whole(s: Session, known: Pass) -> bool:
     """Whether s.inbuf is exactly the text of `known`, under the same fast_gen (a client waiting
     for a server connection keeps its context; what changes meanwhile — catalog, guardrails, the
     change feed — moves fast_gen), and nothing makes Postgres treat it otherwise (skipping to a
@@ -164,7 +164,7 @@ def known_whole(s: ClientSession, known: Pass) -> bool:
             and not s.skipping and not s.copy_in)
 
 
-def remember_pass(s: ClientSession, head: Head, names: frozenset[str], last_sql: bytes) -> None:
+def remember_pass(s: Session, head: Head, names: frozenset[str], last_sql: bytes) -> None:
     """relay.forward found that the Query of `head` needed nothing but sending: remember it."""
     cache = s.server.cache
     if cache is None or head.reason is None or head.gen != cache.fast_gen:
@@ -183,7 +183,7 @@ def remember_pass(s: ClientSession, head: Head, names: frozenset[str], last_sql:
     aliases[head.key] = Pass(head.key, head.reason, names, last_sql, head.gen)
 
 
-def _statement(s: ClientSession, data: bytes) -> bytes | None:
+def _statement(s: Session, data: bytes) -> bytes | None:
     """The Parse of the statement a Bind (on the unnamed portal) binds, if the session knows it."""
     if len(data) < 7 or data[5] != 0:
         return None
@@ -199,7 +199,7 @@ def _statement(s: ClientSession, data: bytes) -> bytes | None:
 MISS, SERVED, KNOWN = range(3)  # what serve() did
 
 
-def serve(s: ClientSession, data: bytes, now: float) -> int:
+def serve(s: Session, data: bytes, now: float) -> int:
     """Answer `data` (all the client sent, one request) if an alias allows (SERVED). KNOWN: a
     passthrough text seen before, counted and left in s.head for the relay to send."""
     aliases = s.fast_map if s.fast_settings is s.settings and s.fast_facts is s.facts else context(s)
@@ -248,7 +248,7 @@ def serve(s: ClientSession, data: bytes, now: float) -> int:
     return SERVED
 
 
-def remember(s: ClientSession, req: cacheable.Request, raw: bytes, entry: Entry, reply: bytes,
+def remember(s: Session, req: cacheable.Request, raw: bytes, entry: Entry, reply: bytes,
              current: object, stamp: int) -> None:
     """The slow path answered `raw` (the request's bytes) with `reply` from `entry`: alias it."""
     cache = s.server.cache

@@ -7,7 +7,7 @@ exactly what the wire door does — planner, guardrails, cache, single-flight, p
     reply = await client.query(sql, limit=RowLimit(rows=500, bytes=65536, cancel=True))
     reply.truncated  # rows past the limit were dropped as they came (and the statement cancelled)
 
-Each InternalClient is one ClientSession (same counters, same policies, same transaction
+Each InternalClient is one Session (same counters, same policies, same transaction
 pooling) whose transport is a sink in memory. Requests go in as the extended protocol
 (Parse, Bind with text parameters, Describe portal, Execute, Sync), replies come back as
 the wire messages the session would have sent a socket, parsed here; one request at a
@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.backends.settings import settings_from_startup
-from proxy.doors.wire.login import LoginResult
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_error_fields
-from proxy.pipeline.session import ClientSession
+from proxy.pipeline.session import LoginResult, Session
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 _I = struct.Struct("!I")
 _H = struct.Struct("!h")
@@ -117,7 +116,7 @@ class _Sink(Socketless):
 
 
 class InternalClient:
-    def __init__(self, server: Server, user: str, database: str, password: str | None = None,
+    def __init__(self, server: Runtime, user: str, database: str, password: str | None = None,
                  application_name: str = "", settings: dict[str, str] | None = None) -> None:
         params = {"user": user, "database": database, **(settings or {})}
         if application_name:
@@ -125,7 +124,7 @@ class InternalClient:
         pool = server.pool(database, user)
         if password is not None and pool.creds.password is None and not pool.creds.md5:
             pool.creds.password = password
-        session = self.session = ClientSession(server)
+        session = self.session = Session(server)
         session.transport = _Sink(self)
         session.peer = ("internal", 0)
         server.clients.add(session)
@@ -149,8 +148,7 @@ class InternalClient:
         self._kept = 0  # bytes of values kept under the limit
         self._cancel: asyncio.Task[None] | None = None
         self.returned = 0  # times handed back to a door's idle sessions (grpc_door.py)
-        session._startup_done = True
-        session._start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
+        session.start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
 
     async def query(self, sql: str, params: list[str | None] | None = None,
                     limit: RowLimit | None = None) -> Reply:

@@ -21,7 +21,7 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
-from planner import Kind, Plan, Verdict
+from planner import Kind, Plan, Verdict, sqlscan
 from planner.guard import extended_verdict
 from proxy.base.logs import fields
 from proxy.pgwire import codes, encode
@@ -31,11 +31,11 @@ from proxy.pgwire.decode import (
     parse_target,
 )
 from proxy.pgwire.errors import ProtocolError
-from proxy.pipeline import commands, fastpath, sqlscan, tracking
+from proxy.pipeline import commands, fastpath, tracking
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 log = logging.getLogger("pgsluice.queries")
@@ -127,7 +127,7 @@ def server_name(sql: bytes, types: bytes, search_path: bytes = b"") -> bytes:
     return b"sluice_" + digest.hexdigest().encode()
 
 
-def _search_path(s: ClientSession) -> bytes:
+def _search_path(s: Session) -> bytes:
     for name, sql in s.settings:
         if name == "search_path":
             return sql.encode()
@@ -146,7 +146,7 @@ def has_message(buf: bytearray, limit: int = codes.DEFAULT_MAX_MESSAGE) -> bool:
 
 # ---- client -> backend -------------------------------------------------------------------------
 
-def forward(s: ClientSession) -> None:
+def forward(s: Session) -> None:
     """Send every complete client message in s.inbuf to s.backend, rewriting as needed."""
     backend = s.backend
     assert backend is not None
@@ -247,7 +247,7 @@ def _route_setting(sql: bytes) -> bytes | None:
     return m.group(1) + b"'" + m.group(2).lower() + b"'" + m.group(3)
 
 
-def send_known(s: ClientSession, known: fastpath.Pass) -> None:
+def send_known(s: Session, known: fastpath.Pass) -> None:
     """s.inbuf is exactly one Query known to need nothing but sending (fastpath.known_whole):
     what forward does with it, without looking at it again."""
     backend = s.backend
@@ -260,7 +260,7 @@ def send_known(s: ClientSession, known: fastpath.Pass) -> None:
     backend.unsynced = False
 
 
-def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> None:
+def _plain_query(s: Session, backend: Backend, known: fastpath.Pass) -> None:
     """A Query known to need nothing but sending (fastpath.Pass): what _query_message does for
     such a text, without working it out again."""
     fastpath.count_pass(s, known)
@@ -275,7 +275,7 @@ def _plain_query(s: ClientSession, backend: Backend, known: fastpath.Pass) -> No
     s.entries.append((QUERY, None))
 
 
-def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int, end: int, out: Chunks,
+def _query_message(s: Session, backend: Backend, buf: bytearray, pos: int, end: int, out: Chunks,
                    start: int, head: fastpath.Head | None) -> tuple[int, int]:
     """A Query (at buf[pos:end]): (where the bytes still to copy start, ReadyForQuery messages
     owed besides its own). `head`: what try_query worked out for it; when nothing in it needs
@@ -331,7 +331,7 @@ def _query_message(s: ClientSession, backend: Backend, buf: bytearray, pos: int,
     return start, 0
 
 
-def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
+def _query(s: Session, backend: Backend, sql: bytes) -> QueryInfo | None:
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
     s.queries += 1
@@ -356,7 +356,7 @@ def _query(s: ClientSession, backend: Backend, sql: bytes) -> QueryInfo | None:
 _DEALLOCATE = re.compile(rb'(?is)deallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)\s*;?\s*')
 
 
-def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def _deallocate(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """`DEALLOCATE name` of a protocol-level statement (psycopg evicting from its cache
     with libpq < 17): runs on the backend under the server-side name, no pinning."""
     m = _DEALLOCATE.fullmatch(sql)
@@ -379,7 +379,7 @@ def _deallocate(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None
     return out
 
 
-def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def _execute(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """SQL `EXECUTE name` of a statement the client prepared over the protocol (asyncpg's
     prepare(name=...)): run on the backend under its server-side name."""
     found = commands.executed(s, sql)
@@ -396,7 +396,7 @@ def _execute(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     return out
 
 
-def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def _show(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """`SHOW CACHE` and `SHOW PLAN 'query'` (not Postgres syntax, so nothing is shadowed):
     Postgres answers a VALUES list of pgsluice's rows, so the reply and the transaction
     state are exactly those of a query."""
@@ -409,7 +409,7 @@ def _show(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
     return [encode.query(text)]
 
 
-def _plan(s: ClientSession, sql: bytes) -> Plan:
+def _plan(s: Session, sql: bytes) -> Plan:
     assert s.planner is not None
     plan = s.planner.analyze(sql.decode("utf-8", "replace"), s.facts)
     if plan.kind is Kind.DDL:
@@ -417,7 +417,7 @@ def _plan(s: ClientSession, sql: bytes) -> Plan:
     return plan
 
 
-def _rejected(s: ClientSession, verdict: Verdict) -> Rejected:
+def _rejected(s: Session, verdict: Verdict) -> Rejected:
     s.agent_stats.rejected += 1
     s.server.stats.rejected += 1
     log.info("query rejected", extra=fields(client=s.token, agent=s.agent, rule=verdict.rule,
@@ -425,7 +425,7 @@ def _rejected(s: ClientSession, verdict: Verdict) -> Rejected:
     return Rejected(verdict)
 
 
-def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | None:
+def _guarded_query(s: Session, backend: Backend, sql: bytes) -> Chunks | None:
     """A simple Query under a role policy: refused (never reaching Postgres) or rewritten."""
     plan = _plan(s, sql)
     if not plan.verdict.allowed:
@@ -441,7 +441,7 @@ def _guarded_query(s: ClientSession, backend: Backend, sql: bytes) -> Chunks | N
     return None
 
 
-def _scan_parse(s: ClientSession, sql: bytes) -> None:
+def _scan_parse(s: Session, sql: bytes) -> None:
     effect = sqlscan.scan_cached(sql.decode("utf-8", "replace"))
     if effect is sqlscan.PLAIN:
         return
@@ -451,14 +451,14 @@ def _scan_parse(s: ClientSession, sql: bytes) -> None:
         s.pin("session state through the extended protocol")
 
 
-def _fake(s: ClientSession, kind: int) -> None:
+def _fake(s: Session, kind: int) -> None:
     if s.entries:
         s.entries.append((kind, None))
     else:
         s.write(_FAKE_BYTES[kind])
 
 
-def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
+def _make_room(s: Session, backend: Backend, out: Chunks) -> None:
     prepared = backend.prepared
     while len(prepared) >= s.server.config.max_prepared_statements:
         oldest = next(iter(prepared))
@@ -467,7 +467,7 @@ def _make_room(s: ClientSession, backend: Backend, out: Chunks) -> None:
         s.entries.append((SWALLOW_CLOSE, oldest))
 
 
-def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -> None:
+def _close_server(s: Session, backend: Backend, srv: bytes, out: Chunks) -> None:
     """Drop srv from this backend (swallowing CloseComplete) so that it can be parsed anew."""
     backend.prepared.pop(srv, None)
     backend.maybe_prepared.discard(srv)
@@ -475,7 +475,7 @@ def _close_server(s: ClientSession, backend: Backend, srv: bytes, out: Chunks) -
     s.entries.append((SWALLOW_CLOSE, srv))
 
 
-def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rejected) -> Chunks:
+def _refuse_parse(s: Session, backend: Backend, name: bytes, rejected: Rejected) -> Chunks:
     """Postgres runs (and fails) a DO block in place of the Parse: it skips to Sync as for any
     error, and a transaction block is aborted, exactly as with a real error."""
     backend.unnamed_owner = None
@@ -485,7 +485,7 @@ def _refuse_parse(s: ClientSession, backend: Backend, name: bytes, rejected: Rej
     return [encode.parse(b"", rejected.sql), _BIND_UNNAMED, _EXECUTE_UNNAMED]
 
 
-def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
+def _parse(s: Session, backend: Backend, msg: bytes) -> Chunks:
     name, sql, types = parse_parse(msg[5:])
     s.note_query()
     s.last_sql = sql[:300]
@@ -539,7 +539,7 @@ def _parse(s: ClientSession, backend: Backend, msg: bytes) -> Chunks:
     return out
 
 
-def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: Chunks) -> bytes:
+def _ensure(s: Session, backend: Backend, stmt_name: bytes, out: Chunks) -> bytes:
     """Make the client's statement exist on this backend; returns the name to use there."""
     if not stmt_name:
         if s.unnamed is not None and backend.unnamed_owner != (s.token, s.unnamed_gen):
@@ -565,7 +565,7 @@ def _ensure(s: ClientSession, backend: Backend, stmt_name: bytes, out: Chunks) -
     return srv
 
 
-def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes) -> Chunks:
+def _bind_or_describe(s: Session, backend: Backend, code: int, msg: bytes) -> Chunks:
     out: Chunks = []
     if code == codes.F_BIND:
         portal, stmt_name, rest = parse_bind_names(msg[5:])
@@ -602,7 +602,7 @@ def _bind_or_describe(s: ClientSession, backend: Backend, code: int, msg: bytes)
     return out
 
 
-def _close(s: ClientSession, msg: bytes) -> Chunks:
+def _close(s: Session, msg: bytes) -> Chunks:
     target, name = parse_target(msg[5:])
     if target == ord("S") and name in s.statements:
         # the server statement stays on its backends for the next client that needs it

@@ -42,7 +42,7 @@ from proxy.pipeline.relay import (
 
 if TYPE_CHECKING:
     from proxy.backends.backend import Backend
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")
 log = logging.getLogger("pgsluice.queries")
@@ -53,7 +53,7 @@ _PLAIN = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_C
                     codes.B_EMPTY_QUERY_RESPONSE})
 
 
-def _plain_reply(s: ClientSession, backend: Backend) -> bool:
+def _plain_reply(s: Session, backend: Backend) -> bool:
     """The reply to one simple Query with nothing to watch (no fill, row cap or stream, nothing
     held): as PgBouncer, look only at message boundaries, and at ReadyForQuery. False, having
     done nothing, when anything else comes (an error, a notice, a parameter...)."""
@@ -102,7 +102,7 @@ def _plain_reply(s: ClientSession, backend: Backend) -> bool:
     return True
 
 
-def backward(s: ClientSession, backend: Backend) -> None:
+def backward(s: Session, backend: Backend) -> None:
     """Forward backend bytes to the client, ending entries, and release at transaction end."""
     entries = s.entries
     if len(entries) == 1 and entries[0] == _PLAIN_QUERY and s.fill is None and not s.row_cap \
@@ -257,7 +257,7 @@ def backward(s: ClientSession, backend: Backend) -> None:
             s.idle_in_transaction()
 
 
-def _log_failure(s: ClientSession, body: bytes) -> None:
+def _log_failure(s: Session, body: bytes) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     err = parse_error_fields(body)
@@ -265,7 +265,7 @@ def _log_failure(s: ClientSession, body: bytes) -> None:
                                           error=err.get("M", ""), sql=s.last_statement))
 
 
-def _cut_notice(s: ClientSession, tag: bytes) -> Chunks:
+def _cut_notice(s: Session, tag: bytes) -> Chunks:
     """The NOTICE saying rows were cut, and the CommandComplete counting what was sent."""
     head, _, count = tag.rpartition(b" ")
     sent = int(count) - s.rows_cut if count.isdigit() else 0
@@ -283,7 +283,7 @@ def _drain_fakes(entries: object, out: Chunks) -> None:
         out.append(_FAKE_BYTES[entries.popleft()[0]])
 
 
-def _end_at_ready(s: ClientSession, backend: Backend) -> None:
+def _end_at_ready(s: Session, backend: Backend) -> None:
     """ReadyForQuery ends the oldest Sync/Query/FunctionCall; anything before it was skipped."""
     entries = s.entries
     while entries:
@@ -297,7 +297,7 @@ def _end_at_ready(s: ClientSession, backend: Backend) -> None:
         _void(s, backend, kind, arg)
 
 
-def _apply_query(s: ClientSession, backend: Backend, info: QueryInfo) -> None:
+def _apply_query(s: Session, backend: Backend, info: QueryInfo) -> None:
     if info.failed:
         return
     if info.discard_seen:
@@ -313,7 +313,7 @@ def _apply_query(s: ClientSession, backend: Backend, info: QueryInfo) -> None:
         backend.applied = None if resets else s.settings
 
 
-def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
+def _void(s: Session, backend: Backend, kind: int, arg: object) -> None:
     """An entry whose message Postgres skipped (or failed): undo what we assumed."""
     if (kind == PARSE or kind == SWALLOW_PARSE) and isinstance(arg, tuple):
         srv, name = arg
@@ -329,7 +329,7 @@ def _void(s: ClientSession, backend: Backend, kind: int, arg: object) -> None:
         backend.maybe_prepared.add(arg)  # skipped: it may still be there; close before a Parse
 
 
-def _on_error(s: ClientSession, backend: Backend, body: bytes | bytearray) -> None:
+def _on_error(s: Session, backend: Backend, body: bytes | bytearray) -> None:
     entries = s.entries
     if not entries:
         return
@@ -353,7 +353,7 @@ def _on_error(s: ClientSession, backend: Backend, body: bytes | bytearray) -> No
         s.skipping = True
 
 
-def fail_pending(s: ClientSession, err: Exception) -> None:
+def fail_pending(s: Session, err: Exception) -> None:
     """No backend could be had: answer each buffered request with the error, as Postgres would."""
     from proxy.pgwire.errors import PgError
     assert isinstance(err, PgError)
@@ -384,7 +384,7 @@ def fail_pending(s: ClientSession, err: Exception) -> None:
     s.write(b"".join(out))
 
 
-def skip_to_sync(s: ClientSession) -> None:
+def skip_to_sync(s: Session) -> None:
     """No backend, and an earlier error left us skipping: drop messages up to Sync, answer it."""
     buf = s.inbuf
     n = len(buf)

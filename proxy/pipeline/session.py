@@ -1,4 +1,10 @@
-"""A client connection on the wire door: login, then transaction-pooled relay.
+"""One client's session in the pipeline, whatever door it came through: transaction-pooled relay.
+
+A door makes a Session (the wire door's WireSession adds sockets, TLS and login; the
+in-process client of the gRPC and MCP doors gives it a socketless transport), starts it with
+a LoginResult, feeds it Postgres frontend messages with data_received and reads the backend
+messages it writes to its transport. That is the whole interface: the pipeline never knows
+which door a session belongs to.
 
 Rules (PgBouncer's): a client holds a backend from its first message until
 ReadyForQuery says 'I' with nothing outstanding; then the backend goes back to the
@@ -12,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import ssl
 import struct
 import time
 from collections import deque
@@ -22,21 +27,15 @@ from typing import TYPE_CHECKING, Any, cast
 from planner import Planner, Policy, SessionFacts
 from planner.guard import session_settings
 from proxy.backends.backend import Backend, LoginError, send_cancel
-from proxy.backends.settings import Settings, set_config
-from proxy.base import tls
+from proxy.backends.settings import Settings, resync, set_config
 from proxy.base.logs import fields, peer_text
 from proxy.base.stats import AgentStats
-from proxy.doors.wire import admin
-from proxy.doors.wire.login import CancelOnly, LoginResult, login, resync
 from proxy.pgwire import codes, encode
-from proxy.pgwire.decode import StartupReader
 from proxy.pgwire.errors import (
     ADMIN_SHUTDOWN,
     CONNECTION_FAILURE,
     IDLE_IN_TRANSACTION_TIMEOUT,
-    PROTOCOL_VIOLATION,
     QUERY_CANCELED,
-    TOO_MANY_CONNECTIONS,
     PgError,
     ProtocolError,
 )
@@ -45,7 +44,7 @@ from proxy.pipeline import caching, fastpath, relay, replies, tracking
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
     from proxy.base.config import Config
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 log = logging.getLogger("pgsluice.session")
 _I = struct.Struct("!I")
@@ -54,18 +53,30 @@ _tokens = itertools.count(1)
 _CACHEABLE_HEADS = (codes.F_QUERY, codes.F_PARSE, codes.F_BIND)  # requests the cache may answer
 
 
-class ClientSession(asyncio.Protocol):
-    """See module docstring. States: login -> ready -> closed."""
+class LoginResult:
+    """Who a session is, as its door's login found: what Session.start needs. pool None: the
+    admin console (the wire door's own)."""
 
-    def __init__(self, server: Server) -> None:
+    __slots__ = ("database", "params", "pool", "settings", "user", "welcome")
+
+    def __init__(self, user: str, database: str, params: dict[str, str], pool: Pool | None,
+                 settings: tuple[tuple[str, str], ...], welcome: dict[str, str]) -> None:
+        self.user = user
+        self.database = database
+        self.params = params
+        self.pool = pool
+        self.settings = settings
+        self.welcome = welcome
+
+
+class Session(asyncio.Protocol):
+    """See module docstring. States: login (the door's, until start) -> ready -> closed."""
+
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer: object = None
-        self.tls: tls.TlsChannel | None = None  # the transport, once the client chose TLS
-        self._fresh = True  # nothing received yet: a TLS handshake byte means direct TLS
-        self._direct = False
         self.inbuf = bytearray()
-        self.startup = StartupReader()
         self.state = "login"
         self.closed = False
         self.user = ""
@@ -134,14 +145,7 @@ class ClientSession(asyncio.Protocol):
         self.last_sql = b""  # the last statement text sent (for the logs), truncated
         self.request_started = self.connected_at
         self.now = self.connected_at  # when the bytes being handled arrived (data_received)
-        self.admin_failed = False
-        self.admin_busy = False  # PAUSE waits for transactions before it replies
-        self.admin_statements: dict[bytes, str] = {}
-        self.admin_portals: dict[bytes, str] = {}
-        self.admin_formats: dict[bytes, tuple[int, ...]] = {}
         self._idle_timer: asyncio.TimerHandle | None = None  # idle_transaction_timeout
-        self.placed = False  # holds one of the max_client_conn places (admission.py)
-        self._logging_in = False  # counted among the connections still logging in
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -150,14 +154,6 @@ class ClientSession(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         self.server.clients.add(self)
         self.server.stats.clients_total += 1
-        admission = self.server.admission
-        admission.logging_in += 1
-        self._logging_in = True
-        if admission.logging_in > self.server.config.max_client_conn:
-            self.fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already",
-                       detail="Too many connections are logging in at once.")
-            return
-        self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -165,25 +161,6 @@ class ClientSession(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        if self._fresh:
-            self._fresh = False
-            if data[:1] == bytes((tls.HANDSHAKE,)) and not self._direct_tls():
-                return
-        if self.tls is not None:
-            data = self._decrypt(data)
-            if not data:
-                return
-        if self.state == "login":
-            try:
-                if not self._startup_done:
-                    self.startup.feed(data)
-                else:
-                    self.inbuf += data
-            except ProtocolError as exc:
-                self.fatal(exc.sqlstate, exc.message)
-                return
-            self._wake()
-            return
         now = self.now = time.monotonic()  # the one clock read of this pass
         if not self.entries and self.backend is None and self._task is None:
             self.request_started = now
@@ -200,9 +177,6 @@ class ClientSession(asyncio.Protocol):
                         relay.send_known(self, head)
                     return
         self.inbuf += data
-        if self.state == "admin":
-            self._admin()
-            return
         self.pump()
         if self.backend is not None and not self.entries:  # part of a message only
             self.idle_in_transaction()
@@ -212,10 +186,6 @@ class ClientSession(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self.server.clients.discard(self)
-        self._logged_in()
-        if self.placed:
-            self.placed = False
-            self.server.admission.leave()
         self.server.cancel_keys.pop(self.key, None)
         if self.fill is not None:
             caching.abandon(self)
@@ -223,7 +193,6 @@ class ClientSession(asyncio.Protocol):
             log.info("client disconnected", extra=fields(
                 client=self.token, user=self.user, database=self.database, agent=self.agent,
                 queries=self.queries, seconds=round(time.monotonic() - self.connected_at, 3)))
-        self._wake()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._queued is not None:
@@ -232,55 +201,6 @@ class ClientSession(asyncio.Protocol):
         if backend is not None:
             self.backend = None
             self.server.spawn(self._cleanup(backend))
-
-    # ---- TLS (tls.py): the session's transport becomes a TlsChannel over the socket ----------
-
-    def _direct_tls(self) -> bool:
-        """The client opened with a TLS ClientHello (Postgres 17's sslnegotiation=direct)."""
-        if self.server.tls is None:
-            log.info("login refused", extra=fields(peer=peer_text(self.peer),
-                                                   error="direct TLS, but no certificate configured"))
-            self.close()
-            return False
-        self._use_tls()
-        self._direct = True
-        return True
-
-    def _use_tls(self) -> None:
-        assert self.transport is not None and self.server.tls is not None
-        self.tls = tls.TlsChannel(self.server.tls.context, self.transport)
-        self.transport = self.tls
-
-    async def start_tls(self) -> None:
-        """SSLRequest: 'S', then the handshake, before anything else is read."""
-        if self.startup.take_rest():  # CVE-2021-23214: bytes sent before the handshake
-            raise PgError(PROTOCOL_VIOLATION, "received unencrypted data after SSL request",
-                          severity="FATAL", detail="This could be either a client-software bug or "
-                          "evidence of an attempted man-in-the-middle attack.")
-        self.write(b"S")
-        self._use_tls()
-        while self.tls is not None and not self.tls.ready:
-            await self._wait()
-
-    def _decrypt(self, data: bytes) -> bytes:
-        channel = self.tls
-        assert channel is not None
-        was_ready = channel.ready
-        try:
-            plain = channel.receive(data)
-        except ssl.SSLError as exc:
-            log.info("login refused" if self.state == "login" else "TLS error, connection closed",
-                     extra=fields(peer=peer_text(self.peer), error=f"TLS: {exc.reason or exc}"))
-            channel.raw.close()
-            self.closed = True
-            return b""
-        if channel.ready and not was_ready:
-            if self._direct and channel.obj.selected_alpn_protocol() != tls.ALPN:
-                self.fatal(PROTOCOL_VIOLATION, "received direct SSL connection request without ALPN "
-                           "protocol negotiation extension")
-                return b""
-            self._wake()  # start_tls waits for the handshake
-        return plain
 
     def pause_writing(self) -> None:
         self._writing = False
@@ -332,107 +252,13 @@ class ClientSession(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
-    # ---- login ---------------------------------------------------------------------------------
-
-    _startup_done = False
-
-    def take_place(self) -> bool:
-        """One of the max_client_conn places (over all workers), kept until this client goes."""
-        if not self.placed:
-            self.placed = self.server.admission.admit(self.server.config.max_client_conn)
-        return self.placed
-
-    def _logged_in(self) -> None:
-        """No longer among the connections still logging in."""
-        if self._logging_in:
-            self._logging_in = False
-            self.server.admission.logging_in -= 1
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _wait(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("client went away")
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        if self.closed:
-            raise ConnectionResetError("client went away")
-
-    async def read_packet(self) -> bytes:
-        while (body := self.startup.next()) is None:
-            await self._wait()
-        if len(body) >= 4 and _I.unpack_from(body)[0] >> 16 != 1234:
-            # a StartupMessage: what follows are typed messages, maybe already pipelined
-            self._startup_done = True
-            self.inbuf += self.startup.take_rest()
-        return body
-
-    async def read_message(self) -> tuple[int, bytes]:
-        if not self._startup_done:
-            self._startup_done = True
-            self.inbuf += self.startup.take_rest()
-        while True:
-            if len(self.inbuf) >= 5:
-                length = _I.unpack_from(self.inbuf, 1)[0]
-                if length < 4 or length > codes.MAX_STARTUP_PACKET:
-                    raise ProtocolError("invalid message length during authentication")
-                if len(self.inbuf) >= length + 1:
-                    code = self.inbuf[0]
-                    body = bytes(self.inbuf[5:length + 1])
-                    del self.inbuf[:length + 1]
-                    return code, body
-            await self._wait()
-
-    def _refused(self, sqlstate: str, message: str) -> None:
-        log.info("login refused", extra=fields(peer=peer_text(self.peer), sqlstate=sqlstate, error=message))
-
-    async def _login(self) -> None:
-        try:
-            await self._log_in()
-        finally:
-            self._logged_in()
-
-    async def _log_in(self) -> None:
-        try:
-            async with asyncio.timeout(self.server.config.login_timeout):
-                result = await login(self, self.server)
-        except CancelOnly:
-            self.close()
-            return
-        except LoginError as err:
-            self._refused(err.fields.get("C", ""), err.fields.get("M", ""))
-            self.write(err.raw)
-            self.close()
-            return
-        except PgError as err:
-            self._refused(err.sqlstate, err.message)
-            self.write(encode.error_response(err.sqlstate, err.message, severity="FATAL",
-                                             detail=err.detail, hint=err.hint))
-            self.close()
-            return
-        except ProtocolError as err:
-            self.fatal(err.sqlstate, err.message)
-            return
-        except TimeoutError:
-            self.fatal(PROTOCOL_VIOLATION, "pgsluice: client did not complete login in time")
-            return
-        except (ConnectionError, asyncio.CancelledError):
-            self.close()
-            return
-        self._start(result)
-
-    def _start(self, result: LoginResult) -> None:
+    def start(self, result: LoginResult) -> None:
+        """Logged in: ready for requests (the door has written nothing yet; this writes the
+        welcome and runs what came early)."""
+        assert result.pool is not None
         log.info("client connected", extra=fields(client=self.token, peer=peer_text(self.peer),
                                                   user=result.user, database=result.database,
                                                   agent=result.params.get("application_name", "")))
-        if result.pool is None:  # the admin console
-            self._start_admin(result)
-            return
         self.user, self.database, self.pool = result.user, result.database, result.pool
         self.startup_settings = self.settings = result.settings
         app = result.params.get("application_name", "")
@@ -451,35 +277,17 @@ class ClientSession(asyncio.Protocol):
         self.reported = result.welcome
         cache = self.server.cache
         self.fast_ok = cache is not None and cache.fast and not self.row_cap
-        self._welcome(result, "ready")
+        self.welcome(result, "ready")
         self.pump()
 
-    def _start_admin(self, result: LoginResult) -> None:
-        self.user, self.database = result.user, result.database
-        self.set_agent("pgsluice admin")
-        self._welcome(result, "admin")
-        self._admin()
-
-    def _welcome(self, result: LoginResult, state: str) -> None:
-        """ParameterStatus, BackendKeyData, ReadyForQuery; then messages that came early."""
+    def welcome(self, result: LoginResult, state: str) -> None:
+        """ParameterStatus, BackendKeyData, ReadyForQuery."""
         self.key = self.server.new_cancel_key(self)
         self.write(encode.parameter_statuses(result.welcome)
                    + encode.backend_key_data(self.key[0], _I.unpack(self.key[1])[0])
                    + encode.ready_for_query())
-        if not self._startup_done:
-            self._startup_done = True
-            self.inbuf += self.startup.take_rest()
         self.state = state
         self._task = None
-
-    def _admin(self) -> None:
-        try:
-            admin.handle(self)
-        except ProtocolError as exc:
-            self.fatal(exc.sqlstate, exc.message)
-        except Exception:
-            log.exception("admin console failed")
-            self.fatal("XX000", "pgsluice: internal error in the admin console")
 
     # ---- relay: client -> backend ----------------------------------------------------------------
 

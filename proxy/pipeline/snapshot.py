@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 Snap = dict[str, Any]
 STALE = 5.0
 
 
-def snapshot(server: Server) -> Snap:
+def snapshot(server: Runtime) -> Snap:
     now = time.monotonic()
     st = server.stats
     agents = {name: {"queries": a.queries, "rejected": a.rejected, "hits": a.hits, "misses": a.misses,
@@ -103,7 +103,7 @@ def _add(into: Snap, other: Snap) -> None:
             into[key] += value
 
 
-def view(server: Server) -> Snap:
+def view(server: Runtime) -> Snap:
     """This worker's live counters plus the other workers' latest snapshots."""
     own = snapshot(server)
     if server.stats_dir is None:
@@ -120,7 +120,7 @@ def view(server: Server) -> Snap:
     return merge([own, *others])
 
 
-async def publish(server: Server, interval: float = 1.0) -> None:
+async def publish(server: Runtime, interval: float = 1.0) -> None:
     """Write this worker's snapshot every `interval` seconds while it runs."""
     assert server.stats_dir is not None
     path = Path(server.stats_dir) / f"worker-{server.worker}.json"

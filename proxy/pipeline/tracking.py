@@ -20,7 +20,7 @@ from planner.tables import Effect
 from proxy.pgwire.decode import parse_bind_params
 
 if TYPE_CHECKING:
-    from proxy.pipeline.session import ClientSession
+    from proxy.pipeline.session import Session
 
 _ENDS_AT_READY = (0, 1, 2)  # relay.QUERY, SYNC, FUNC (relay checks)
 _COMMIT_PREPARED = re.compile(r"(?i)\bcommit\s+prepared\b")
@@ -91,7 +91,7 @@ def _tables(tables: frozenset[str], ddl: bool = False) -> Writes:
     return Writes(tuple(Effect(t, "table") for t in sorted(tables)), ddl=ddl)
 
 
-def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
+def writes_of(s: Session, sql: bytes, plan: Plan | None = None) -> Writes:
     """What executing `sql` may change; `plan`: its plan, when the caller has it already."""
     cache = s.server.cache
     if (cache is None or not cache.active(s.database)) and s.server.replicas is None:
@@ -108,7 +108,7 @@ def writes_of(s: ClientSession, sql: bytes, plan: Plan | None = None) -> Writes:
     return writes
 
 
-def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
+def current(s: Session, writes: Writes, sql: bytes) -> Writes:
     """A prepared statement's write set, worked out again if the catalog changed since (a new
     foreign key's cascade; or it was prepared while the catalog was loading)."""
     planner = s.planner
@@ -117,7 +117,7 @@ def current(s: ClientSession, writes: Writes, sql: bytes) -> Writes:
     return writes_of(s, sql)
 
 
-def note_writes(s: ClientSession, sql: bytes, plan: Plan | None = None) -> tuple[frozenset[str], bool]:
+def note_writes(s: Session, sql: bytes, plan: Plan | None = None) -> tuple[frozenset[str], bool]:
     """A Query is about to be sent: mark what it writes; (the versions, whether the catalog too)."""
     writes = writes_of(s, sql, plan)
     names = writes.names(s.database)
@@ -125,7 +125,7 @@ def note_writes(s: ClientSession, sql: bytes, plan: Plan | None = None) -> tuple
     return names, writes.ddl
 
 
-def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes) -> None:
+def mark_bound(s: Session, writes: Writes, bind_rest: bytes, types: bytes) -> None:
     """A Bind of a statement that writes: its key values are the ones bound here."""
     if not writes.effects:
         return
@@ -133,7 +133,7 @@ def mark_bound(s: ClientSession, writes: Writes, bind_rest: bytes, types: bytes)
     mark(s, writes.names(s.database, bound), writes.ddl)
 
 
-def mark(s: ClientSession, names: frozenset[str], ddl: bool = False) -> None:
+def mark(s: Session, names: frozenset[str], ddl: bool = False) -> None:
     """Statements about to be sent change what `names` stand for: they are done (committed, or
     part of the transaction) at the ReadyForQuery of the next message that ends at one."""
     if names:
@@ -141,12 +141,12 @@ def mark(s: ClientSession, names: frozenset[str], ddl: bool = False) -> None:
         s.write_marks.append((due, names, ddl))
 
 
-def mark_everything(s: ClientSession, ddl: bool) -> None:
+def mark_everything(s: Session, ddl: bool) -> None:
     """Anything in the database may change (`ddl`: the catalog too)."""
     mark(s, EVERYTHING.names(s.database), ddl)
 
 
-def ready(s: ClientSession, idle: bool) -> bool:
+def ready(s: Session, idle: bool) -> bool:
     """A ReadyForQuery from the server: True if a transaction with writes just ended."""
     s.ready_seen += 1
     marks = s.write_marks
@@ -157,12 +157,12 @@ def ready(s: ClientSession, idle: bool) -> bool:
     return idle and bool(s.committing)
 
 
-def write_due(s: ClientSession) -> bool:
+def write_due(s: Session) -> bool:
     """Whether the next ReadyForQuery may end a transaction that wrote."""
     return bool(s.committing) or bool(s.write_marks and s.write_marks[0][0] == s.ready_seen + 1)
 
 
-def commit(s: ClientSession) -> None:
+def commit(s: Session) -> None:
     """The transaction that wrote s.committing is over (committed or not): bump them."""
     names, s.committing = s.committing, set()
     ddl, s.committing_ddl = s.committing_ddl, False
@@ -182,7 +182,7 @@ def commit(s: ClientSession) -> None:
         s.gate_until(task)
 
 
-def commit_all(s: ClientSession) -> frozenset[str]:
+def commit_all(s: Session) -> frozenset[str]:
     """The client or its server connection is gone: whatever it sent may have committed."""
     while s.write_marks:
         _, names, ddl = s.write_marks.popleft()

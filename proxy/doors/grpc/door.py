@@ -45,7 +45,7 @@ from proxy.pipeline.internal import InternalClient, Reply
 from proxy.pipeline.snapshot import view
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 log = logging.getLogger("pgsluice.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -62,7 +62,7 @@ _NO_TOKEN = "pgsluice: missing or unknown bearer token"
 class SluiceService:
     """pgsluice.v1.Sluice (registered by `handlers`, with the serializers each method needs)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.sessions = AgentSessions(server)  # agents.py: idle internal sessions per agent (as MCP's)
         redis = server.cache.redis if server.cache is not None else None
@@ -442,7 +442,7 @@ def handlers(service: SluiceService) -> grpc.GenericRpcHandler:  # type: ignore[
 
 
 class GrpcDoor:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", server.config.max_message_size),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,6 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuth
 from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server as McpServer
-from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
@@ -33,14 +31,15 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.base.config import AgentAuth, Config, ConfigError, parse_upstream, split_host_port
+from proxy.base.config import AgentAuth, Config, parse_upstream, split_host_port
+from proxy.base.errors import ConfigError
 from proxy.doors.mcp.service import McpService
 from proxy.pipeline.agents import agent_for_token
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 log = logging.getLogger("pgsluice.mcp")
 PATH = "/mcp"
@@ -83,7 +82,7 @@ def mcp_server(service: McpService, agent_of: Callable[[ServerRequestContext[Any
 class _Tokens:
     """The SDK's TokenVerifier over [pgsluice.agents.NAME]: the access token names the agent."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
 
     async def verify_token(self, token: str) -> AccessToken | None:
@@ -95,7 +94,7 @@ class _Tokens:
 
 
 class McpHttpDoor:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.service = McpService(server)
         self.port = 0
@@ -191,25 +190,3 @@ def stdio_agent(config: Config) -> AgentAuth:
 def stdio_config(config: Config) -> Config:
     """Only the pipeline: no listener of any door in a process an agent runtime launches."""
     return dataclasses.replace(config, grpc_listen="", metrics_listen="", mcp_listen="", workers=1)
-
-
-async def serve_stdio(config: Config) -> None:
-    from proxy.ops.server import Server
-
-    agent = stdio_agent(config)
-    server = Server(stdio_config(config))
-    await server.start(wire=False)
-    main = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        if main is not None:
-            loop.add_signal_handler(sig, main.cancel)
-    lowlevel = mcp_server(McpService(server), lambda ctx: agent)
-    log.info("MCP over stdio as agent %s (user %s)", agent.name, agent.user)
-    try:
-        async with stdio_server() as (read, write):
-            await lowlevel.run(read, write, lowlevel.create_initialization_options())
-    except asyncio.CancelledError:
-        pass
-    finally:
-        await server.shutdown(timeout=min(server.config.shutdown_timeout, 5.0))

@@ -42,7 +42,7 @@ from proxy.pipeline.agents import AgentSessions
 from proxy.pipeline.internal import InternalClient, Reply, RowLimit
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 log = logging.getLogger("pgsluice.mcp")
 # what a read may carry and still be cancelled once its rows are cut: nothing it does but
@@ -68,7 +68,7 @@ class Call:
 
 
 class McpService:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Runtime) -> None:
         self.server = server
         self.sessions = AgentSessions(server)
         config = server.config

@@ -28,8 +28,8 @@ from proxy.pgwire.errors import ProtocolError
 from proxy.pipeline.snapshot import view
 
 if TYPE_CHECKING:
-    from proxy.ops.server import Server
-    from proxy.pipeline.session import ClientSession
+    from proxy.doors.wire.session import WireSession
+    from proxy.pipeline.runtime import Runtime
 
 ADMIN_DB = "pgsluice"
 _I = struct.Struct("!I")
@@ -43,7 +43,7 @@ class AdminError(Exception):
         self.sqlstate, self.message = sqlstate, message
 
 
-def welcome(server: Server) -> dict[str, str]:
+def welcome(server: Runtime) -> dict[str, str]:
     version = next((p.server_params["server_version"] for p in server.pools.values()
                     if p.server_params.get("server_version")), "16.0")
     return {"server_version": version, "server_encoding": "UTF8", "client_encoding": "UTF8",
@@ -57,7 +57,7 @@ def welcome(server: Server) -> dict[str, str]:
 _SHOW_PLAN = re.compile(r"(?is)show\s+plan\s+('(?:[^']|'')*')")
 
 
-def run(server: Server, sql: str, dry: bool = False) -> tuple[str, Rows | None]:
+def run(server: Runtime, sql: str, dry: bool = False) -> tuple[str, Rows | None]:
     """(command tag, rows or None) for one admin command; AdminError for a bad one. `dry`:
     only the shape (Describe), actions are not carried out."""
     text = sql.strip().rstrip(";").strip()
@@ -80,7 +80,7 @@ def run(server: Server, sql: str, dry: bool = False) -> tuple[str, Rows | None]:
     raise AdminError("42601", f"unknown admin command: {text[:80]} (try SHOW HELP)")
 
 
-def _help(_server: Server) -> Rows:
+def _help(_server: Runtime) -> Rows:
     return ("command", "what"), [
         ("SHOW STATS", "totals since start: clients, queries, cache, upstream, rejections"),
         ("SHOW POOLS", "per (database, user): server connections, waiting clients, wait time"),
@@ -97,7 +97,7 @@ def _help(_server: Server) -> Rows:
     ]
 
 
-def _stats(server: Server) -> Rows:
+def _stats(server: Runtime) -> Rows:
     v = view(server)
     totals, agents = v["totals"], v["agents"].values()
     batched = sum(a.get("batched", 0) for a in agents)
@@ -123,7 +123,7 @@ def _stats(server: Server) -> Rows:
     return ("stat", "value"), rows
 
 
-def _pools(server: Server) -> Rows:
+def _pools(server: Runtime) -> Rows:
     rows: list[tuple[object, ...]] = []
     for key, p in sorted(view(server)["pools"].items()):
         db, user = key.split("\x00", 1)
@@ -133,7 +133,7 @@ def _pools(server: Server) -> Rows:
             "waits", "wait_ms_total", "timeouts", "connects"), rows
 
 
-def _clients(server: Server) -> Rows:
+def _clients(server: Runtime) -> Rows:
     now = time.monotonic()
     rows: list[tuple[object, ...]] = []
     for c in sorted(server.clients, key=lambda c: c.token):
@@ -146,7 +146,7 @@ def _clients(server: Server) -> Rows:
             "server_pid"), rows
 
 
-def _servers(server: Server) -> Rows:
+def _servers(server: Runtime) -> Rows:
     now = time.monotonic()
     rows: list[tuple[object, ...]] = []
     pools = [(db, user, p) for (db, user), p in server.pools.items()]
@@ -167,7 +167,7 @@ def _servers(server: Server) -> Rows:
         rows, key=lambda r: (str(r[1]), str(r[2]), int(str(r[0]))))
 
 
-def _agents(server: Server) -> Rows:
+def _agents(server: Runtime) -> Rows:
     rows: list[tuple[object, ...]] = []
     for name, a in sorted(view(server)["agents"].items()):
         rows.append((name, a["queries"], round(a["rate"], 1), a["hits"], a["coalesced"], a["bypassed"],
@@ -177,20 +177,20 @@ def _agents(server: Server) -> Rows:
             "p50_ms", "p99_ms", "batched"), rows
 
 
-def _replicas(server: Server) -> Rows:
+def _replicas(server: Runtime) -> Rows:
     rows: list[tuple[object, ...]] = [
         (name, r["state"], r["replay_lsn"], round(r["lag_s"], 3), r["reads"], r["outstanding"])
             for name, r in view(server).get("replicas", {}).items()]
     return ("server", "state", "replay_lsn", "lag_s", "reads", "outstanding"), rows
 
 
-def _cache(server: Server) -> Rows:
+def _cache(server: Runtime) -> Rows:
     if server.cache is None:
         return ("name", "value"), [("cache", "off")]
     return ("name", "value"), list(server.cache_rows())
 
 
-def _config(server: Server) -> Rows:
+def _config(server: Runtime) -> Rows:
     return ("setting", "value"), [(k, str(v)) for k, v in server.config.masked().items()]
 
 
@@ -198,11 +198,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-_SHOWS: dict[str, Callable[[Server], Rows]] = {
+_SHOWS: dict[str, Callable[[Runtime], Rows]] = {
     "help": _help, "stats": _stats, "pools": _pools, "clients": _clients, "servers": _servers,
     "replicas": _replicas, "agents": _agents, "cache": _cache, "config": _config,
 }
-_ACTIONS: dict[str, Callable[[Server], str]] = {
+_ACTIONS: dict[str, Callable[[Runtime], str]] = {
     "reload": lambda s: s.reload_all(), "pause": lambda s: s.pause(), "resume": lambda s: s.resume(),
     "shutdown": lambda s: s.request_shutdown(),
 }
@@ -283,7 +283,7 @@ def _error(err: AdminError) -> bytes:
     return encode.error_response(err.sqlstate, err.message)
 
 
-def handle(s: ClientSession) -> None:
+def handle(s: WireSession) -> None:
     """Answer every complete message in s.inbuf (simple and extended protocol)."""
     buf = s.inbuf
     out: list[bytes] = []
@@ -327,7 +327,7 @@ def handle(s: ClientSession) -> None:
 _PAUSE = re.compile(rb"(?is)\s*pause\s*;?\s*")
 
 
-async def _pause_reply(s: ClientSession, message: str) -> None:
+async def _pause_reply(s: WireSession, message: str) -> None:
     """Wait until no server connection is held (summed over workers), up to shutdown_timeout."""
     server = s.server
     deadline = time.monotonic() + server.config.shutdown_timeout
@@ -342,11 +342,11 @@ async def _pause_reply(s: ClientSession, message: str) -> None:
     handle(s)
 
 
-def _transactions(server: Server) -> int:
+def _transactions(server: Runtime) -> int:
     return int(sum(p["held"] for p in view(server)["pools"].values()))
 
 
-def _message(s: ClientSession, code: int, body: bytes) -> bytes:
+def _message(s: WireSession, code: int, body: bytes) -> bytes:
     server = s.server
     if code == codes.F_QUERY:
         query = body.rstrip(b"\x00").decode("utf-8", "replace")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from proxy.backends.authquery import UNAVAILABLE, Found
 from proxy.backends.backend import Backend, Credentials, LoginError, NeedPassword, connect
-from proxy.backends.settings import settings_from_startup
+from proxy.backends.settings import resync, settings_from_startup
 from proxy.doors.wire.admin import ADMIN_DB
 from proxy.doors.wire.admin import welcome as admin_welcome
 from proxy.pgwire import codes, encode
@@ -47,11 +47,12 @@ from proxy.pgwire.scram import (
     make_scram_secret,
     md5_response,
 )
+from proxy.pipeline.session import LoginResult
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
     from proxy.base.tls import TlsChannel
-    from proxy.ops.server import Server
+    from proxy.pipeline.runtime import Runtime
 
 
 class LoginIO(Protocol):
@@ -68,26 +69,11 @@ class LoginIO(Protocol):
     def take_place(self) -> bool: ...
 
 
-class LoginResult:
-    """pool None: the admin console."""
-
-    __slots__ = ("database", "params", "pool", "settings", "user", "welcome")
-
-    def __init__(self, user: str, database: str, params: dict[str, str], pool: Pool | None,
-                 settings: tuple[tuple[str, str], ...], welcome: dict[str, str]) -> None:
-        self.user = user
-        self.database = database
-        self.params = params
-        self.pool = pool
-        self.settings = settings
-        self.welcome = welcome
-
-
 class CancelOnly(Exception):
     """The connection was a CancelRequest; it has been handled."""
 
 
-async def read_startup(io: LoginIO, server: Server) -> StartupMessage:
+async def read_startup(io: LoginIO, server: Runtime) -> StartupMessage:
     while True:
         packet = decode_startup(await io.read_packet())
         if isinstance(packet, SSLRequest) and io.tls is not None:
@@ -111,7 +97,7 @@ def password_failed(user: str) -> PgError:
                    severity="FATAL")
 
 
-async def login(io: LoginIO, server: Server) -> LoginResult:
+async def login(io: LoginIO, server: Runtime) -> LoginResult:
     startup = await read_startup(io, server)
     params = startup.params
     extensions = [k for k in params if k.startswith("_pq_.")]
@@ -161,7 +147,7 @@ async def login(io: LoginIO, server: Server) -> LoginResult:
     return LoginResult(user, database, params, pool, settings, welcome)
 
 
-async def _admin_login(io: LoginIO, server: Server, user: str) -> None:
+async def _admin_login(io: LoginIO, server: Runtime, user: str) -> None:
     """The admin console: the user authenticates as for any database (in passthrough mode,
     Postgres checks the password against the upstream URL's database), then must be an admin."""
     mode = server.config.auth_mode
@@ -181,7 +167,7 @@ async def _admin_login(io: LoginIO, server: Server, user: str) -> None:
 
 # ---- passthrough: Postgres decides, directly or through the secret it holds ---------------
 
-async def _passthrough(io: LoginIO, server: Server, user: str,
+async def _passthrough(io: LoginIO, server: Runtime, user: str,
                        database: str) -> tuple[Pool, Backend | None]:
     found = await server.auth_query.lookup(user) if server.auth_query is not None else UNAVAILABLE
     if found.has_secret:  # SCRAM (or md5) with the client; Postgres gets the keys it proved
@@ -225,7 +211,7 @@ async def _passthrough(io: LoginIO, server: Server, user: str,
     return pool, backend if pool.adopt(backend) else None
 
 
-async def _server_login(io: LoginIO, server: Server, user: str, database: str,
+async def _server_login(io: LoginIO, server: Runtime, user: str, database: str,
                         creds: Credentials) -> Backend:
     try:
         return await connect(server.upstream, user, database, creds, server.config.connect_timeout)
@@ -262,7 +248,7 @@ async def _ask_cleartext(io: LoginIO, user: str) -> str:
 
 # ---- pgsluice checks a secret: auth_query's, or auth_file's -------------------------------
 
-async def _check_secret(io: LoginIO, server: Server, user: str, found: Found) -> Credentials:
+async def _check_secret(io: LoginIO, server: Runtime, user: str, found: Found) -> Credentials:
     """SCRAM (md5 for an md5 hash) with the client against `found`; the credentials that log
     in to Postgres as that user. 28P01 when the client's proof is wrong."""
     if found.kind == "md5":
@@ -286,7 +272,7 @@ async def _md5(io: LoginIO, user: str, stored: str) -> None:
         raise password_failed(user)
 
 
-async def _scram(io: LoginIO, server: Server, user: str, secret: ScramSecret | None) -> ScramServer:
+async def _scram(io: LoginIO, server: Runtime, user: str, secret: ScramSecret | None) -> ScramServer:
     """One SCRAM-SHA-256 exchange (-PLUS offered over TLS when the certificate allows channel
     binding). Without a secret the exchange runs with a random one and fails, as Postgres does
     for an unknown user, so a refusal tells nothing about which users exist."""
@@ -315,7 +301,7 @@ async def _scram(io: LoginIO, server: Server, user: str, secret: ScramSecret | N
     return scram
 
 
-async def _auth_file(io: LoginIO, server: Server, user: str) -> Credentials:
+async def _auth_file(io: LoginIO, server: Runtime, user: str) -> Credentials:
     cred = server.userlist.get(user)
     if cred is not None and cred.kind == "md5":
         await _md5(io, user, cred.value)
@@ -352,25 +338,3 @@ async def _welcome(pool: Pool, settings: tuple[tuple[str, str], ...],
     elif probe is not None:
         pool.release(probe)
     return dict(cached)
-
-
-async def resync(backend: Backend, settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """Bring a backend's session settings to `settings`; returns the ParameterStatus it reported.
-
-    A failing setting is the client's error (bad TimeZone at startup, say): raised as
-    PgError with Postgres's SQLSTATE and message.
-    """
-    statements = [sql for _, sql in settings]
-    if backend.applied is None or backend.applied:
-        statements.insert(0, "RESET ALL")
-    if not statements:
-        backend.applied = settings
-        return {}
-    result = await backend.run(";".join(statements))
-    if result.error is not None:
-        backend.applied = None
-        err = result.error
-        raise PgError(err.get("C", "XX000"), err.get("M", "could not apply session settings"),
-                      severity="FATAL", detail=err.get("D"), hint=err.get("H"))
-    backend.applied = settings
-    return result.params
