@@ -21,7 +21,7 @@ from sqlglot import exp
 from .canonical import parse
 from .catalog import Catalog
 from .plan import SessionFacts
-from .reach import _resolve, conjuncts
+from .reach import conjuncts, resolve_table
 from .tables import INT_TYPES, KEY_TYPES
 
 # the array type of each key type (pg_type.typarray)
@@ -63,7 +63,7 @@ def batchable(canonical: str, own_params: int, tables_read: Iterable[str], facts
     if not isinstance(table, exp.Table) or (table.args.get("alias") is not None and \
             table.args["alias"].args.get("columns")):
         return None, "not a plain table in FROM"
-    name = _resolve(table, facts, catalog)
+    name = resolve_table(table, facts, catalog)
     if name is None or name != tables[0]:
         return None, "table not resolved"
     info = catalog.tables.info(name)

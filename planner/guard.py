@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .analyze import first_words
+from .keywords import first_words
 from .plan import ALLOW, Flag, Kind, Plan, Verdict
 from .policy import Policy
 from .statements import split

@@ -31,9 +31,9 @@ from typing import cast
 import sqlglot
 from sqlglot import exp
 
-from .analyze import _ident, _is_cte, _table_parts
 from .catalog import Catalog
 from .plan import SessionFacts
+from .sqltree import ident, is_cte, table_parts
 from .tables import INT_TYPES, TEXT_TYPES, UUID_TYPE, Effect, TableInfo
 
 Value = int | str  # a placeholder's number, or a literal left in the canonical SQL (its SQL text)
@@ -136,7 +136,7 @@ def writes(canonical: str, facts: SessionFacts, catalog: Catalog) -> tuple[list[
         if isinstance(tree, exp.Copy):
             if tree.args.get("kind"):  # COPY ... FROM: inserts
                 target = tree.this.this if isinstance(tree.this, exp.Schema) else tree.this
-                t = _resolve(target, facts, catalog) if isinstance(target, exp.Table) else None
+                t = resolve_table(target, facts, catalog) if isinstance(target, exp.Table) else None
                 if t is None:
                     complete = False
                 else:
@@ -144,7 +144,7 @@ def writes(canonical: str, facts: SessionFacts, catalog: Catalog) -> tuple[list[
             continue
         if isinstance(tree, exp.TruncateTable):
             for table in tree.expressions:
-                t = _resolve(table, facts, catalog) if isinstance(table, exp.Table) else None
+                t = resolve_table(table, facts, catalog) if isinstance(table, exp.Table) else None
                 if t is None:
                     complete = False
                 else:
@@ -171,7 +171,7 @@ def _write(node: exp.Expression, scan: _Scan, facts: SessionFacts, catalog: Cata
         target = target.this
     if not isinstance(target, exp.Table):
         return None
-    t = _resolve(target, facts, catalog)
+    t = resolve_table(target, facts, catalog)
     if t is None:
         return None
     schema, _, name = t.partition(".")
@@ -206,9 +206,9 @@ def _assigned(assignments: Sequence[exp.Expression]) -> frozenset[str] | None:
         left = eq.this if isinstance(eq, exp.EQ) else None
         targets = left.expressions if isinstance(left, exp.Tuple) else [left]
         for col in targets:
-            if not isinstance(col, exp.Column) or not _ident(col.this):
+            if not isinstance(col, exp.Column) or not ident(col.this):
                 return None
-            out.add(_ident(col.this))
+            out.add(ident(col.this))
     return frozenset(out)
 
 
@@ -221,7 +221,7 @@ def _insert(node: exp.Insert, t: str, info: TableInfo | None) -> list[Effect]:
         if "UPDATE" in str(action.this if isinstance(action, exp.Var) else action or "").upper():
             columns = _assigned(conflict.expressions)
             keys = conflict.args.get("conflict_keys") or []
-            arbiter = {_ident(k.this.this) if isinstance(k, exp.Ordered) and isinstance(k.this, exp.Column)
+            arbiter = {ident(k.this.this) if isinstance(k, exp.Ordered) and isinstance(k.this, exp.Column)
                        else "" for k in keys}
             same_key = info is not None and bool(info.key) and arbiter == set(info.key)
             effects += _update(t, info, columns, pin if same_key else None)
@@ -233,7 +233,7 @@ def _values_pin(node: exp.Insert, info: TableInfo | None) -> Pin | None:
     if info is None or not info.key or not isinstance(values, exp.Values):
         return None
     target = node.this
-    names = [_ident(i) for i in target.expressions] if isinstance(target, exp.Schema) else list(info.columns)
+    names = [ident(i) for i in target.expressions] if isinstance(target, exp.Schema) else list(info.columns)
     try:
         positions = [names.index(k) for k in info.key]
     except ValueError:
@@ -268,8 +268,9 @@ def _merge(node: exp.Merge, t: str) -> list[Effect]:
 
 # ---- the statement's tables, columns and pins ---------------------------------------------------
 
-def _resolve(table: exp.Table, facts: SessionFacts, catalog: Catalog) -> str | None:
-    parts = _table_parts(table)
+def resolve_table(table: exp.Table, facts: SessionFacts, catalog: Catalog) -> str | None:
+    """'schema.name' of a table reference in the session's search_path (None if unknown)."""
+    parts = table_parts(table)
     if parts is None:
         return None
     if len(parts) > 1:
@@ -297,7 +298,7 @@ class _Scan:
                 if isinstance(node.this, exp.Star):
                     self.whole = True
                 else:
-                    self.names.add(_ident(node.this))
+                    self.names.add(ident(node.this))
             elif isinstance(node, exp.Star):
                 if not isinstance(node.parent, exp.Count | exp.Column):
                     self.whole = True
@@ -305,22 +306,22 @@ class _Scan:
                 if str(node.args.get("method") or "").upper() == "NATURAL":
                     self.whole = True
                 using = node.args.get("using") or []
-                self.names |= {_ident(i) for i in using if isinstance(i, exp.Identifier)}
+                self.names |= {ident(i) for i in using if isinstance(i, exp.Identifier)}
             elif isinstance(node, exp.Alias):
-                outputs.add(_ident(node.args.get("alias")))
+                outputs.add(ident(node.args.get("alias")))
             elif isinstance(node, exp.TableAlias):
-                outputs.add(_ident(node.this))
-                outputs |= {_ident(c) for c in node.args.get("columns") or []}
+                outputs.add(ident(node.this))
+                outputs |= {ident(c) for c in node.args.get("columns") or []}
         sources: set[str] = set()  # every table's name and alias
         known: set[str] = set()  # every column of every table occurring
         for table in tables:
-            parts = _table_parts(table)
+            parts = table_parts(table)
             if parts is None or not isinstance(table.this, exp.Identifier) \
-                    or (len(parts) == 1 and _is_cte(table, parts[0])):
+                    or (len(parts) == 1 and is_cte(table, parts[0])):
                 continue
             sources.add(parts[-1])
             sources.add(_alias(table))
-            t = _resolve(table, facts, catalog)
+            t = resolve_table(table, facts, catalog)
             if t is None:
                 self.whole = True
                 continue
@@ -336,7 +337,7 @@ class _Scan:
             listed += [j.this for j in joins]
             for table in listed:
                 if isinstance(table, exp.Table) and isinstance(table.this, exp.Identifier):
-                    t = _resolve(table, facts, catalog)
+                    t = resolve_table(table, facts, catalog)
                     info = catalog.tables.info(t) if t is not None else None
                     pin = _pin(select.args.get("where"), table, info, alone=len(listed) == 1,
                                limit=MAX_READ_KEYS)
@@ -346,7 +347,7 @@ class _Scan:
     def where_pin(self, node: exp.Expression, target: exp.Table, info: TableInfo | None,
                   limit: int) -> Pin | None:
         """The pin of an UPDATE's or DELETE's target (None if it occurs elsewhere too)."""
-        t = _resolve(target, self.facts, self.catalog)
+        t = resolve_table(target, self.facts, self.catalog)
         if t is None or self.occurrences.get(t, 0) != 1:
             return None
         extra = node.args.get("from_") or node.args.get("using")
@@ -357,8 +358,8 @@ def _alias(table: exp.Table) -> str:
     """What the table is called in its query: its alias, or its name."""
     alias = table.args.get("alias")
     if isinstance(alias, exp.TableAlias) and isinstance(alias.this, exp.Identifier):
-        return _ident(alias.this)
-    return _ident(table.this)
+        return ident(alias.this)
+    return ident(table.this)
 
 
 def conjuncts(condition: exp.Expression) -> list[exp.Expression]:
@@ -435,10 +436,10 @@ def _equality(term: exp.Expression, name: str, alone: bool,
 def _key_column(node: object, name: str, alone: bool, info: TableInfo) -> str | None:
     if not isinstance(node, exp.Column) or isinstance(node.this, exp.Star):
         return None
-    column = _ident(node.this)
+    column = ident(node.this)
     if column not in info.key:
         return None
-    qualifier = _ident(node.args.get("table")) if node.args.get("table") else ""
+    qualifier = ident(node.args.get("table")) if node.args.get("table") else ""
     if qualifier == name or (not qualifier and alone):
         return column
     return None

@@ -147,7 +147,7 @@ class InternalClient:
         self._limit: RowLimit | None = None
         self._kept = 0  # bytes of values kept under the limit
         self._cancel: asyncio.Task[None] | None = None
-        self.returned = 0  # times handed back to a door's idle sessions (grpc_door.py)
+        self.returned = 0  # times handed back to a door's idle sessions (doors/grpc)
         session.start(LoginResult(user, database, params, pool, settings_from_startup(params), {}))
 
     async def query(self, sql: str, params: list[str | None] | None = None,

@@ -188,7 +188,7 @@ class Runtime:
                 planner.on_change = self.cache.plans_changed
             self.spawn(self._load_catalog(database))
             if self.config.change_feed and self.tracks_writes:
-                feed = ChangeFeed(database, lambda: self._connect(database), self._feed_change)
+                feed = ChangeFeed(database, lambda: self.control_connection(database), self._feed_change)
                 if self.cache is not None:
                     self.cache.add_feed(feed)
                 elif self.replicas is not None:  # the cache is off: the feed serves the replicas alone
@@ -232,7 +232,8 @@ class Runtime:
         if change.op == "*":
             self.ddl_seen(database)
 
-    async def _connect(self, database: str) -> asyncpg.Connection:
+    async def control_connection(self, database: str) -> asyncpg.Connection:
+        """A connection of pgsluice's own (catalog loads, change feeds, health checks)."""
         return await asyncpg.connect(host=self.upstream.host, port=self.upstream.port,
                                      user=self.upstream_user, password=self.upstream_password,
                                      database=database, timeout=self.config.connect_timeout,
@@ -251,7 +252,7 @@ class Runtime:
         gen = self._catalog_gen.get(database, 0)
         try:
             async with asyncio.timeout(self.config.connect_timeout * 2):
-                conn = await self._connect(database)
+                conn = await self.control_connection(database)
                 try:
                     catalog = await load_catalog(conn)
                 finally:

@@ -22,19 +22,17 @@ import functools
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
 
 import grpc
 
 from planner import Kind
 from protos.pgsluice.v1 import sluice_pb2 as pb
+from proxy.base.config import AgentAuth
 from proxy.doors.grpc import wire as grpc_wire
+from proxy.doors.grpc.calls import Ctx
+from proxy.doors.grpc.statements import Statements, hinted
 from proxy.pgwire import values
 from proxy.pipeline.internal import InternalClient, Reply
-
-if TYPE_CHECKING:
-    from proxy.base.config import AgentAuth
-    from proxy.doors.grpc.door import Ctx, SluiceService
 
 log = logging.getLogger("pgsluice.grpc")
 MAX_IN_FLIGHT = 64  # requests read and not answered, per stream
@@ -73,8 +71,11 @@ class _Serial:
 
 
 class Stream:
-    def __init__(self, service: SluiceService, agent: AgentAuth, context: Ctx) -> None:
+    """One Session call: its reader and writer loops and the sessions its requests run on."""
+
+    def __init__(self, service: Statements, streams: set[Stream], agent: AgentAuth, context: Ctx) -> None:
         self.service, self.server, self.agent, self.context = service, service.server, agent, context
+        self.streams = streams  # the door's open streams, told to end at shutdown
         self.default_database = service.database(agent, "")
         self.loop = asyncio.get_running_loop()
         self.outbox: deque[bytes] = deque()
@@ -95,13 +96,13 @@ class Stream:
         self.over = False
 
     async def run(self) -> None:
-        self.service.streams.add(self)
+        self.streams.add(self)
         self.reader = self.loop.create_task(self._read())
         try:
             await self._write()
         finally:
             self.over = True
-            self.service.streams.discard(self)
+            self.streams.discard(self)
             self.reader.cancel()
             for task in self.tasks:
                 task.cancel()
@@ -197,9 +198,7 @@ class Stream:
         try:
             plan = self.service.plan(self.agent, database, request.sql)
             job = _Job(message.id, request, database, plan.fingerprint)
-            hints = request.hints
-            if hints.HasField("max_staleness_seconds"):
-                job.sql = f"/* pgsluice: max_staleness={hints.max_staleness_seconds}s */ {request.sql}"
+            job.sql = hinted(request)
             job.params = [values.encode(v) for v in request.params]
             refused = self.service.refusal(plan)
         except Exception:

@@ -1,5 +1,6 @@
 """The MCP door: Model Context Protocol over Streamable HTTP (`mcp_listen`, path /mcp) and
-over stdio (`pgsluice mcp`), with the official `mcp` SDK; the tools are in mcp_service.py.
+over stdio (`pgsluice mcp`: proxy/ops/mcp_stdio.py), with the official `mcp` SDK; the tools
+are in service.py (their schemas and value conversions in tools.py).
 
 HTTP callers authenticate with the gRPC door's per-agent bearer tokens
 ([pgsluice.agents.NAME]); a missing or unknown token gets 401 before any MCP message is

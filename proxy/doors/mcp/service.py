@@ -68,6 +68,8 @@ class Call:
 
 
 class McpService:
+    """The tools and resources one pgsluice process serves, to every agent and both transports."""
+
     def __init__(self, server: Runtime) -> None:
         self.server = server
         self.sessions = AgentSessions(server)

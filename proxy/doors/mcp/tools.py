@@ -2,7 +2,7 @@
 for an LLM to read), the checks on their arguments, the catalog SQL behind the schema
 tools, and how Postgres values become JSON.
 
-Pure data and functions, no I/O: proxy/doors/mcp/door.py runs them through the pipeline.
+Pure data and functions, no I/O: proxy/doors/mcp/service.py runs them through the pipeline.
 """
 
 from __future__ import annotations
