@@ -133,7 +133,7 @@ async def _pairs(proxy: ProxyHandle, table: int, n: int, cache: bool) -> tuple[i
 @pytest.mark.parametrize("cache", [False, True], ids=["cache-off", "cache-on"])
 async def test_read_your_writes_asyncpg(cluster: Cluster, proxies: list[ProxyHandle], cache: bool) -> None:
     """2,000 write-then-read pairs (20 connections, a table each): no old value. Mechanism: the
-    commit's WAL position, read before the client sees the commit (caching.commit ->
+    commit's WAL position, read before the client sees the commit (tracking.commit ->
     Replicas.record); without it the reads go to the replica 300 ms behind. With the cache on,
     each read is a miss filled from wherever it ran (the write moved its version), then read
     again: a fill from a replica that had not replayed the write would be served again."""

@@ -18,7 +18,7 @@ from planner.normalize import tokens
 from proxy.pgwire import codes, encode
 
 if TYPE_CHECKING:
-    from proxy.pipeline.caching import Request
+    from proxy.pipeline.cacheable import Request
     from proxy.pipeline.session import Session
 
 _I = struct.Struct("!I")

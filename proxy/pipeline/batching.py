@@ -25,7 +25,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from proxy.pgwire import codes, encode
-from proxy.pipeline import batch_sql, caching
+from proxy.pipeline import batch_sql, cacheable, caching
 from proxy.pipeline.internal import Socketless
 from proxy.pipeline.session import LoginResult, Session
 
@@ -44,7 +44,7 @@ class Waiter:
 
     __slots__ = ("flight", "future", "gone", "norm", "req", "s", "sql", "value")
 
-    def __init__(self, s: Session, req: caching.Request, flight: Flight, norm: object,
+    def __init__(self, s: Session, req: cacheable.Request, flight: Flight, norm: object,
                  value: str) -> None:
         self.s, self.req, self.flight = s, req, flight
         self.norm = norm  # the key value, as compared with the rows' (int, UUID or bytes)
@@ -74,7 +74,7 @@ class Batcher:
 
     # ---- called by caching._lookup on a miss with no identical read in flight ----
 
-    def offer(self, s: Session, req: caching.Request, key: Hashable) -> tuple[bool, Hashable | None]:
+    def offer(self, s: Session, req: cacheable.Request, key: Hashable) -> tuple[bool, Hashable | None]:
         """(True, group): queued behind the shape's read in flight (an ASYNC outcome); (False,
         group): this read leads its shape (call `lead` with its flight); (False, None): not
         batched."""

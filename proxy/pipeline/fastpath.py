@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from cache.local import Entry
 from planner import Plan
 from proxy.pgwire import codes
-from proxy.pipeline import caching
+from proxy.pipeline import cacheable, tracking
 
 if TYPE_CHECKING:
     from proxy.pipeline.session import Session
@@ -77,7 +77,7 @@ class Pass:
     def __init__(self, key: bytes, reason: str, names: frozenset[str], last_sql: bytes, gen: int) -> None:
         self.key = key  # the whole message
         self.reason = reason  # the cache bypass it counts as ("": none, it is not a plain read)
-        self.names = names  # the versions it writes (caching.mark)
+        self.names = names  # the versions it writes (tracking.mark)
         self.last_sql = last_sql
         self.gen = gen
 
@@ -101,7 +101,7 @@ def context(s: Session) -> dict[Hashable, Fast | Pass]:
         return s.fast_map
     cache = s.server.cache
     assert cache is not None
-    settings, max_age = caching.key_settings(s)
+    settings, max_age = cacheable.key_settings(s)
     ctx = (s.facts, settings, max_age)
     maps = cache.fast_maps
     found = maps.get(ctx)
@@ -231,7 +231,7 @@ def serve(s: Session, data: bytes, now: float) -> int:
     elif kind == PARSED:
         s.unnamed = fast.parse_msg
         s.unnamed_gen += 1
-        s.unnamed_writes = caching.NO_WRITES
+        s.unnamed_writes = tracking.NO_WRITES
     s.queries += 1
     agent = s.agent_stats
     agent.queries += 1
@@ -248,7 +248,7 @@ def serve(s: Session, data: bytes, now: float) -> int:
     return SERVED
 
 
-def remember(s: Session, req: caching.Request, raw: bytes, entry: Entry, reply: bytes,
+def remember(s: Session, req: cacheable.Request, raw: bytes, entry: Entry, reply: bytes,
              current: object, stamp: int) -> None:
     """The slow path answered `raw` (the request's bytes) with `reply` from `entry`: alias it."""
     cache = s.server.cache

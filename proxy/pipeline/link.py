@@ -21,7 +21,7 @@ from proxy.pgwire.errors import (
     QUERY_CANCELED,
     PgError,
 )
-from proxy.pipeline import caching, entries, replies, routing
+from proxy.pipeline import caching, entries, replies, routing, tracking
 from proxy.pipeline.state import PAUSE_AT, SessionState
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class ServerLink(SessionState):
     def _backend_lost(self, backend: Backend) -> None:
         self.backend = None
         caching.abandon(self.session)
-        caching.commit_all(self.session)  # it may have committed before the connection broke
+        tracking.commit_all(self.session)  # it may have committed before the connection broke
         pool = self.bpool
         if pool is not None:
             pool.discard(backend)
@@ -259,13 +259,13 @@ class ServerLink(SessionState):
         finally:
             # an autocommit write may have committed before the cancel reached it; and once
             # more a little later, for one still finishing on a dropped connection
-            names = caching.commit_all(self.session)
+            names = tracking.commit_all(self.session)
             if names:
                 asyncio.get_running_loop().call_later(2.0, self._bump_again, names)
 
     def _bump_again(self, names: frozenset[str]) -> None:
         self.committing |= names
-        caching.commit(self.session)
+        tracking.commit(self.session)
 
     async def _cleanup_backend(self, pool: Pool, backend: Backend) -> None:
         if backend.closed:

@@ -18,7 +18,7 @@ from planner import Verdict, sqlscan
 from planner.guard import extended_verdict
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_bind_names, parse_parse, parse_target
-from proxy.pipeline import caching, commands, guardrails
+from proxy.pipeline import commands, guardrails, tracking
 from proxy.pipeline.entries import (
     BIND,
     CLOSE,
@@ -50,7 +50,7 @@ class Statement:
     __slots__ = ("parse_msg", "server_name", "writes")
 
     def __init__(self, server_name: bytes, parse_msg: bytes,
-                 writes: caching.Writes = caching.NO_WRITES) -> None:
+                 writes: tracking.Writes = tracking.NO_WRITES) -> None:
         self.server_name = server_name
         self.parse_msg = parse_msg
         self.writes = writes  # what an execution may change (cache versions to bump)
@@ -187,7 +187,7 @@ def rewrite_parse(s: Session, backend: Backend, msg: bytes) -> Chunks:
         sql = b"EXECUTE " + _ensure(s, backend, found[0], out) + found[1]
         msg = encode.parse(name, sql, types)
     _scan_parse(s, sql)
-    writes = caching.writes_of(s, sql) if s.server.tracks_writes else caching.NO_WRITES
+    writes = tracking.writes_of(s, sql) if s.server.tracks_writes else tracking.NO_WRITES
     if not name:
         s.unnamed_writes = writes
         s.unnamed = msg
@@ -246,20 +246,20 @@ def rewrite_bind_or_describe(s: Session, backend: Backend, code: int, msg: bytes
         portal, stmt_name, rest = parse_bind_names(msg[5:])
         stmt = s.statements.get(stmt_name) if stmt_name else None
         if stmt is None and stmt_name:
-            caching.mark_everything(s, False)  # a statement from SQL PREPARE: it may write anything
+            tracking.mark_everything(s, False)  # a statement from SQL PREPARE: it may write anything
         else:
             writes = stmt.writes if stmt is not None else s.unnamed_writes
             parse_msg = stmt.parse_msg if stmt is not None else s.unnamed
             if parse_msg is not None and s.server.tracks_writes:
                 _name, sql, types = parse_parse(parse_msg[5:])
-                writes = caching.current(s, writes, sql)
+                writes = tracking.current(s, writes, sql)
                 if stmt is not None:
                     stmt.writes = writes
                 else:
                     s.unnamed_writes = writes
-                caching.mark_bound(s, writes, msg[5 + rest:], types)
+                tracking.mark_bound(s, writes, msg[5 + rest:], types)
             else:
-                caching.mark(s, writes.names(s.database))
+                tracking.mark(s, writes.names(s.database))
         name = _ensure(s, backend, stmt_name, out)
         s.entries.append((BIND, name if name != stmt_name else None))
         if name == stmt_name:

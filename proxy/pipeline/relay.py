@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from planner import sqlscan
 from proxy.pgwire import codes, encode
 from proxy.pgwire.errors import ProtocolError
-from proxy.pipeline import caching, commands, fastpath, guardrails
+from proxy.pipeline import commands, fastpath, guardrails, tracking
 from proxy.pipeline.entries import (
     BIND,
     CLOSE,
@@ -137,7 +137,7 @@ def forward(s: Session) -> None:
                 owed += 1
                 unsynced = False
                 entries.append((FUNC, None))
-                caching.mark_everything(s, True)  # a FunctionCall: anything
+                tracking.mark_everything(s, True)  # a FunctionCall: anything
         elif code == codes.F_TERMINATE:
             terminate = True
             break
@@ -189,7 +189,7 @@ def _plain_query(s: Session, backend: Backend, known: fastpath.Pass) -> None:
     s.server.stats.upstream_queries += 1
     s.last_sql = known.last_sql
     if known.names:
-        caching.mark(s, known.names)
+        tracking.mark(s, known.names)
     s.unnamed = None  # a simple Query destroys the unnamed statement
     backend.unnamed_owner = None
     s.queries += 1
@@ -221,7 +221,7 @@ def _query_message(s: Session, backend: Backend, buf: bytearray, pos: int, end: 
     names: frozenset[str] = frozenset()
     ddl = False
     if swap is None and s.server.tracks_writes:
-        names, ddl = caching.note_writes(s, sql, head.plan if head is not None else None)
+        names, ddl = tracking.note_writes(s, sql, head.plan if head is not None else None)
     if swap is None and s.policy is not None:
         swap = _guarded_query(s, backend, sql)
     if swap is None and head_word[:7] == b"execute":

@@ -19,7 +19,7 @@ from proxy.base.logs import fields
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_error_fields, parse_parameter_status
 from proxy.pgwire.errors import ProtocolError
-from proxy.pipeline import caching
+from proxy.pipeline import cacheable, caching, tracking
 from proxy.pipeline.entries import (
     BIND,
     CLOSE,
@@ -92,12 +92,12 @@ def _plain_reply(s: Session, backend: Backend) -> bool:
                 return False
             status = backend.status = buf[pos + 5]
             backend.ready_owed -= 1
-            ended = caching.ready(s, status == codes.TXN_IDLE)
+            ended = tracking.ready(s, status == codes.TXN_IDLE)
             s.entries.popleft()
             data = bytes(buf)
             buf.clear()
             if ended:
-                caching.commit(s)  # before the client sees the commit (gated with Redis)
+                tracking.commit(s)  # before the client sees the commit (gated with Redis)
             s.write(data)
             now = s.request_done()
             if not s.pinned and status == codes.TXN_IDLE and s.backend is backend:
@@ -178,7 +178,7 @@ def backward(s: Session, backend: Backend) -> None:
             if fill is not None:
                 caching.finish(s, fill)
                 fill = None
-            ended |= caching.ready(s, backend.status == codes.TXN_IDLE)
+            ended |= tracking.ready(s, backend.status == codes.TXN_IDLE)
             _end_at_ready(s, backend)
             if entries and entries[0][0] in FAKE_BYTES:
                 out.append(buf[start:end])
@@ -253,8 +253,8 @@ def backward(s: Session, backend: Backend) -> None:
         data = b"".join(out)
     del buf[:pos]
     if ended:
-        caching.commit(s)  # before the client sees the commit (gated with Redis)
-    elif (completed or s.held) and backend.status == codes.TXN_IDLE and caching.write_due(s) \
+        tracking.commit(s)  # before the client sees the commit (gated with Redis)
+    elif (completed or s.held) and backend.status == codes.TXN_IDLE and tracking.write_due(s) \
             and any(kind in ENDS_AT_READY for kind, _ in entries):
         # a write's CommandComplete waits for its ReadyForQuery; only while one is still owed
         # (an error voids what was sent up to the next Sync, and Flush asks for no Sync)
@@ -324,7 +324,7 @@ def _apply_query(s: Session, backend: Backend, info: QueryInfo) -> None:
         s.unnamed = None
     if info.changes and backend.status == codes.TXN_IDLE:
         s.settings = apply_changes(s.settings, s.startup_settings, info.changes)
-        caching.settings_changed(s)
+        cacheable.settings_changed(s)
         resets = any(value is None for _, value in info.changes)
         backend.applied = None if resets else s.settings
 

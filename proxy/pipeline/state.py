@@ -22,7 +22,7 @@ from proxy.backends.settings import Settings
 from proxy.base.logs import fields
 from proxy.base.stats import AgentStats
 from proxy.pgwire import encode
-from proxy.pipeline import caching, entries, fastpath, prepared
+from proxy.pipeline import caching, entries, fastpath, prepared, tracking
 
 if TYPE_CHECKING:
     from proxy.backends.pool import Pool
@@ -60,7 +60,7 @@ class SessionState(asyncio.Protocol):
         self.statements: dict[bytes, prepared.Statement] = {}
         self.unnamed: bytes | None = None  # the client's last unnamed Parse message
         self.unnamed_gen = 0
-        self.unnamed_writes = caching.NO_WRITES  # what the unnamed statement may change
+        self.unnamed_writes = tracking.NO_WRITES  # what the unnamed statement may change
         self.stream_left = 0  # bytes of a large backend message still to pass through
         self.skipping = False  # Postgres is discarding messages until Sync after an error
         self.copy_in = False  # a COPY FROM STDIN of this client's may be running (relay.py)
