@@ -94,7 +94,7 @@ class Backend(asyncio.Protocol):
         self.pool_key = pool_key
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.on_data: Callable[[], None] = self._idle_data
+        self.on_data: Callable[[], None] = self.idle_data
         self.on_lost: Callable[[Backend], None] | None = None
         self.closed = False
         self.pid = 0
@@ -178,7 +178,7 @@ class Backend(asyncio.Protocol):
             self.transport.abort()
         self.closed = True
 
-    def _idle_data(self) -> None:
+    def idle_data(self) -> None:
         """Bytes while nobody holds us: an async notice, or a FATAL before the server goes."""
         if self.closed:
             return
@@ -263,7 +263,7 @@ class Backend(asyncio.Protocol):
                 self.pid, self.secret = parse_backend_key(body)
             elif code == codes.B_READY_FOR_QUERY:
                 self.status = body[0]
-                self.on_data = self._idle_data
+                self.on_data = self.idle_data
                 return
             elif code == codes.B_NEGOTIATE_PROTOCOL_VERSION or code == codes.B_NOTICE_RESPONSE:
                 continue
@@ -333,7 +333,7 @@ class Backend(asyncio.Protocol):
             elif code == codes.B_READY_FOR_QUERY:
                 self.status = result.status = body[0]
                 self.ready_owed -= 1
-                self.on_data = self._idle_data
+                self.on_data = self.idle_data
                 return result
 
 

@@ -155,7 +155,7 @@ class Pool:
                             " closed", self.database, self.user, backend.pid, chr(backend.status),
                             backend.ready_owed, ", no Sync yet" if backend.unsynced else "")
             self._drop(backend)
-            self._wake_for_capacity()
+            self.wake_for_capacity()
             return
         while self.waiters:
             fut = self.waiters.popleft()
@@ -171,7 +171,7 @@ class Pool:
         self.held -= 1
         backend.holder = None
         self._drop(backend)
-        self._wake_for_capacity()
+        self.wake_for_capacity()
 
     def _drop(self, backend: Backend) -> None:
         if not backend.closed:
@@ -181,7 +181,7 @@ class Pool:
             self.pids.discard(backend.pid)
             self.size -= 1
 
-    def _wake_for_capacity(self) -> None:
+    def wake_for_capacity(self) -> None:
         """A slot freed up: let the first waiter open a new connection."""
         while self.waiters and self.size < self.settings.max_size:
             fut = self.waiters.popleft()
@@ -247,7 +247,7 @@ class Pool:
         if backend in self.idle:
             self.idle.remove(backend)
         if not self.closed:
-            self._wake_for_capacity()
+            self.wake_for_capacity()
 
     async def maintain(self) -> None:
         """Janitor pass: close idle-too-long, ping stale idle ones, top up to min_size."""

@@ -144,7 +144,7 @@ class Batcher:
                 raise
             del s.inbuf[:req.end]  # a CancelRequest: answered as Postgres answers it
             s.write(req.prefix + encode.error_response("57014", "canceling statement due to user request")
-                    + caching._RFQ_IDLE)
+                    + caching.RFQ_IDLE)
             s.resume_pump(cache_done=False)
             return
         finally:
@@ -155,7 +155,7 @@ class Batcher:
             return
         s.agent_stats.batched += 1
         s.served = "batched"
-        caching._reply(s, payload, req)
+        caching.answer(s, payload, req)
         s.resume_pump(cache_done=False)
 
     # ---- the batch ----

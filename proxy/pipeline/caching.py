@@ -1,4 +1,4 @@
-"""The wire door's side of the cache: answer a request from cache, coalesce it, or lead it.
+"""The pipeline's side of the cache: answer a request from cache, coalesce it, or lead it.
 
 `try_query` runs when a client with no server connection sends a simple Query (`try_extended`:
 a [Parse] Bind [Describe] Execute Sync group, read by cacheable.py): a hit is written back at
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 _I = struct.Struct("!I")
 SERVED, ASYNC, PASS = range(3)
-_RFQ_IDLE = encode.ready_for_query()
+RFQ_IDLE = encode.ready_for_query()
 _FORMAT_SIMPLE = b"Q"  # a simple Query's reply: text format, with RowDescription
 _CANCELED = b"\x00C57014\x00"
 _STORABLE = frozenset({codes.B_ROW_DESCRIPTION, codes.B_DATA_ROW, codes.B_COMMAND_COMPLETE,
@@ -214,7 +214,7 @@ def _lookup(s: Session, req: Request) -> int:
         cache.stats.hits += 1
         s.agent_stats.hits += 1
         s.served = "cache"
-        reply = req.prefix + entry.value + _RFQ_IDLE
+        reply = req.prefix + entry.value + RFQ_IDLE
         if s.fast_ok and cache.fast:  # the next time, these bytes are answered before parsing
             fastpath.remember(s, req, bytes(s.inbuf[:req.end]), entry, reply, current, stamp)
         _send(s, reply, req)
@@ -240,8 +240,9 @@ def _lookup(s: Session, req: Request) -> int:
     return PASS
 
 
-def _reply(s: Session, payload: bytes, req: Request) -> None:
-    _send(s, req.prefix + payload + _RFQ_IDLE, req)
+def answer(s: Session, payload: bytes, req: Request) -> None:
+    """Answer `req` with a cached or shared reply's messages (burst batching's too)."""
+    _send(s, req.prefix + payload + RFQ_IDLE, req)
 
 
 def _send(s: Session, reply: bytes, req: Request) -> None:
@@ -285,7 +286,7 @@ async def _join(s: Session, flight: Flight, req: Request) -> None:
         # a CancelRequest: answered as Postgres answers a cancelled statement
         del s.inbuf[:req.end]
         s.write(req.prefix + encode.error_response("57014", "canceling statement due to user request")
-                + _RFQ_IDLE)
+                + RFQ_IDLE)
         s.resume_pump(cache_done=False)
         return
     finally:
@@ -296,7 +297,7 @@ async def _join(s: Session, flight: Flight, req: Request) -> None:
     cache.stats.coalesced += 1
     s.agent_stats.coalesced += 1
     s.served = "coalesced"
-    _reply(s, payload, req)
+    answer(s, payload, req)
     s.resume_pump(cache_done=False)
 
 
@@ -316,7 +317,7 @@ async def _lead_via_redis(s: Session, flight: Flight, req: Request) -> None:
         s.agent_stats.misses -= 1
         s.served = "cache"
         cache.land(flight, value, False)
-        _reply(s, value, req)
+        answer(s, value, req)
         s.resume_pump(cache_done=False)
         return
     s.fill = Fill(flight, cache.settings.max_entry, extended=bool(req.prefix))

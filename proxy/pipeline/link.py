@@ -202,7 +202,7 @@ class ServerLink(SessionState):
         backend = self.backend
         assert backend is not None and self.bpool is not None
         self.backend = None
-        backend.on_data = backend._idle_data
+        backend.on_data = backend.idle_data
         if backend.transport is not None and not self._writing:
             backend.transport.resume_reading()
         self.bpool.release(backend, now)
@@ -253,7 +253,7 @@ class ServerLink(SessionState):
         """The client left while holding `backend`: leave nothing idle in transaction."""
         pool = self.bpool
         assert pool is not None
-        backend.on_data = backend._idle_data
+        backend.on_data = backend.idle_data
         try:
             await self._cleanup_backend(pool, backend)
         finally:

@@ -339,7 +339,7 @@ class Runtime:
         settings = self.pool_settings()
         for pool in self.all_pools():
             pool.settings = settings
-            pool._wake_for_capacity()
+            pool.wake_for_capacity()
         for planner in self.planners.values():
             planner.set_policies(new.roles)
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
