@@ -3,7 +3,6 @@ its settings), binding it, giving it back when the transaction is over; and what
 it breaks, when the client leaves holding it, or when a CancelRequest comes while waiting.
 """
 
-
 from __future__ import annotations
 
 import asyncio

@@ -6,7 +6,6 @@ FATAL error, flow control both ways, and the per-agent counters. link.py adds th
 connection, session.py the protocol and the pump; a door only ever sees session.Session.
 """
 
-
 from __future__ import annotations
 
 import asyncio
