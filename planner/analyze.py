@@ -64,7 +64,6 @@ from collections.abc import Sequence
 from sqlglot import exp
 
 from .catalog import Catalog
-from .hazards import SIDE_EFFECTS, TIME_DEPENDENT
 from .keywords import first_words, search_path_change, tokens
 from .plan import Flag, Kind, SessionFacts
 from .reader import StatementReader
@@ -72,7 +71,7 @@ from .result import RANK, Analysis
 from .sqltree import MAX_PARSE, parse_trees
 from .statements import split
 
-__all__ = ["SIDE_EFFECTS", "TIME_DEPENDENT", "Analysis", "analyze", "analyze_statements", "first_words",
+__all__ = ["Analysis", "analyze", "analyze_statements", "first_words",
            "statement_kind", "tokens"]
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)  # it warns on every fallback to Command

@@ -29,22 +29,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from .hazards import (  # re-exported: these names were catalog's before hazards.py held them
-    DANGEROUS,
-    LIVE_CATALOG_NAMES,
-    LIVE_CATALOG_PREFIXES,
-    SESSION_DEPENDENT,
-    SIDE_EFFECTS,
-    TIME_DEPENDENT,
-    builtin_hazard,
-    live_catalog,
-)
 from .plan import Flag
 from .tables import TableFacts, load_tables
-
-__all__ = ["DANGEROUS", "LIVE_CATALOG_NAMES", "LIVE_CATALOG_PREFIXES", "SESSION_DEPENDENT", "SIDE_EFFECTS",
-           "TIME_DEPENDENT", "Catalog", "Function", "Relation", "View", "builtin_hazard", "live_catalog",
-           "load"]
 
 # ---- facts ----------------------------------------------------------------------------------------
 

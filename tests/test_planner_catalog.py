@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 
 from planner.analyze import analyze_statements
-from planner.catalog import Catalog, Function, builtin_hazard, live_catalog, load
+from planner.catalog import Catalog, Function, load
+from planner.hazards import builtin_hazard, live_catalog
 from planner.plan import Flag, SessionFacts
 from proxy.ops.embedded import EmbeddedPostgres
 
