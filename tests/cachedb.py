@@ -79,6 +79,13 @@ def _feed_up(rows: dict[str, str], database: str) -> bool:
         rows.get(f"catalog {database}", "").startswith("loaded")
 
 
+def start_feed(proxy: ProxyHandle, database: str) -> None:
+    """Open one connection to `database` through pgsluice (that starts its planner and change
+    feed) and wait until the feed is up."""
+    connect(proxy, database).close()
+    wait_feed(proxy, database)
+
+
 def wait_feed(proxy: ProxyHandle, database: str, timeout: float = 10.0) -> None:
     """Until pgsluice's change feed for `database` is up (the first connection starts it)."""
     wait_until(lambda: _feed_up(show_cache(proxy, database), database), timeout, 0.05,

@@ -27,8 +27,7 @@ def proxy(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[
     handle = proxy_factory_module("--metrics-listen", f"127.0.0.1:{metrics_port}",
                                   "--admin-users", "postgres,alice")
     handle.metrics_port = metrics_port  # type: ignore[attr-defined]
-    cachedb.connect(handle, DB).close()
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle
 
 

@@ -55,8 +55,7 @@ def proxy(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[
     handle = proxy_factory_module("--max-client-conn", "3000", "--pool-max-size", "10",
                                   "--metrics-listen", f"127.0.0.1:{port}")
     handle.metrics_port = port  # type: ignore[attr-defined]
-    connect(handle, DB).close()
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle
 
 

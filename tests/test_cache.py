@@ -28,8 +28,7 @@ DB = "cache1"
 def proxy1(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[ProxyHandle]:
     cachedb.create(pg, DB)
     handle = proxy_factory_module("--max-client-conn", "3000", "--pool-max-size", "10")
-    connect(handle, DB).close()  # starts the planner and the change feed of DB
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle
 
 

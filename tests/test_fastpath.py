@@ -33,8 +33,7 @@ ITEM = "SELECT id, v FROM items WHERE id = $1"
 def proxy1(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[ProxyHandle]:
     cachedb.create(pg, DB)
     handle = proxy_factory_module("--pool-max-size", "4")
-    cachedb.connect(handle, DB).close()  # starts the planner and the change feed of DB
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle
 
 

@@ -40,8 +40,7 @@ DENY_UPPER = ANALYST + 'deny_functions = ["upper"]\n'
 def proxy(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[ProxyHandle]:
     cachedb.create(pg, DB)
     handle = proxy_factory_module("--pool-max-size", "4")
-    cachedb.connect(handle, DB).close()  # starts the planner and the change feed of DB
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle
 
 

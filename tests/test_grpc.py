@@ -41,8 +41,7 @@ def door(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory,
                       '[pgsluice.roles.readonly]\nmatch_application_names = ["reader"]\nread_only = true\n')
     port = free_port()
     handle = proxy_factory_module("--config", str(config), "--grpc-listen", f"127.0.0.1:{port}")
-    cachedb.connect(handle, DB).close()
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle, port
 
 

@@ -44,8 +44,7 @@ def door(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory,
     config.write_text(CONFIG)
     port = free_port()
     handle = proxy_factory_module("--config", str(config), "--grpc-listen", f"127.0.0.1:{port}")
-    cachedb.connect(handle, DB).close()
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle, port
 
 

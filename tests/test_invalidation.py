@@ -60,8 +60,7 @@ def create(pg: EmbeddedPostgres, database: str) -> None:
 def proxy1(pg: EmbeddedPostgres, proxy_factory_module: ProxyFactory) -> Iterator[ProxyHandle]:
     create(pg, DB)
     handle = proxy_factory_module()
-    connect(handle, DB).close()
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle
 
 

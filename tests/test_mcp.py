@@ -105,8 +105,7 @@ def door(
     pg.psql(SCHEMA, db=DB)
     port = free_port()
     handle = proxy_factory_module("--config", str(config_file), "--mcp-listen", f"127.0.0.1:{port}")
-    cachedb.connect(handle, DB).close()
-    cachedb.wait_feed(handle, DB)
+    cachedb.start_feed(handle, DB)
     yield handle, port
 
 
