@@ -19,9 +19,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from pathlib import Path
 import asyncpg
 
 from cache.feed import install
-from loadtest import run_script
+from loadtest import benchrun, run_script
 from loadtest.passthrough import cpu_seconds, fmt, pgbouncer, pgsluice, upstream, versions
 from loadtest.pgbench import Endpoint, PgbenchResult, find_pg_tool, libpq_env, pgbench_scripts
 from loadtest.sample import SCHEMAS
@@ -286,10 +284,7 @@ def redis_server(args: argparse.Namespace) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
-    command = shlex.join([sys.executable, "-m", "loadtest.cache_bench", *sys.argv[1:]])
-    print(f"command: {command}\n  cores: {os.cpu_count()}\nloadavg: "
-          + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (before starting anything)", flush=True)
+    command = benchrun.start("loadtest.cache_bench")
     with server(args.upstream) as (up, bin_dir), redis_server(args):
         tools = find_pg_tool("pgbench", bin_dir), find_pg_tool("psql", bin_dir)
         info = versions(*tools, up)

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -42,7 +41,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtest import run_script
+from loadtest import benchrun, run_script
+from loadtest.benchrun import loadavg
 from loadtest.cache_bench import cache_counters, prepare
 from loadtest.passthrough import REPO_ROOT, fmt, pgbouncer, pgsluice, tree_cpu_seconds, versions
 from loadtest.pgbench import Endpoint, PgbenchResult, find_pg_tool, pgbench_scripts
@@ -248,16 +248,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
-    command = shlex.join([sys.executable, "-m", "loadtest.hotpath_bench", *sys.argv[1:]])
-    print(f"command: {command}\n  cores: {os.cpu_count()}\nloadavg: {loadavg()} (before starting anything)",
-          flush=True)  # fmt: skip
+    command = benchrun.start("loadtest.hotpath_bench")
     with shop_server(args.upstream) as (up, bin_dir):
         tools = find_pg_tool("pgbench", bin_dir), find_pg_tool("psql", bin_dir)
         info = versions(*tools, up)

@@ -46,8 +46,6 @@ import json
 import math
 import os
 import shlex
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +53,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import agents_bench, load, run_script
+from loadtest import agents_bench, benchrun, load, run_script
+from loadtest.benchrun import loadavg
 from loadtest.cache_bench import prepare, psql_rows, server
 from loadtest.passthrough import fmt, pgbouncer, pgsluice, tree_cpu_seconds, versions
 from loadtest.pgbench import Endpoint, PgbenchResult, find_pg_tool, pgbench_scripts
@@ -355,10 +354,7 @@ def shop_server(dsn: str | None) -> Iterator[tuple[Endpoint, Path | None]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
-    command = shlex.join([sys.executable, "-m", "loadtest.writes_bench", *sys.argv[1:]])
-    print(f"command: {command}\n  cores: {os.cpu_count()}\nloadavg: "
-          + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (before starting anything)", flush=True)
+    command = benchrun.start("loadtest.writes_bench")
     with shop_server(args.upstream) as (up, bin_dir):
         tools = find_pg_tool("pgbench", bin_dir), find_pg_tool("psql", bin_dir)
         info = versions(*tools, up)
@@ -378,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nreached PG %: statements of the mix Postgres executed (pg_stat_statements) / "
                   f"transactions pgbench completed; hit %: the cache's hits / (hits + misses).\n"
                   f"Postgres, the poolers and pgbench share this {os.cpu_count()}-core machine; "
-                  "loadavg now: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+                  "loadavg now: " + loadavg())
         capacity = find_max(args, up) if args.find_max else None
     if args.json:
         doc = {"command": command, "versions": info, "pg_stat_statements": pgss,
