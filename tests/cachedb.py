@@ -3,6 +3,8 @@ a few tables, and helpers to read pgsluice's SHOW CACHE and upstream call counts
 
 from __future__ import annotations
 
+import time
+
 import psycopg2
 
 from proxy.ops.embedded import EmbeddedPostgres
@@ -99,3 +101,32 @@ def wait_feed_on(conn: psycopg2.extensions.connection, database: str, timeout: f
             cur.execute("SHOW CACHE")
             return _feed_up(dict(cur.fetchall()), database)
     wait_until(up, timeout, 0.05, message=f"change feed of {database} up on this connection")
+
+
+def worker_of(conn: psycopg2.extensions.connection) -> int:
+    """The pid of the pgsluice worker serving `conn`."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW CACHE")
+        return int(dict(cur.fetchall())["worker_pid"])
+
+
+def on_every_worker(proxy: ProxyHandle, database: str, workers: int = 2,
+                    total: int = 2) -> list[psycopg2.extensions.connection]:
+    """`total` connections (at least `workers`), the first `workers` of them each on another
+    worker. The kernel spreads new connections over the workers that listen; the harness only
+    waits for the first worker, so on a busy machine the others may still be starting."""
+    by_worker: dict[int, list[psycopg2.extensions.connection]] = {}
+    for n in range(400):
+        if len(by_worker) == workers and n >= total:
+            break
+        if n and n % 20 == 0:
+            time.sleep(0.2)
+        conn = connect(proxy, database)
+        by_worker.setdefault(worker_of(conn), []).append(conn)
+    every = [conns[0] for conns in by_worker.values()]
+    rest = [c for conns in by_worker.values() for c in conns[1:]]
+    keep = every + rest[:max(0, total - len(every))]
+    for conn in rest[len(keep) - len(every):]:
+        conn.close()
+    assert len(by_worker) == workers, f"connections reached {len(by_worker)} of {workers} workers"
+    return keep

@@ -31,25 +31,10 @@ def two_workers(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> ProxyHandl
 
 def test_write_via_one_worker_read_via_the_other_is_fresh(two_workers: ProxyHandle) -> None:
     proxy = two_workers
-    conns: dict[int, psycopg2.extensions.connection] = {}
-    extra = []
-    for n in range(200):  # the kernel spreads connections over the workers once both listen
-        if n and n % 20 == 0:
-            time.sleep(0.2)  # the second worker may still be starting on a busy machine
-        conn = cachedb.connect(proxy, DB)
-        pid = _worker(conn)
-        if pid in conns:
-            extra.append(conn)
-        else:
-            conns[pid] = conn
-        if len(conns) == 2:
-            break
-    assert len(conns) == 2, "all connections landed on one worker"
-    for c in extra:
-        c.close()
-    for conn in conns.values():
+    conns = cachedb.on_every_worker(proxy, DB)
+    for conn in conns:
         cachedb.wait_feed_on(conn, DB)
-    writer, reader = conns.values()
+    writer, reader = conns
     wc, rc = writer.cursor(), reader.cursor()
     hits_seen = 0
     for i in range(300):
@@ -61,7 +46,7 @@ def test_write_via_one_worker_read_via_the_other_is_fresh(two_workers: ProxyHand
         rc.execute("SHOW CACHE")
         hits_seen = int(dict(rc.fetchall())["hits"])
     assert hits_seen >= 250, "the reader's worker served almost nothing from cache"
-    for conn in conns.values():
+    for conn in conns:
         conn.close()
 
 
