@@ -104,7 +104,7 @@ class Cache:
         # before are not used. With Redis there is none: every look-up waits for the barrier.
         self.fast = not settings.redis
         self.fast_gen = 0
-        self.fast_maps: dict[Hashable, dict[Hashable, Any]] = {}
+        self.fast_maps: dict[Hashable, tuple[int, dict[Hashable, Any]]] = {}  # (holder id, aliases)
         self.passes = 0  # passthrough texts remembered in them
 
     def plans_changed(self) -> None:

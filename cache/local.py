@@ -2,55 +2,46 @@
 
 Values are the wire messages a result is made of (bytes). An entry is charged what it
 really takes in memory: the value object, the key's own parts (keys.key_footprint) and the
-bookkeeping (entry object, timestamp, dict and order slots), so that `max_bytes` bounds what
+bookkeeping (entry tuple, timestamp, dict and order slots), so that `max_bytes` bounds what
 the process holds (tests/test_cache_units.py checks it with tracemalloc). Entries larger
 than `max_entry` are refused by `put` (the caller counts that as a bypass).
 
-An entry may have aliases: other dicts that map something else to it (the wire door's fast
-path, proxy/pipeline/fastpath.py). They are charged to the entry and removed with it, so an alias
-never outlives its entry nor escapes `max_bytes`. A hit through an alias only marks the
-entry used; eviction gives a used entry a second chance (CLOCK), as it would have moved to
-the end on a hit by key.
-"""
+An entry may have aliases: things other dicts (holders, registered here) map to it (the wire
+door's fast path, proxy/pipeline/fastpath.py). They are charged to the entry and removed with
+it, so an alias never outlives its entry nor escapes `max_bytes`. A hit through an alias only
+marks the entry touched; eviction gives a touched entry a second chance (CLOCK), as it would
+have moved to the end on a hit by key.
 
+Entries and aliases are plain tuples of bytes, numbers and strings: CPython's collector stops
+tracking such tuples, so a large cache adds next to nothing to the work of a full collection
+(with an object per entry and per alias, full collections grew to 150 ms as the cache grew
+under load, every request waiting meanwhile: docs/benchmarks.md). What changes in an entry (its
+size and aliases) replaces its tuple; what an alias hit marks is a serial number in a set.
+"""
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from .keys import key_footprint
 
-# Per entry besides key and value: the Entry object (72), the timestamp (24), the size (28),
-# and the OrderedDict's hash-table and order slots (about 90, averaged over its fill factor),
-# measured with tracemalloc on CPython 3.11.
-ENTRY_OVERHEAD = 200
-Alias = tuple[dict[Any, Any], Hashable]  # (a dict, the key of what it holds: an object whose
-                                         # `entry` is the Entry)
-
-
-class Entry:
-    """A value in the cache, with when it was stored and what it is charged."""
-
-    __slots__ = ("aliases", "size", "stored", "used", "value")
-
-    def __init__(self, value: bytes, stored: float, size: int) -> None:
-        self.value = value
-        self.stored = stored
-        self.size = size
-        self.used = False  # hit through an alias since the eviction hand last passed
-        self.aliases: list[Alias] | None = None
-
-    def unlink(self) -> None:
-        """The entry leaves the cache: so do its aliases."""
-        aliases, self.aliases = self.aliases, None
-        if aliases:
-            for holder, key in aliases:
-                if getattr(holder.get(key), "entry", None) is self:  # not replaced since
-                    del holder[key]
+# Per entry besides key and value: the entry tuple (80), the timestamp (24), size and serial
+# (28 each), and the OrderedDict's hash-table and order slots (about 90, averaged over its fill
+# factor), measured with tracemalloc on CPython 3.11.
+ENTRY_OVERHEAD = 250
+Alias = tuple[int, Hashable]  # (a holder's id, the key there of a tuple whose first item is the
+                              # entry's serial)
+Entry = tuple[bytes, float, int, int, tuple[Alias, ...]]  # value, stored, size, serial, aliases
+VALUE: Final = 0
+STORED: Final = 1
+SIZE: Final = 2
+SERIAL: Final = 3
+ALIASES: Final = 4
 
 
 def entry_size(key: Hashable, value: bytes) -> int:
@@ -80,11 +71,24 @@ class LocalCache:
         self.stats = LocalStats()
         self._clock = clock
         self._data: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._serials = itertools.count(1)
+        self.touched: set[int] = set()  # serials hit through an alias since the hand last passed
+        self.holders: dict[int, dict[Any, Any]] = {}
+        self._holder_ids = itertools.count(1)
+
+    def register(self, holder: dict[Any, Any]) -> int:
+        """`holder` will hold aliases: its id for `alias`."""
+        hid = next(self._holder_ids)
+        self.holders[hid] = holder
+        return hid
+
+    def unregister(self, hid: int) -> None:
+        self.holders.pop(hid, None)
 
     def get(self, key: Hashable, max_age: float | None = None) -> bytes | None:
         """The value if present and younger than both the TTL and `max_age` seconds."""
         entry = self.entry(key, max_age)
-        return entry.value if entry is not None else None
+        return entry[VALUE] if entry is not None else None
 
     def entry(self, key: Hashable, max_age: float | None = None) -> Entry | None:
         """get(), as the Entry (to make an alias of it)."""
@@ -92,7 +96,7 @@ class LocalCache:
         if entry is None:
             self.stats.misses += 1
             return None
-        age = self._clock() - entry.stored
+        age = self._clock() - entry[STORED]
         if age >= self.ttl:
             self._drop(key, entry)
             self.stats.expired += 1
@@ -105,13 +109,16 @@ class LocalCache:
         self.stats.hits += 1
         return entry
 
-    def alias(self, entry: Entry, holder: dict[Any, Any], key: Hashable, size: int) -> None:
-        """`holder[key]` refers to `entry` (the caller stored it): charge `size` bytes for it,
-        and remove it when the entry goes. The entry must be in the cache."""
-        if entry.aliases is None:
-            entry.aliases = []
-        entry.aliases.append((holder, key))
-        entry.size += size
+    def alias(self, key: Hashable, entry: Entry, hid: int, alias_key: Hashable, size: int) -> None:
+        """`holders[hid][alias_key]` is an alias of `entry`, the entry at `key` (the caller
+        stored it there: a tuple whose first item is the entry's serial): charge `size` bytes
+        for it, and remove it when the entry goes (at once if it is gone already)."""
+        now = self._data.get(key)
+        if now is None or now[SERIAL] != entry[SERIAL]:
+            self._unlink(entry[SERIAL], ((hid, alias_key),))
+            return
+        value, stored, charged, serial, aliases = now
+        self._data[key] = (value, stored, charged + size, serial, (*aliases, (hid, alias_key)))
         self.stats.bytes += size
         self._evict(0)
 
@@ -127,7 +134,7 @@ class LocalCache:
         if old is not None:
             self._drop(key, old)
         self._evict(size)
-        self._data[key] = Entry(value, self._clock(), size)
+        self._data[key] = (value, self._clock(), size, next(self._serials), ())
         self.stats.bytes += size
         self.stats.entries += 1
         return True
@@ -135,15 +142,15 @@ class LocalCache:
     def _evict(self, room: int) -> None:
         """Least recently used first, until `room` more bytes fit; an entry hit through an
         alias since the hand last passed goes to the end instead, once."""
-        data, stats = self._data, self.stats
+        data, stats, touched = self._data, self.stats, self.touched
         while data and stats.bytes + room > self.max_bytes:
             key, victim = data.popitem(last=False)
-            if victim.used:
-                victim.used = False
+            if victim[SERIAL] in touched:
+                touched.discard(victim[SERIAL])
                 data[key] = victim
                 continue
-            victim.unlink()
-            stats.bytes -= victim.size
+            self._unlink(victim[SERIAL], victim[ALIASES])
+            stats.bytes -= victim[SIZE]
             stats.entries -= 1
             stats.evictions += 1
 
@@ -154,8 +161,9 @@ class LocalCache:
 
     def clear(self) -> None:
         for entry in self._data.values():
-            entry.unlink()
+            self._unlink(entry[SERIAL], entry[ALIASES])
         self._data.clear()
+        self.touched.clear()
         self.stats.bytes = self.stats.entries = 0
 
     def __len__(self) -> int:
@@ -163,6 +171,16 @@ class LocalCache:
 
     def _drop(self, key: Hashable, entry: Entry) -> None:
         del self._data[key]
-        entry.unlink()
-        self.stats.bytes -= entry.size
+        self._unlink(entry[SERIAL], entry[ALIASES])
+        self.stats.bytes -= entry[SIZE]
         self.stats.entries -= 1
+
+    def _unlink(self, serial: int, aliases: tuple[Alias, ...]) -> None:
+        """The entry `serial` leaves the cache: so do its aliases (those not replaced since)."""
+        self.touched.discard(serial)
+        for hid, key in aliases:
+            holder = self.holders.get(hid)
+            if holder is not None:
+                alias = holder.get(key)
+                if type(alias) is tuple and alias[0] == serial:
+                    del holder[key]

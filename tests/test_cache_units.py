@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from cache.keys import make_key
-from cache.local import LocalCache, entry_size
+from cache.local import SERIAL, LocalCache, entry_size
 from cache.singleflight import SingleFlight
 from proxy.ops.embedded import EmbeddedPostgres
 
@@ -80,6 +80,85 @@ def test_ttl_and_max_age() -> None:
     assert cache.get("k") == b"v"  # still there for others
     clock.now += 50
     assert cache.get("k") is None and cache.stats.expired == 1 and len(cache) == 0
+
+
+def _alias_of(cache: LocalCache, key: Hashable, holder: dict[Hashable, object], hid: int,
+              alias_key: Hashable, size: int = 100) -> None:
+    """What the fast path does: store an alias (a tuple led by the entry's serial), then tell
+    the cache (proxy/pipeline/fastpath.remember)."""
+    entry = cache.entry(key)
+    assert entry is not None
+    holder[alias_key] = (entry[SERIAL], b"reply", 0, None, ("t",), ("gen", (1,)), 0, 0, 1.0, 2.0)
+    cache.alias(key, entry, hid, alias_key, size)
+
+
+def test_aliases_leave_with_their_entry_and_only_theirs() -> None:
+    cache = LocalCache()
+    holder: dict[Hashable, object] = {}
+    hid = cache.register(holder)
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    bytes_ab = cache.stats.bytes
+    _alias_of(cache, "a", holder, hid, b"raw-a")
+    _alias_of(cache, "a", holder, hid, b"raw-x")
+    _alias_of(cache, "b", holder, hid, b"raw-b")
+    assert cache.stats.bytes == bytes_ab + 300
+    _alias_of(cache, "b", holder, hid, b"raw-x")  # raw-x now answers from b
+    cache.discard("a")
+    assert set(holder) == {b"raw-b", b"raw-x"}, "a's own alias went, not the one b took over"
+    cache.put("b", b"new")  # a new entry at b's key: b's aliases leave with the old one
+    assert holder == {}
+    assert cache.stats.bytes == entry_size("b", b"new")
+    gone = cache.entry("b")
+    assert gone is not None
+    cache.discard("b")
+    holder[b"late"] = (gone[SERIAL],)
+    cache.alias("b", gone, hid, b"late", 100)  # the entry left meanwhile: so does the alias
+    assert holder == {} and cache.stats.bytes == 0
+    cache.put("c", b"3")
+    _alias_of(cache, "c", holder, hid, b"raw-c")
+    cache.unregister(hid)  # a holder that is gone is not touched any more
+    cache.clear()
+    assert holder and cache.stats.bytes == 0
+
+
+def test_an_entry_hit_through_an_alias_gets_a_second_chance() -> None:
+    size = entry_size("a", b"x" * 100)
+    cache = LocalCache(max_bytes=3 * size + 100, max_entry=150)
+    holder: dict[Hashable, object] = {}
+    hid = cache.register(holder)
+    for k in "abc":
+        cache.put(k, b"x" * 100)
+    _alias_of(cache, "a", holder, hid, b"raw-a")
+    assert cache.get("b") and cache.get("c")  # a is the least recently used by key
+    cache.touched.add(holder[b"raw-a"][0])  # type: ignore[index]  # a fast hit on a
+    cache.put("d", b"y" * 100)
+    assert cache.get("b") is None, "b went: a, hit through its alias, had a second chance"
+    assert b"raw-a" in holder
+    cache.put("e", b"z" * 100)  # c goes (a moved behind it)
+    cache.put("f", b"z" * 100)  # a's second chance is spent
+    assert cache.get("c") is None and holder == {} and cache.stats.evictions == 3
+    assert [k for k in "abcdef" if cache.get(k) is not None] == ["d", "e", "f"]
+
+
+def test_entries_and_aliases_are_not_tracked_by_the_collector() -> None:
+    """A large cache must not lengthen CPython's full collections (a full collection walks every
+    tracked object while every request waits): entries and aliases are plain tuples the
+    collector stops tracking, whatever their number."""
+    cache = LocalCache()
+    holder: dict[Hashable, object] = {}
+    hid = cache.register(holder)
+    for i in range(2000):
+        key = _key(i, extended=bool(i % 2))
+        cache.put(key, b"%d" % i + bytes(200))
+        _alias_of(cache, key, holder, hid, (b"P" + bytes(i), b"B%d" % i))
+    for _ in range(3):  # a tuple is untracked once the tuples in it are (one level per pass)
+        gc.collect()
+    entries = [cache.entry(_key(i, extended=bool(i % 2))) for i in range(2000)]
+    assert all(e is not None for e in entries)
+    tracked = sum(map(gc.is_tracked, entries)) + sum(map(gc.is_tracked, holder.values())) \
+        + sum(map(gc.is_tracked, holder))
+    assert tracked == 0, f"{tracked} of 6000 entries, aliases and alias keys are tracked"
 
 
 async def test_thousand_identical_reads_run_once(pg: EmbeddedPostgres) -> None:

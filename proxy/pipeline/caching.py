@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from cache.engine import Flight
 from cache.keys import make_key, parse_duration
+from cache.local import VALUE
 from planner import Kind
 from proxy.pgwire import codes, encode
 from proxy.pgwire.decode import parse_bind_params
@@ -214,9 +215,9 @@ def _lookup(s: Session, req: Request) -> int:
         cache.stats.hits += 1
         s.agent_stats.hits += 1
         s.served = "cache"
-        reply = req.prefix + entry.value + RFQ_IDLE
+        reply = req.prefix + entry[VALUE] + RFQ_IDLE
         if s.fast_ok and cache.fast:  # the next time, these bytes are answered before parsing
-            fastpath.remember(s, req, bytes(s.inbuf[:req.end]), entry, reply, current, stamp)
+            fastpath.remember(s, req, bytes(s.inbuf[:req.end]), key, entry, reply, current, stamp)
         _send(s, reply, req)
         return SERVED
     flight = cache.flights.get(key)

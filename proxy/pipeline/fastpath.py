@@ -34,7 +34,7 @@ import sys
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-from cache.local import Entry
+from cache.local import SERIAL, STORED, Entry
 from planner import Plan
 from proxy.pgwire import codes
 from proxy.pipeline import cacheable, tracking
@@ -43,30 +43,23 @@ if TYPE_CHECKING:
     from proxy.pipeline.session import Session
 
 SIMPLE, PARSED, BOUND = range(3)  # a Query; a group with its Parse; a group binding a known statement
-_OVERHEAD = 400  # per alias besides its raw bytes, reply and versions: object, dict slot, key tuple
+_OVERHEAD = 400  # per alias besides its raw bytes, reply and versions: tuple, dict slot, key tuple
 _MAX_CONTEXTS = 10_000
 MAX_PASSES = 16_384  # remembered passthrough texts per worker (then all are forgotten at once)
 
 
-class Fast:
-    """One alias: what a request's bytes were answered with, and under which conditions."""
+# One alias: what a request's bytes were answered with, and under which conditions. A plain
+# tuple of bytes, numbers and strings, so that the collector does not track it (cache/local.py):
+Fast = tuple[int, bytes, int, "bytes | None", tuple[str, ...], Any, int, int, float, float]
+# (the entry's serial; the reply: Parse/BindComplete, the cached messages, ReadyForQuery; the
+# kind; PARSED: the unnamed statement it leaves; the version names in its key; `current`, their
+# (generation, versions) then; Versions.stamp when `current` was last found true; fast_gen;
+# when the entry's TTL ends; when it is older than the request's max_staleness)
 
-    __slots__ = ("current", "entry", "expires", "fresh_until", "gen", "kind", "names", "parse_msg",
-                 "reply", "stamp")
 
-    def __init__(self, entry: Entry, reply: bytes, kind: int, parse_msg: bytes | None,
-                 names: tuple[str, ...], current: object, stamp: int, gen: int, ttl: float,
-                 max_age: float | None) -> None:
-        self.entry = entry
-        self.reply = reply  # Parse/BindComplete, the cached messages, ReadyForQuery
-        self.kind = kind
-        self.parse_msg = parse_msg  # PARSED: the unnamed statement it leaves
-        self.names = names
-        self.current = current  # (generation, versions of names) in its key
-        self.stamp = stamp  # Versions.stamp when `current` was last found true
-        self.gen = gen
-        self.expires = entry.stored + ttl
-        self.fresh_until = entry.stored + max_age if max_age is not None else math.inf
+def _fast(serial: int, reply: bytes, kind: int, parse_msg: bytes | None, names: tuple[str, ...],
+          current: object, stamp: int, gen: int, expires: float, fresh_until: float) -> Fast:
+    return (serial, reply, kind, parse_msg, names, current, stamp, gen, expires, fresh_until)
 
 
 class Pass:
@@ -107,11 +100,13 @@ def context(s: Session) -> dict[Hashable, Fast | Pass]:
     found = maps.get(ctx)
     if found is None:
         if len(maps) >= _MAX_CONTEXTS:  # contexts come and go (settings per tenant...)
-            for key in [k for k, m in maps.items() if not m]:
-                del maps[key]
-        found = maps[ctx] = {}
-    s.fast_settings, s.fast_facts, s.fast_map = s.settings, s.facts, found
-    return found
+            for key in [k for k, (_, m) in maps.items() if not m]:
+                cache.local.unregister(maps.pop(key)[0])
+        fresh: dict[Hashable, Fast | Pass] = {}
+        found = maps[ctx] = (cache.local.register(fresh), fresh)
+    s.fast_settings, s.fast_facts = s.settings, s.facts
+    s.fast_holder, s.fast_map = found
+    return s.fast_map
 
 
 def head_of(s: Session, end: int) -> Pass | Head:
@@ -170,13 +165,13 @@ def remember_pass(s: Session, head: Head, names: frozenset[str], last_sql: bytes
     if cache is None or head.reason is None or head.gen != cache.fast_gen:
         return
     if cache.passes >= MAX_PASSES:  # forget them all (aliases stay: they are charged elsewhere)
-        for aliases in cache.fast_maps.values():
+        for _, aliases in cache.fast_maps.values():
             for key in [k for k, v in aliases.items() if isinstance(v, Pass)]:
                 del aliases[key]
         cache.passes = 0
     aliases = context(s)
     old = aliases.get(head.key)
-    if isinstance(old, Fast):
+    if type(old) is tuple:
         return  # answered from cache meanwhile
     if old is None:
         cache.passes += 1
@@ -203,11 +198,15 @@ def serve(s: Session, data: bytes, now: float) -> int:
     """Answer `data` (all the client sent, one request) if an alias allows (SERVED). KNOWN: a
     passthrough text seen before, counted and left in s.head for the relay to send."""
     aliases = s.fast_map if s.fast_settings is s.settings and s.fast_facts is s.facts else context(s)
+    key: Hashable
     if data[0] == codes.F_BIND:
         stmt = _statement(s, data)
-        fast = aliases.get((stmt, data)) if stmt is not None else None
+        if stmt is None:
+            return MISS
+        key = (stmt, data)
     else:
-        fast = aliases.get(data)
+        key = data
+    fast = aliases.get(key)
     if fast is None:
         return MISS
     cache = s.server.cache
@@ -217,19 +216,19 @@ def serve(s: Session, data: bytes, now: float) -> int:
             return MISS
         s.head = fast
         return KNOWN
-    if fast.gen != cache.fast_gen or now >= fast.expires or now > fast.fresh_until:
+    serial, reply, kind, parse_msg, names, current, seen, gen, expires, fresh_until = fast
+    if gen != cache.fast_gen or now >= expires or now > fresh_until:
         return MISS
     stamp = cache.versions.stamp()
-    if stamp != fast.stamp:
-        if cache.current(fast.names) != fast.current:
+    if stamp != seen:
+        if cache.current(names) != current:
             return MISS
-        fast.stamp = stamp
-    fast.entry.used = True
-    kind = fast.kind
+        aliases[key] = (serial, reply, kind, parse_msg, names, current, stamp, gen, expires, fresh_until)
+    cache.local.touched.add(serial)
     if kind == SIMPLE:
         s.unnamed = None  # a simple Query destroys the unnamed statement
     elif kind == PARSED:
-        s.unnamed = fast.parse_msg
+        s.unnamed = parse_msg
         s.unnamed_gen += 1
         s.unnamed_writes = tracking.NO_WRITES
     s.queries += 1
@@ -244,16 +243,20 @@ def serve(s: Session, data: bytes, now: float) -> int:
     s.served = "cache"
     transport = s.transport
     assert transport is not None
-    transport.write(fast.reply)
+    transport.write(reply)
     return SERVED
 
 
-def remember(s: Session, req: cacheable.Request, raw: bytes, entry: Entry, reply: bytes,
-             current: object, stamp: int) -> None:
-    """The slow path answered `raw` (the request's bytes) with `reply` from `entry`: alias it."""
+def remember(s: Session, req: cacheable.Request, raw: bytes, entry_key: Hashable, entry: Entry,
+             reply: bytes, current: object, stamp: int) -> None:
+    """The slow path answered `raw` (the request's bytes) with `reply` from `entry`, the cache
+    entry at `entry_key`: alias it."""
     cache = s.server.cache
     assert cache is not None
     aliases = context(s)
+    if cache.local.holders.get(s.fast_holder) is not aliases:  # its context was pruned meanwhile
+        s.fast_settings = None
+        aliases = context(s)
     if req.prefix and req.parse_msg is None:
         if req.stmt_parse is None:
             return
@@ -263,13 +266,15 @@ def remember(s: Session, req: cacheable.Request, raw: bytes, entry: Entry, reply
         key = raw
         kind = PARSED if req.parse_msg is not None else SIMPLE
     old = aliases.get(key)
-    fast = Fast(entry, reply, kind, req.parse_msg, req.names, current, stamp, cache.fast_gen,
-                cache.local.ttl, req.max_age)
-    aliases[key] = fast
+    stored = entry[STORED]
+    aliases[key] = _fast(entry[SERIAL], reply, kind, req.parse_msg, req.names, current, stamp,
+                         cache.fast_gen, stored + cache.local.ttl,
+                         stored + req.max_age if req.max_age is not None else math.inf)
     if isinstance(old, Pass):
         cache.passes -= 1  # not a passthrough text any more (the change feed came up...)
-    if not isinstance(old, Fast) or old.entry is not entry:  # (else charged to this entry already)
-        cache.local.alias(entry, aliases, key, sys.getsizeof(raw) + sys.getsizeof(reply)
+    if type(old) is not tuple or old[0] != entry[SERIAL]:  # (else charged to this entry already)
+        cache.local.alias(entry_key, entry, s.fast_holder, key,
+                          sys.getsizeof(raw) + sys.getsizeof(reply)
                           + _footprint(current) + _OVERHEAD)
 
 

@@ -102,6 +102,7 @@ class SessionState(asyncio.Protocol):
         self.fast_settings: object = None
         self.fast_facts: object = None
         self.fast_map: dict[Any, Any] = {}
+        self.fast_holder = 0  # its id in the cache (LocalCache.register)
         self.head: fastpath.Pass | fastpath.Head | None = None  # try_query -> relay.forward
         # operations (issue 5)
         self.connected_at = time.monotonic()
