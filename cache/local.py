@@ -18,6 +18,7 @@ tracking such tuples, so a large cache adds next to nothing to the work of a ful
 under load, every request waiting meanwhile: docs/benchmarks.md). What changes in an entry (its
 size and aliases) replaces its tuple; what an alias hit marks is a serial number in a set.
 """
+
 from __future__ import annotations
 
 import itertools

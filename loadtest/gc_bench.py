@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def measure(tree: Path, up: Endpoint, sizes: list[int]) -> list[dict[str, Any]]:
     rows = []
     with proxy(tree, up) as (ep, probe_port):
         asyncio.run(entries(ep.dsn()))  # the planner and the feed of the database start
-        asyncio.run(asyncio.sleep(2))
+        time.sleep(2)
         done = 0
         for size in [0, *sizes]:
             asyncio.run(fill(ep.dsn(), done, size))

@@ -16,12 +16,6 @@ from tests.util import ProxyFactory, ProxyHandle, wait_until
 DB = "workertest"
 
 
-def _worker(conn: psycopg2.extensions.connection) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SHOW CACHE")
-        return int(dict(cur.fetchall())["worker_pid"])
-
-
 @pytest.fixture
 def two_workers(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> ProxyHandle:
     cachedb.create(pg, DB)
@@ -71,7 +65,7 @@ def test_admin_and_metrics_sum_over_workers(pg: EmbeddedPostgres, proxy_factory:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the kernel spreads connections once both workers listen
         conn = cachedb.connect(proxy, DB, application_name="summed-agent")
-        pids.add(_worker(conn))
+        pids.add(cachedb.worker_of(conn))
         conns.append(conn)
         if len(pids) == 2 and len(conns) >= 40:
             break
