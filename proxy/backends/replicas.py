@@ -122,9 +122,9 @@ class PrimaryPosition:
             fut, self._next = self._next, None
             try:
                 lsn = await self._read()
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # (asyncpg's InternalClientError too): the waiters must hear
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"primary position unknown: {exc}"))
+                    fut.set_exception(ConnectionError(f"primary position unknown: {exc!r}"))
                     fut.exception()  # retrieved: a caller may have gone
                 continue
             now = time.monotonic()
@@ -287,7 +287,8 @@ class Replicas:
                     await asyncio.sleep(POLL)
             except asyncio.CancelledError:
                 raise
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever it is (asyncpg's InternalClientError too), the
+                # replica is out of rotation until a new connection polls it: this loop never ends
                 if r.state != "down":
                     log.warning("replica %s down: %s", r.name, exc or type(exc).__name__)
                 r.set_state("down")
