@@ -342,9 +342,9 @@ class ChangeFeed:
                 await self._listen()
             except asyncio.CancelledError:
                 raise
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # (asyncpg's InternalClientError too): down, and connect again
                 if self.up:
-                    log.warning("change feed of %s lost: %s", self.database, exc)
+                    log.warning("change feed of %s lost: %s", self.database, exc or type(exc).__name__)
             finally:
                 self._set_down()
             await asyncio.sleep(delay)
